@@ -1,0 +1,42 @@
+"""The seeds' mathematics as pure tensor functions, shared by the classic and the language-model algorithms.
+
+Modules, in the order the seeds derive them:
+    returns          R(tau), reward-to-go, n-step returns, TD residual, GAE
+    policy_gradient  the six psi forms, the REINFORCE surrogate, advantage normalisation, critic losses
+    ppo              importance sampling, L^CPI, PPO-clip, PPO-penalty and its adaptive beta
+    trust_region     TRPO: Fisher-vector product, conjugate gradient, natural step, line search
+    kl               exact KL, the k1/k2/k3 estimators and their placements, entropy
+    preference       Bradley-Terry, K-wise, Plackett-Luce reward losses; pairwise and listwise DPO
+    grpo             group-normalised advantages and the GRPO loss
+    rlhf             KL-shaped per-token rewards and the PPO-ptx term
+    masking          masked reductions and the loss aggregation modes
+docs/math.md maps every seed formula to its function and its test.
+"""
+
+from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
+from advantage.objectives.kl import (
+    categorical_entropy, categorical_kl, gaussian_entropy, gaussian_kl, kl_estimate, kl_k1, kl_k2, kl_k3,
+    kl_loss_term, kl_reward_penalty,
+)
+from advantage.objectives.masking import aggregate, masked_mean, masked_sum, masked_var, masked_whiten
+from advantage.objectives.policy_gradient import (
+    clipped_value_loss, explained_variance, normalize_advantages, policy_gradient_loss, psi, value_loss,
+)
+from advantage.objectives.ppo import (
+    adaptive_kl_beta, clipped_surrogate_loss, clipped_surrogate_terms, cpi_loss, importance_ratio,
+    importance_sampling_estimate, kl_penalty_surrogate_loss, surrogate_stats,
+)
+from advantage.objectives.preference import (
+    bradley_terry_loss, bradley_terry_probability, dpo_implicit_rewards, dpo_loss, kwise_pairwise_loss,
+    plackett_luce_dpo_loss, plackett_luce_log_likelihood, plackett_luce_loss,
+)
+from advantage.objectives.returns import (
+    discounted_returns, episode_return_per_step, gae, n_step_advantage, n_step_returns, shift_to_next,
+    td_residual, total_return,
+)
+from advantage.objectives.rlhf import last_token_index, ptx_loss, shaped_token_rewards
+from advantage.objectives.trust_region import (
+    backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_grad, natural_gradient_step,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]

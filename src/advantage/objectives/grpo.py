@@ -1,0 +1,96 @@
+"""GRPO (seed 000): the group mean as the baseline, PPO's clipped ratio per token, and a k3 KL to the reference.
+
+    J_GRPO(theta) = E_{q, {o_i} ~ pi_old} 1/G sum_i 1/|o_i| sum_t { min(r_it A_it, clip(r_it, 1-eps, 1+eps) A_it)
+                                                              - beta D_KL[pi_theta || pi_ref] }
+    A_it = (r_i - mean(r)) / std(r)          (the same for every token t of answer i)
+    D_KL = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1    (k3, per token)
+
+The seed's 1/|o_i| averages each answer over its own length, so a token of a short answer weighs more than a
+token of a long one; `aggregation` makes that a choice (see advantage.objectives.masking.aggregate).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from typing import Literal
+
+from advantage.objectives.kl import KLEstimator, kl_estimate, kl_loss_term
+from advantage.objectives.masking import Aggregation, aggregate
+from advantage.objectives.ppo import SurrogateStats, clipped_surrogate_terms, importance_ratio, surrogate_stats
+
+
+def group_normalized_advantages(rewards: Tensor, group_size: int | None = None, eps: float = 1e-4,
+                                unbiased: bool = False, scale_by_std: bool = True) -> Tensor:
+    """A_i = (r_i - mean(r)) / (std(r) + eps) within each group of answers to one prompt (seed 000).
+
+    Args:
+        rewards: (num_groups, G), or flat (num_groups * G,) with `group_size` = G (consecutive answers share
+            a prompt).
+        eps: keeps groups whose answers all scored the same at advantage 0 instead of 0/0.
+        unbiased: divide the variance by G - 1 instead of G (the seed writes std(r) without saying which).
+        scale_by_std: False keeps only the mean baseline, (r - mean(r)) ("Dr. GRPO").
+    Returns:
+        Advantages shaped like `rewards`.
+    """
+    flat = rewards.dim() == 1
+    if flat:
+        if group_size is None or group_size < 1 or rewards.numel() % group_size:
+            raise ValueError(f"flat rewards of length {rewards.numel()} need a group_size dividing it")
+        grouped = rewards.reshape(-1, group_size)
+    else:
+        grouped = rewards
+    if unbiased and grouped.shape[-1] < 2:
+        raise ValueError("an unbiased std needs groups of at least 2 answers")
+    centred = grouped - grouped.mean(dim=-1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (grouped.std(dim=-1, keepdim=True, correction=1 if unbiased else 0) + eps)
+    return centred.reshape(rewards.shape)
+
+
+def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2,
+              clip_range_high: float | None = None, beta: float = 0.0, ref_log_probs: Tensor | None = None,
+              kl_estimator: KLEstimator = "k3", kl_placement: Literal["loss", "loss_weighted"] = "loss_weighted",
+              aggregation: Aggregation = "sequence",
+              constant_length: float | None = None, num_tokens: float | Tensor | None = None,
+              num_sequences: float | Tensor | None = None) -> tuple[Tensor, SurrogateStats, Tensor]:
+    """Minus J_GRPO for a batch of answers (seed 000), per token then aggregated.
+
+    Args:
+        log_probs: (B, T) log pi_theta of the answer tokens (differentiable).
+        old_log_probs: (B, T) log pi_old at generation time.
+        advantages: (B,) group-normalised advantage per answer, or (B, T) per token.
+        mask: (B, T), 1 on answer tokens.
+        clip_range, clip_range_high: epsilon of the clip (symmetric unless clip_range_high is given).
+        beta: KL coefficient; 0 disables the KL term (no reference model needed).
+        ref_log_probs: (B, T) log pi_ref, required when beta > 0.
+        kl_estimator: seed 000 uses "k3"; see advantage.objectives.kl for what each estimator's gradient does
+            in the loss.
+        kl_placement: "loss_weighted" (default) multiplies the per-token KL term by the ratio pi/pi_old, which
+            makes its gradient the unbiased grad KL(pi || pi_ref) for k3 (and k1); "loss" differentiates the
+            term as the seed writes it, which for k3 descends the reverse KL(pi_ref || pi) instead. The logged
+            value is the same k3 either way (docs/math.md, "KL placement").
+        aggregation: "sequence" (the seed's 1/G sum_i 1/|o_i| sum_t), "token" (all tokens of the batch equal),
+            or "constant" (sum divided by G * constant_length).
+        num_tokens, num_sequences: global counts for exact aggregation over micro-batches and processes.
+    Returns:
+        (scalar loss, SurrogateStats of the ratio, mean per-token KL over real tokens (detached; 0 if beta = 0)).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(log_probs)
+    ratio = importance_ratio(log_probs, old_log_probs)
+    terms = clipped_surrogate_terms(ratio, advantages, clip_range, clip_range_high)
+    mean_kl = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)
+    if beta > 0:
+        if ref_log_probs is None:
+            raise ValueError("beta > 0 needs ref_log_probs")
+        if kl_placement not in ("loss", "loss_weighted"):
+            raise ValueError(f"kl_placement must be 'loss' or 'loss_weighted', got {kl_placement!r}")
+        weighting = old_log_probs if kl_placement == "loss_weighted" else None
+        terms = terms + kl_loss_term(log_probs, ref_log_probs, beta, kl_estimator, old_log_probs=weighting)
+        with torch.no_grad():
+            m = mask.to(log_probs.dtype)
+            mean_kl = (kl_estimate(log_probs, ref_log_probs, kl_estimator) * m).sum() / m.sum().clamp(min=1.0)
+    loss = aggregate(terms, mask, aggregation, constant_length, num_tokens, num_sequences)
+    return loss, surrogate_stats(log_probs, old_log_probs, advantages, clip_range, clip_range_high, mask), mean_kl

@@ -1,0 +1,129 @@
+"""Masked reductions shared by every step- and token-level loss.
+
+A *mask* is 1 (or True) where an element is real data and 0 where it is padding: the steps after an
+episode ended in a padded rollout, or the pad tokens of a batch of language-model sequences. Every
+function here treats `mask=None` as "all real".
+
+Loss normalisation is a choice with consequences (the peers are often ambiguous about it), so it is
+made explicit by `aggregate`:
+
+- ``"token"``: sum over every real element of the batch divided by the number of real elements.
+  Every token (or step) weighs the same; long sequences dominate.
+- ``"sequence"``: average each sequence over its own real elements, then average the sequences.
+  Every sequence weighs the same; this is GRPO's 1/|o_i| (seed 000).
+- ``"constant"``: sum over every real element divided by (number of sequences x a constant length).
+  With ``constant_length=1`` this is the seeds' REINFORCE estimator 1/N sum_n sum_t (seed 003);
+  with the maximum generation length it is the "Dr. GRPO" normaliser.
+
+For the "token" and "constant" modes the denominator can be given from outside (``num_tokens``,
+``num_sequences``), so that a batch split into micro-batches or over processes sums to exactly the
+same gradient as the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Aggregation = Literal["token", "sequence", "constant"]
+AGGREGATIONS: tuple[str, ...] = ("token", "sequence", "constant")
+
+
+def _as_float_mask(mask: Tensor | None, like: Tensor) -> Tensor:
+    if mask is None:
+        return torch.ones_like(like)
+    return mask.to(dtype=like.dtype).expand_as(like)
+
+
+def masked_sum(values: Tensor, mask: Tensor | None = None, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """Sum of `values` over the real elements: sum(values * mask).
+
+    Args:
+        values: any shape.
+        mask: broadcastable to `values`; 1 for real data, 0 for padding. None means all real.
+        dim: dimension(s) to reduce; None reduces everything to a scalar.
+    """
+    m = _as_float_mask(mask, values)
+    product = values * m
+    return product.sum() if dim is None else product.sum(dim=dim)
+
+
+def masked_mean(values: Tensor, mask: Tensor | None = None, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """Mean of `values` over the real elements: sum(values * mask) / sum(mask).
+
+    A slice with no real element gives 0 rather than NaN (the numerator is 0 there too).
+    """
+    m = _as_float_mask(mask, values)
+    total = (values * m).sum() if dim is None else (values * m).sum(dim=dim)
+    count = m.sum() if dim is None else m.sum(dim=dim)
+    return total / count.clamp(min=1.0)
+
+
+def masked_var(values: Tensor, mask: Tensor | None = None, unbiased: bool = False) -> Tensor:
+    """Variance of the real elements of `values` (all dimensions reduced).
+
+    ``unbiased=True`` divides by (n - 1) (Bessel's correction), otherwise by n.
+    """
+    m = _as_float_mask(mask, values)
+    mean = masked_mean(values, m)
+    count = m.sum()
+    squared = ((values - mean) ** 2 * m).sum()
+    denominator = (count - 1.0) if unbiased else count
+    return squared / denominator.clamp(min=1.0)
+
+
+def masked_whiten(values: Tensor, mask: Tensor | None = None, eps: float = 1e-8, shift_mean: bool = True,
+                  unbiased: bool = False) -> Tensor:
+    """Standardise the real elements: (x - mean) / (std + eps); padded elements come back as 0.
+
+    ``shift_mean=False`` only rescales (keeps the sign of every element), as some RLHF
+    implementations do for rewards.
+    """
+    m = _as_float_mask(mask, values)
+    mean = masked_mean(values, m)
+    std = masked_var(values, m, unbiased=unbiased).sqrt()
+    centred = values - mean if shift_mean else values
+    return centred / (std + eps) * m
+
+
+def aggregate(values: Tensor, mask: Tensor | None = None, mode: Aggregation = "token",
+              constant_length: float | None = None, num_tokens: float | Tensor | None = None,
+              num_sequences: float | Tensor | None = None) -> Tensor:
+    """Reduce a (B, T) tensor of per-token (per-step) terms to a scalar loss; see the module docstring.
+
+    Args:
+        values: (B, T) per-element loss terms; sequence b's elements lie along dim 1. Mode "token" also
+            accepts any other shape (it does not need to know which axis is time).
+        mask: (B, T); 1 for real elements.
+        mode: "token" | "sequence" | "constant".
+        constant_length: the constant L of mode "constant" (required there).
+        num_tokens: global count of real elements, for mode "token" when `values` is one micro-batch of a
+            larger batch. Defaults to this batch's count.
+        num_sequences: global number of sequences, for modes "sequence" and "constant" on a micro-batch.
+            Defaults to B.
+
+    Returns:
+        A scalar:
+        token:     sum_{b,t} m x / num_tokens
+        sequence:  sum_b [ sum_t m x / sum_t m ] / num_sequences
+        constant:  sum_{b,t} m x / (num_sequences * constant_length)
+    """
+    m = _as_float_mask(mask, values)
+    if mode != "token" and values.dim() != 2:
+        raise ValueError(f"aggregation mode {mode!r} expects values of shape (B, T), got {tuple(values.shape)}")
+    if num_sequences is None:
+        num_sequences = values.shape[0]
+    if mode == "token":
+        if num_tokens is None:
+            num_tokens = m.sum().clamp(min=1.0)
+        return (values * m).sum() / num_tokens
+    if mode == "sequence":
+        per_sequence = (values * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        return per_sequence.sum() / num_sequences
+    if mode == "constant":
+        if constant_length is None or constant_length <= 0:
+            raise ValueError("aggregation mode 'constant' needs a positive constant_length")
+        return (values * m).sum() / (num_sequences * constant_length)
+    raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGGREGATIONS}")

@@ -1,0 +1,140 @@
+"""Preferences instead of rewards: reward-model losses (Bradley-Terry, K-wise, Plackett-Luce) and DPO.
+
+Seed 004 models a preference between two answers with Bradley-Terry,
+    P(y_1 > y_2 | x) = exp r(x, y_1) / (exp r(x, y_1) + exp r(x, y_2)) = sigma(r(x, y_1) - r(x, y_2)),
+and a full ranking tau of K answers with Plackett-Luce,
+    P(tau | y_1..y_K, x) = prod_{k=1}^K exp r(x, y_tau(k)) / sum_{j=k}^K exp r(x, y_tau(j)).
+Seed 000 trains InstructGPT's reward model on all C(K, 2) pairs of a K-wise ranking.
+
+DPO (seed 004) substitutes the reward that the KL-regularised optimum implies,
+    r(x, y) = beta log(pi*(y|x) / pi_ref(y|x)) + beta log Z(x),
+into these likelihoods; Z(x) cancels in every difference and in every softmax, leaving losses of the policy.
+
+Rankings are given best first: column 0 is the most preferred answer. Losses are means over the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def bradley_terry_probability(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """P(y_w > y_l | x) = sigma(r_w - r_l) under Bradley-Terry (seed 004)."""
+    return torch.sigmoid(chosen_rewards - rejected_rewards)
+
+
+def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """Reward-model loss -E[log sigma(r(x, y_w) - r(x, y_l))] (seed 004's L_R, seed 000 with K = 2).
+
+    Shapes: (B,), (B,) -> scalar. Uses logsigmoid for stability at large margins.
+    """
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+def kwise_pairwise_loss(ranked_rewards: Tensor, mask: Tensor | None = None) -> Tensor:
+    """InstructGPT's K-wise loss, -1/C(K,2) E[sum_{i<j} log sigma(r_i - r_j)] over every pair of a ranking (seed 000).
+
+    Args:
+        ranked_rewards: (B, K) reward-model scores, column 0 the best answer.
+        mask: optional (B, K), 1 where an answer exists (rankings of different lengths, padded at the end);
+            each ranking is averaged over its own C(K_b, 2) pairs.
+    Returns:
+        Scalar; for K = 2 exactly `bradley_terry_loss`.
+    """
+    k = ranked_rewards.shape[-1]
+    if k < 2:
+        raise ValueError("a ranking needs at least 2 answers")
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=ranked_rewards.device), diagonal=1)
+    margins = ranked_rewards.unsqueeze(-1) - ranked_rewards.unsqueeze(-2)  # (B, K, K): r_i - r_j
+    pair_mask = upper.expand_as(margins).to(ranked_rewards.dtype)
+    if mask is not None:
+        present = mask.to(ranked_rewards.dtype)
+        pair_mask = pair_mask * present.unsqueeze(-1) * present.unsqueeze(-2)
+    per_ranking = -(F.logsigmoid(margins) * pair_mask).sum((-1, -2)) / pair_mask.sum((-1, -2)).clamp(min=1.0)
+    return per_ranking.mean()
+
+
+def plackett_luce_log_likelihood(ranked_scores: Tensor, mask: Tensor | None = None) -> Tensor:
+    """log P(tau) = sum_k [ s_k - log sum_{j>=k} exp s_j ] for scores listed in ranked order (seed 004).
+
+    Args:
+        ranked_scores: (B, K), column 0 ranked first.
+        mask: optional (B, K), 1 where an answer exists; absent answers (padded at the end) take no part.
+    Returns:
+        (B,) log-likelihoods of the rankings.
+    """
+    if mask is not None:
+        present = mask.to(torch.bool)
+        scores = ranked_scores.masked_fill(~present, float("-inf"))
+    else:
+        present = torch.ones_like(ranked_scores, dtype=torch.bool)
+        scores = ranked_scores
+    # log sum_{j>=k} exp s_j for every k: a reversed cumulative log-sum-exp.
+    tail_logsumexp = torch.logcumsumexp(scores.flip(-1), dim=-1).flip(-1)
+    terms = torch.where(present, ranked_scores - tail_logsumexp, torch.zeros_like(ranked_scores))
+    return terms.sum(-1)
+
+
+def plackett_luce_loss(ranked_scores: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Negative Plackett-Luce log-likelihood of full rankings, -E[log P(tau)] (seed 004). K = 2 is Bradley-Terry."""
+    return -plackett_luce_log_likelihood(ranked_scores, mask).mean()
+
+
+def dpo_implicit_rewards(policy_log_probs: Tensor, ref_log_probs: Tensor, beta: float) -> Tensor:
+    """DPO's implicit reward beta * log(pi_theta(y|x) / pi_ref(y|x)) (seed 004), up to beta log Z(x).
+
+    Inputs are sequence log-probabilities log pi(y|x) = sum_t log pi(y_t | x, y_<t); any shape.
+    """
+    return beta * (policy_log_probs - ref_log_probs.detach())
+
+
+@dataclass(frozen=True)
+class PreferenceStats:
+    """Diagnostics of a DPO batch (detached).
+
+    chosen_rewards, rejected_rewards: (B,) implicit rewards of the preferred / dispreferred answers.
+    margins: (B,) chosen minus rejected.
+    accuracy: share of pairs whose margin is positive.
+    """
+
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    margins: Tensor
+    accuracy: Tensor
+
+
+def dpo_loss(policy_chosen_log_probs: Tensor, policy_rejected_log_probs: Tensor, ref_chosen_log_probs: Tensor,
+             ref_rejected_log_probs: Tensor, beta: float) -> tuple[Tensor, PreferenceStats]:
+    """Pairwise DPO, -E[log sigma(beta log pi(y_w|x)/pi_ref(y_w|x) - beta log pi(y_l|x)/pi_ref(y_l|x))] (seed 000, 004).
+
+    Shapes: four (B,) sequence log-probabilities -> scalar loss and PreferenceStats.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    chosen = dpo_implicit_rewards(policy_chosen_log_probs, ref_chosen_log_probs, beta)
+    rejected = dpo_implicit_rewards(policy_rejected_log_probs, ref_rejected_log_probs, beta)
+    loss = bradley_terry_loss(chosen, rejected)
+    with torch.no_grad():
+        margins = chosen - rejected
+        stats = PreferenceStats(chosen.detach(), rejected.detach(), margins, (margins > 0).to(margins.dtype).mean())
+    return loss, stats
+
+
+def plackett_luce_dpo_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, beta: float,
+                           mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Listwise DPO, -E[log prod_k exp(beta h_tau(k)) / sum_{j>=k} exp(beta h_tau(j))], h = log pi/pi_ref (seed 004).
+
+    Args:
+        policy_log_probs, ref_log_probs: (B, K) sequence log-probabilities, column 0 the best answer.
+        mask: optional (B, K) for rankings of different lengths.
+    Returns:
+        (scalar loss, (B, K) implicit rewards). For K = 2 the loss is exactly `dpo_loss`.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    rewards = dpo_implicit_rewards(policy_log_probs, ref_log_probs, beta)
+    return plackett_luce_loss(rewards, mask), rewards.detach()

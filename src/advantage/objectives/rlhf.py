@@ -1,0 +1,63 @@
+"""RLHF on the token MDP (seed 000, 001, 003): KL-shaped per-token rewards and the PPO-ptx pretraining term.
+
+Seed 000's objective for the policy pi_phi^RL, starting from the SFT model pi^SFT:
+
+    objective(phi) = E_{(x,y) ~ pi_phi^RL}[ r_theta(x, y) - beta log(pi_phi^RL(y|x) / pi^SFT(y|x)) ]
+                     + gamma E_{x ~ D_pretrain}[ log pi_phi^RL(x) ]
+
+With the token as the action (seed 003), log(pi/pi_SFT)(y|x) = sum_t log(pi/pi_SFT)(y_t | x, y_<t), so the
+KL penalty is spread over the tokens while the reward model scores only the whole answer, i.e. its last token.
+PPO (advantage.objectives.ppo) then maximises the return of these per-token rewards, with GAE over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from advantage.objectives.kl import KLEstimator, kl_reward_penalty
+from advantage.objectives.masking import Aggregation, aggregate
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last real token of each row of a right-padded (B, T) mask; rows with none give 0."""
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask.to(torch.bool), positions, torch.zeros_like(positions)).amax(dim=-1)
+
+
+def shaped_token_rewards(scores: Tensor, log_probs: Tensor, ref_log_probs: Tensor, mask: Tensor, beta: float,
+                         estimator: KLEstimator = "k1") -> tuple[Tensor, Tensor]:
+    """Per-token RLHF rewards: r_t = -beta k_t on every answer token, plus r_theta(x, y) on the last one (seed 000).
+
+    Args:
+        scores: (B,) reward-model scores r_theta(x, y) of whole answers.
+        log_probs: (B, T) log pi(y_t | x, y_<t) of the sampled answer tokens under the policy at sampling time.
+        ref_log_probs: (B, T) the same under the frozen reference (SFT) model.
+        mask: (B, T), 1 on answer tokens (right padded).
+        beta: KL coefficient.
+        estimator: "k1" (default) is log(pi/pi_ref), the seed's term, and the placement-in-the-reward
+            estimator whose policy gradient is unbiased for grad KL (advantage.objectives.kl).
+    Returns:
+        (rewards (B, T) with padding 0, per-token KL estimates (B, T) for logging).
+    """
+    m = mask.to(log_probs.dtype)
+    penalty = kl_reward_penalty(log_probs, ref_log_probs, beta, estimator) * m
+    rewards = penalty.clone()
+    last = last_token_index(mask)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] = rewards[rows, last] + scores.detach().to(rewards.dtype) * m[rows, last]
+    kl = penalty / -beta if beta != 0 else torch.zeros_like(penalty)
+    return rewards, kl
+
+
+def ptx_loss(pretrain_log_probs: Tensor, mask: Tensor | None, coefficient: float,
+             aggregation: Aggregation = "token", constant_length: float | None = None) -> Tensor:
+    """PPO-ptx term as a loss, -gamma E_{x ~ D_pretrain}[log pi(x)] (seed 000's "+ gamma E[log pi^RL(x)]").
+
+    Args:
+        pretrain_log_probs: (B, T) per-token log pi(x_t | x_<t) on pretraining text.
+        coefficient: gamma (the seed's pretraining weight, not the discount).
+        aggregation: "token" averages over tokens (the usual language-model loss scale); "constant" with
+            constant_length=1 sums each sequence, exactly the seed's E_x[log pi(x)].
+    """
+    return -coefficient * aggregate(pretrain_log_probs, mask, aggregation, constant_length)

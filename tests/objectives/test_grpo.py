@@ -1,0 +1,233 @@
+"""Group-normalised advantages and the GRPO loss (advantage.objectives.grpo)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
+from advantage.objectives.kl import kl_k3
+
+D = torch.float64
+HYP = settings(max_examples=50, deadline=None)
+MODES = ("sequence", "token", "constant")
+
+
+def t(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=D)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# group-normalised advantages
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_group_advantages_hand_values():
+    # group (1, 2, 3): mean 2, population std sqrt(2/3) = 0.8164966 -> (-1.2247449, 0, 1.2247449)
+    # unbiased std 1 -> (-1, 0, 1); scale_by_std=False -> (-1, 0, 1) (centred only)
+    # group (0, 0, 1, ...) second row: (5, 5, 5) is constant -> 0
+    rewards = t([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    s = math.sqrt(1.5)
+    assert_close(group_normalized_advantages(rewards, eps=0.0)[0], t([-s, 0.0, s]))
+    assert_close(group_normalized_advantages(rewards, eps=0.0, unbiased=True)[0], t([-1.0, 0.0, 1.0]))
+    assert_close(group_normalized_advantages(rewards, scale_by_std=False), t([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+    # default eps = 1e-4: (r - mean) / (std + 1e-4)
+    assert_close(group_normalized_advantages(rewards)[0], t([-1.0, 0.0, 1.0]) / (math.sqrt(2.0 / 3.0) + 1e-4))
+    # constant group: exactly 0, not NaN
+    assert torch.equal(group_normalized_advantages(rewards)[1], torch.zeros(3, dtype=D))
+    # binary rewards (1, 0, 0, 0): mean 0.25, pop std sqrt(0.1875) = 0.4330127 -> (1.7320508, -0.5773503 x3)
+    adv = group_normalized_advantages(t([[1.0, 0.0, 0.0, 0.0]]), eps=0.0)
+    assert_close(adv, t([[math.sqrt(3.0), -1 / math.sqrt(3.0), -1 / math.sqrt(3.0), -1 / math.sqrt(3.0)]]))
+
+
+@HYP
+@given(num_groups=st.integers(1, 6), g=st.integers(2, 10), seed=st.integers(0, 2 ** 31 - 1))
+def test_group_advantages_are_standardised_per_group(num_groups, g, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(num_groups, g, dtype=D, generator=gen) * 3 + torch.randn(num_groups, 1, dtype=D, generator=gen)
+    adv = group_normalized_advantages(rewards, eps=0.0)
+    assert_close(adv.mean(-1), torch.zeros(num_groups, dtype=D), atol=1e-12, rtol=0)
+    assert_close(adv.std(-1, correction=0), torch.ones(num_groups, dtype=D))
+    # with the default eps = 1e-4: (r - mean) / (std + 1e-4), std just below 1
+    adv_eps = group_normalized_advantages(rewards)
+    pop_std = rewards.std(-1, correction=0, keepdim=True)
+    assert_close(adv_eps, (rewards - rewards.mean(-1, keepdim=True)) / (pop_std + 1e-4))
+    assert torch.all(adv_eps.std(-1, correction=0) < 1)
+    # flat input with group_size equals the 2-D input
+    flat = group_normalized_advantages(rewards.reshape(-1), group_size=g)
+    assert flat.shape == (num_groups * g,)
+    assert_close(flat, adv_eps.reshape(-1))
+    # biased vs unbiased: ratio sqrt(G / (G - 1)) (eps = 0)
+    unbiased = group_normalized_advantages(rewards, eps=0.0, unbiased=True)
+    assert_close(adv, unbiased * math.sqrt(g / (g - 1)))
+    # the ordering within a group is kept
+    assert torch.equal(adv.argsort(-1), rewards.argsort(-1))
+
+
+def test_group_advantages_validation():
+    with pytest.raises(ValueError):
+        group_normalized_advantages(t([1.0, 2.0, 3.0]))  # no group size
+    with pytest.raises(ValueError):
+        group_normalized_advantages(t([1.0, 2.0, 3.0]), group_size=2)  # does not divide
+    with pytest.raises(ValueError):
+        group_normalized_advantages(t([[1.0], [2.0]]), unbiased=True)
+    # group of one answer: advantage 0
+    assert_close(group_normalized_advantages(t([[4.0], [2.0]])), t([[0.0], [0.0]]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GRPO loss
+# --------------------------------------------------------------------------------------------------------------------
+
+def batch(seed: int = 0, b: int = 4, length: int = 6):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (b,), generator=gen)
+    lengths[0] = length
+    lengths[1] = 1
+    mask = (torch.arange(length).expand(b, length) < lengths.unsqueeze(-1)).to(D)
+    log_probs = -torch.rand(b, length, dtype=D, generator=gen) * 3
+    adv = torch.randn(b, dtype=D, generator=gen)
+    return gen, log_probs, adv, mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grpo_loss_on_policy_value_and_gradient(seed):
+    _, log_probs, adv, mask = batch(seed)
+    b, length = mask.shape
+    lengths = mask.sum(1)
+    total_tokens = mask.sum()
+    # value with ratio 1, beta 0: -aggregate(A_i over the answer's tokens)
+    expected_value = {
+        "sequence": -(adv * lengths / lengths).sum() / b,  # -1/G sum_i 1/|o_i| sum_t A_i = -mean(A)
+        "token": -(adv * lengths).sum() / total_tokens,
+        "constant": -(adv * lengths).sum() / (b * length),
+    }
+    expected_grad = {
+        "sequence": -adv.unsqueeze(-1) / (b * lengths.unsqueeze(-1)) * mask,
+        "token": -adv.unsqueeze(-1) / total_tokens * mask,
+        "constant": -adv.unsqueeze(-1) / (b * length) * mask,
+    }
+    for mode in MODES:
+        lp = log_probs.clone().requires_grad_()
+        loss, stats, mean_kl = grpo_loss(lp, log_probs.clone(), adv, mask, aggregation=mode, constant_length=length)
+        assert_close(loss, expected_value[mode])
+        loss.backward()
+        assert_close(lp.grad, expected_grad[mode])
+        assert_close(stats.clip_fraction, t(0.0))
+        assert_close(stats.ratio_mean, t(1.0))
+        assert_close(mean_kl, t(0.0))
+    assert_close(expected_value["sequence"], -adv.mean())
+
+
+def test_grpo_aggregation_weights_long_and_short_answers_differently():
+    # answer 0 has 1 token, answer 1 has 3 tokens; on-policy, beta = 0
+    mask = t([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    lp0 = torch.full((2, 3), -1.0, dtype=D)
+    adv = t([1.0, -1.0])
+    # sequence: -(1/1 * 1 + 1/3 * (-3)) / 2 = 0; per-token gradient -A_i/(G |o_i|): -1/2 and +1/6
+    # token:    -(1 - 3) / 4 = 0.5;          per-token gradient -A_i/4:         -1/4 and +1/4
+    # constant (L = 3): -(1 - 3) / (2*3) = 1/3; per-token gradient -A_i/6:    -1/6 and +1/6
+    expected = {
+        "sequence": (0.0, [[-0.5, 0, 0], [1 / 6, 1 / 6, 1 / 6]]),
+        "token": (0.5, [[-0.25, 0, 0], [0.25, 0.25, 0.25]]),
+        "constant": (1 / 3, [[-1 / 6, 0, 0], [1 / 6, 1 / 6, 1 / 6]]),
+    }
+    for mode, (value, grad) in expected.items():
+        lp = lp0.clone().requires_grad_()
+        loss, _, _ = grpo_loss(lp, lp0, adv, mask, aggregation=mode, constant_length=3)
+        assert_close(loss, t(value))
+        loss.backward()
+        assert_close(lp.grad, t(grad))
+    # sequence mode: a token of the short answer weighs 3x a token of the long one; token mode: equal weights
+
+
+def test_grpo_clipping_hand_value():
+    # one answer of 2 tokens, A = 1, ratios (1.5, 0.5), eps 0.2:
+    # terms -min(1.5, 1.2) = -1.2 and -min(0.5, 0.8) = -0.5; sequence mean -0.85; first token clipped
+    old = torch.zeros(1, 2, dtype=D)
+    lp = t([[math.log(1.5), math.log(0.5)]]).requires_grad_()
+    loss, stats, _ = grpo_loss(lp, old, t([1.0]), torch.ones(1, 2, dtype=D), clip_range=0.2)
+    assert_close(loss, t(-0.85))
+    assert_close(stats.clip_fraction, t(0.5))
+    loss.backward()
+    assert_close(lp.grad, t([[0.0, -0.25]]))  # clipped token: 0; other: -r A / 2 = -0.25
+    # clip-higher 0.6: the first token is no longer clipped: -(1.5 + 0.5)/2 = -1
+    loss_h, stats_h, _ = grpo_loss(lp, old, t([1.0]), torch.ones(1, 2, dtype=D), clip_range=0.2, clip_range_high=0.6)
+    assert_close(loss_h, t(-1.0))
+    assert_close(stats_h.clip_fraction, t(0.0))
+
+
+@pytest.mark.parametrize("placement", ["loss", "loss_weighted"])
+def test_grpo_kl_term(placement):
+    _, log_probs, adv, mask = batch(5)
+    gen = torch.Generator().manual_seed(6)
+    ref = log_probs + 0.3 * torch.randn(log_probs.shape, dtype=D, generator=gen)
+    beta = 0.04
+    lp = log_probs.clone().requires_grad_()
+    loss, _, mean_kl = grpo_loss(lp, log_probs, adv, mask, beta=beta, ref_log_probs=ref, kl_placement=placement)
+    k3 = kl_k3(log_probs, ref)
+    # reported KL: masked mean of k3 over real tokens, whatever the placement
+    assert_close(mean_kl, (k3 * mask).sum() / mask.sum())
+    assert not mean_kl.requires_grad
+    # loss value (ratio 1 on-policy): sequence mean of (-A + beta k3) per token
+    per_token = -adv.unsqueeze(-1) + beta * k3
+    expected = ((per_token * mask).sum(1) / mask.sum(1)).mean()
+    assert_close(loss, expected)
+    # gradient w.r.t. log pi, r = pi_ref/pi:
+    #   "loss":          d(beta k3)/dlogpi = beta (1 - r)           (pathwise only: the reverse-KL gradient)
+    #   "loss_weighted": d(beta k3 pi/pi_old)/dlogpi = beta (k3 + 1 - r) at pi = pi_old (score term restored)
+    loss.backward()
+    r = (ref - log_probs).exp()
+    b = mask.shape[0]
+    kl_grad = beta * (1 - r) if placement == "loss" else beta * (k3 + 1 - r)
+    expected_grad = (-adv.unsqueeze(-1) + kl_grad) / (b * mask.sum(1, keepdim=True)) * mask
+    assert_close(lp.grad, expected_grad)
+    # hand value: 1 token, A = 0, pi = 0.5, pi_ref = 0.25, beta = 0.1: loss 0.1 (log 2 - 0.5)
+    one = torch.ones(1, 1, dtype=D)
+    lp1 = t([[math.log(0.5)]])
+    loss1, _, kl1 = grpo_loss(lp1, lp1, t([0.0]), one, beta=0.1, ref_log_probs=t([[math.log(0.25)]]))
+    assert_close(loss1, t(0.1 * (math.log(2.0) - 0.5)))
+    assert_close(kl1, t(math.log(2.0) - 0.5))
+    with pytest.raises(ValueError):
+        grpo_loss(lp1, lp1, t([0.0]), one, beta=0.1)
+
+
+def test_grpo_per_token_advantages():
+    # (B, T) advantages are used as given; (B,) ones are broadcast over tokens
+    _, log_probs, adv, mask = batch(7)
+    loss_1d, _, _ = grpo_loss(log_probs, log_probs, adv, mask)
+    loss_2d, _, _ = grpo_loss(log_probs, log_probs, adv.unsqueeze(-1).expand_as(log_probs).clone(), mask)
+    assert_close(loss_1d, loss_2d)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", [0, 3])
+def test_grpo_micro_batches_sum_to_full_batch(mode, seed):
+    gen, log_probs, adv, mask = batch(seed, b=6, length=5)
+    old = log_probs + 0.3 * torch.randn(log_probs.shape, dtype=D, generator=gen)
+    ref = log_probs + 0.3 * torch.randn(log_probs.shape, dtype=D, generator=gen)
+    kwargs = dict(clip_range=0.2, beta=0.05, aggregation=mode, constant_length=5.0)
+
+    full_lp = log_probs.clone().requires_grad_()
+    full_loss, _, _ = grpo_loss(full_lp, old, adv, mask, ref_log_probs=ref, **kwargs)
+    full_loss.backward()
+
+    chunk_lp = log_probs.clone().requires_grad_()
+    total = 0.0
+    for rows in (slice(0, 2), slice(2, 6)):
+        loss, _, _ = grpo_loss(chunk_lp[rows], old[rows], adv[rows], mask[rows], ref_log_probs=ref[rows],
+                               num_tokens=mask.sum(), num_sequences=mask.shape[0], **kwargs)
+        loss.backward()
+        total = total + loss.detach()
+    assert_close(total, full_loss.detach())
+    assert_close(chunk_lp.grad, full_lp.grad)
+    assert full_lp.grad.abs().sum() > 0
+
+    # without the global counts the chunk losses do NOT add up (each would be normalised locally)
+    local = sum(grpo_loss(log_probs[r], old[r], adv[r], mask[r], ref_log_probs=ref[r], **kwargs)[0]
+                for r in (slice(0, 2), slice(2, 6)))
+    assert not torch.allclose(local, full_loss.detach())
