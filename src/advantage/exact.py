@@ -93,8 +93,7 @@ def enumerate_trajectories(mdp: TabularMDP) -> Trajectories:
 
     Cached on the MDP's contents (the enumeration is the slow part of every exact computation here).
     """
-    key = (mdp.horizon, mdp.initial.numpy().tobytes(), mdp.transition.numpy().tobytes(),
-           mdp.reward.numpy().tobytes(), mdp.terminal.numpy().tobytes())
+    key = (mdp.horizon, *(tuple(t.flatten().tolist()) for t in (mdp.initial, mdp.transition, mdp.reward, mdp.terminal)))
     if key not in _ENUMERATIONS:
         _ENUMERATIONS[key] = _enumerate(mdp)
     return _ENUMERATIONS[key]
