@@ -70,8 +70,12 @@ def test_dynamic_programming_values_match_enumeration(seed):
 UNBIASED = [("total_return", 1.0, 0.0), ("reward_to_go", 1.0, 0.0), ("reward_to_go_baseline", 1.0, 0.0),
             ("q_value", 1.0, 0.0), ("advantage", 1.0, 0.0), ("td_residual", 1.0, 0.0),
             ("gae_exact_critic", 1.0, 0.0), ("gae_exact_critic", 1.0, 0.5), ("gae_exact_critic", 1.0, 0.95),
-            ("gae_wrong_critic", 1.0, 1.0), ("reward_to_go_discounted_gamma_t", 0.8, 0.0)]
-BIASED = [("gae_wrong_critic", 1.0, 0.0), ("gae_wrong_critic", 1.0, 0.5), ("reward_to_go_discounted", 0.8, 0.0)]
+            ("gae_wrong_critic", 1.0, 1.0), ("reward_to_go_discounted_gamma_t", 0.8, 0.0),
+            ("total_return", 0.8, 0.0)]  # psi_1 = sum_t' gamma^t' r_t' is unbiased for J_gamma as written
+# With gamma < 1, psi forms 2-6 as the seed writes them (without gamma^t) are biased for grad J_gamma.
+BIASED = [("gae_wrong_critic", 1.0, 0.0), ("gae_wrong_critic", 1.0, 0.5), ("reward_to_go_discounted", 0.8, 0.0),
+          ("reward_to_go_baseline", 0.8, 0.0), ("q_value", 0.8, 0.0), ("advantage", 0.8, 0.0),
+          ("td_residual", 0.8, 0.0)]
 
 
 @pytest.mark.parametrize("seed", SEEDS)

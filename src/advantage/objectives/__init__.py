@@ -18,7 +18,7 @@ from advantage.objectives.kl import (
     categorical_entropy, categorical_kl, gaussian_entropy, gaussian_kl, kl_estimate, kl_k1, kl_k2, kl_k3,
     kl_loss_term, kl_reward_penalty,
 )
-from advantage.objectives.masking import aggregate, masked_mean, masked_sum, masked_var, masked_whiten
+from advantage.objectives.masking import aggregate, fill_padding, masked_mean, masked_sum, masked_var, masked_whiten
 from advantage.objectives.policy_gradient import (
     clipped_value_loss, explained_variance, normalize_advantages, policy_gradient_loss, psi, value_loss,
 )
@@ -34,9 +34,12 @@ from advantage.objectives.returns import (
     discounted_returns, episode_return_per_step, gae, n_step_advantage, n_step_returns, shift_to_next,
     td_residual, total_return,
 )
-from advantage.objectives.rlhf import last_token_index, ptx_loss, shaped_token_rewards
+from advantage.objectives.rlhf import last_token_index, ptx_loss, shaped_token_rewards, terminal_at_last_token
 from advantage.objectives.trust_region import (
     backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_grad, natural_gradient_step,
 )
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+import types as _types
+
+__all__ = [name for name, value in dict(globals()).items()
+           if not name.startswith("_") and not isinstance(value, _types.ModuleType)]

@@ -17,7 +17,7 @@ from torch import Tensor
 from typing import Literal
 
 from advantage.objectives.kl import KLEstimator, kl_estimate, kl_loss_term
-from advantage.objectives.masking import Aggregation, aggregate
+from advantage.objectives.masking import Aggregation, aggregate, fill_padding
 from advantage.objectives.ppo import SurrogateStats, clipped_surrogate_terms, importance_ratio, surrogate_stats
 
 
@@ -79,14 +79,20 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand_as(log_probs)
+    # Padding may hold anything (-inf log-probabilities included): replace it before any exp.
+    log_probs = fill_padding(log_probs, mask)
+    old_log_probs = fill_padding(old_log_probs, mask)
+    advantages = fill_padding(advantages, mask)
+    if ref_log_probs is not None:
+        ref_log_probs = fill_padding(ref_log_probs, mask)
     ratio = importance_ratio(log_probs, old_log_probs)
     terms = clipped_surrogate_terms(ratio, advantages, clip_range, clip_range_high)
     mean_kl = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)
+    if kl_placement not in ("loss", "loss_weighted"):
+        raise ValueError(f"kl_placement must be 'loss' or 'loss_weighted', got {kl_placement!r}")
     if beta > 0:
         if ref_log_probs is None:
             raise ValueError("beta > 0 needs ref_log_probs")
-        if kl_placement not in ("loss", "loss_weighted"):
-            raise ValueError(f"kl_placement must be 'loss' or 'loss_weighted', got {kl_placement!r}")
         weighting = old_log_probs if kl_placement == "loss_weighted" else None
         terms = terms + kl_loss_term(log_probs, ref_log_probs, beta, kl_estimator, old_log_probs=weighting)
         with torch.no_grad():

@@ -37,6 +37,17 @@ def _as_float_mask(mask: Tensor | None, like: Tensor) -> Tensor:
     return mask.to(dtype=like.dtype).expand_as(like)
 
 
+def fill_padding(values: Tensor, mask: Tensor | None, fill: float = 0.0) -> Tensor:
+    """`values` with every padded element replaced by `fill` (no-op without a mask).
+
+    Selecting, not multiplying: 0 * inf and 0 * NaN are NaN, and padding may hold anything (log 0 = -inf for
+    padded log-probabilities, garbage from a value head at pad tokens). The gradient at padded elements is 0.
+    """
+    if mask is None:
+        return values
+    return torch.where(mask.to(torch.bool).expand_as(values), values, torch.full_like(values, fill))
+
+
 def masked_sum(values: Tensor, mask: Tensor | None = None, dim: int | tuple[int, ...] | None = None) -> Tensor:
     """Sum of `values` over the real elements: sum(values * mask).
 
@@ -45,8 +56,7 @@ def masked_sum(values: Tensor, mask: Tensor | None = None, dim: int | tuple[int,
         mask: broadcastable to `values`; 1 for real data, 0 for padding. None means all real.
         dim: dimension(s) to reduce; None reduces everything to a scalar.
     """
-    m = _as_float_mask(mask, values)
-    product = values * m
+    product = fill_padding(values, mask)
     return product.sum() if dim is None else product.sum(dim=dim)
 
 
@@ -56,7 +66,8 @@ def masked_mean(values: Tensor, mask: Tensor | None = None, dim: int | tuple[int
     A slice with no real element gives 0 rather than NaN (the numerator is 0 there too).
     """
     m = _as_float_mask(mask, values)
-    total = (values * m).sum() if dim is None else (values * m).sum(dim=dim)
+    kept = fill_padding(values, mask)
+    total = kept.sum() if dim is None else kept.sum(dim=dim)
     count = m.sum() if dim is None else m.sum(dim=dim)
     return total / count.clamp(min=1.0)
 
@@ -69,7 +80,7 @@ def masked_var(values: Tensor, mask: Tensor | None = None, unbiased: bool = Fals
     m = _as_float_mask(mask, values)
     mean = masked_mean(values, m)
     count = m.sum()
-    squared = ((values - mean) ** 2 * m).sum()
+    squared = fill_padding((values - mean) ** 2, mask).sum()
     denominator = (count - 1.0) if unbiased else count
     return squared / denominator.clamp(min=1.0)
 
@@ -85,7 +96,7 @@ def masked_whiten(values: Tensor, mask: Tensor | None = None, eps: float = 1e-8,
     mean = masked_mean(values, m)
     std = masked_var(values, m, unbiased=unbiased).sqrt()
     centred = values - mean if shift_mean else values
-    return centred / (std + eps) * m
+    return fill_padding(centred / (std + eps), mask)
 
 
 def aggregate(values: Tensor, mask: Tensor | None = None, mode: Aggregation = "token",
@@ -94,8 +105,8 @@ def aggregate(values: Tensor, mask: Tensor | None = None, mode: Aggregation = "t
     """Reduce a (B, T) tensor of per-token (per-step) terms to a scalar loss; see the module docstring.
 
     Args:
-        values: (B, T) per-element loss terms; sequence b's elements lie along dim 1. Mode "token" also
-            accepts any other shape (it does not need to know which axis is time).
+        values: (B, T) per-element loss terms; sequence b's elements lie along dim 1 (batch-major: transpose a
+            time-major (T, N) rollout first). Mode "token" accepts any shape (it does not need the time axis).
         mask: (B, T); 1 for real elements.
         mode: "token" | "sequence" | "constant".
         constant_length: the constant L of mode "constant" (required there).
@@ -111,6 +122,7 @@ def aggregate(values: Tensor, mask: Tensor | None = None, mode: Aggregation = "t
         constant:  sum_{b,t} m x / (num_sequences * constant_length)
     """
     m = _as_float_mask(mask, values)
+    values = fill_padding(values, mask)
     if mode != "token" and values.dim() != 2:
         raise ValueError(f"aggregation mode {mode!r} expects values of shape (B, T), got {tuple(values.shape)}")
     if num_sequences is None:
@@ -118,12 +130,12 @@ def aggregate(values: Tensor, mask: Tensor | None = None, mode: Aggregation = "t
     if mode == "token":
         if num_tokens is None:
             num_tokens = m.sum().clamp(min=1.0)
-        return (values * m).sum() / num_tokens
+        return values.sum() / num_tokens
     if mode == "sequence":
-        per_sequence = (values * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        per_sequence = values.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
         return per_sequence.sum() / num_sequences
     if mode == "constant":
         if constant_length is None or constant_length <= 0:
             raise ValueError("aggregation mode 'constant' needs a positive constant_length")
-        return (values * m).sum() / (num_sequences * constant_length)
+        return values.sum() / (num_sequences * constant_length)
     raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGGREGATIONS}")

@@ -130,7 +130,12 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, targets: Tensor, clip
 
 
 def explained_variance(predictions: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-    """1 - Var[target - prediction] / Var[target]: 1 is a perfect critic, 0 no better than a constant."""
+    """1 - Var[target - prediction] / Var[target]: 1 is a perfect critic, 0 no better than a constant.
+
+    NaN when the targets do not vary (the ratio is undefined), as CleanRL and SB3 report it.
+    """
     target_var = masked_var(targets, mask)
     residual_var = masked_var(targets - predictions, mask)
-    return 1.0 - residual_var / target_var.clamp(min=1e-12)
+    if float(target_var) == 0.0:
+        return torch.full_like(target_var, float("nan"))
+    return 1.0 - residual_var / target_var

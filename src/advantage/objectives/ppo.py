@@ -16,15 +16,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from advantage.objectives.masking import Aggregation, aggregate, masked_mean
+from advantage.objectives.masking import Aggregation, aggregate, fill_padding, masked_mean
 
 
-def importance_ratio(log_probs: Tensor, old_log_probs: Tensor) -> Tensor:
+def importance_ratio(log_probs: Tensor, old_log_probs: Tensor, mask: Tensor | None = None) -> Tensor:
     """r_t(theta) = pi_theta(a_t|s_t) / pi_old(a_t|s_t), from log-probabilities (seed 004's L^CPI).
 
-    Computed as exp(log pi_theta - log pi_old) for numerical safety; `old_log_probs` is treated as data.
+    Computed as exp(log pi_theta - log pi_old); `old_log_probs` is treated as data. Padded elements (mask 0) get
+    ratio 1 with zero gradient, so that padding holding -inf or large values cannot overflow into NaN.
     """
-    return torch.exp(log_probs - old_log_probs.detach())
+    return torch.exp(fill_padding(log_probs - old_log_probs.detach(), mask))
 
 
 def importance_sampling_estimate(f_values: Tensor, target_log_probs: Tensor, behaviour_log_probs: Tensor) -> Tensor:
@@ -32,12 +33,14 @@ def importance_sampling_estimate(f_values: Tensor, target_log_probs: Tensor, beh
 
     Args:
         f_values: f(x_i) for samples x_i drawn from the behaviour distribution q, shape (N, ...).
-        target_log_probs: log p(x_i), shape (N,)-broadcastable.
+        target_log_probs: log p(x_i), shape (N,) (aligned with axis 0 of f_values) or f_values' own shape.
         behaviour_log_probs: log q(x_i).
     Returns:
         The unbiased estimate, reduced over the sample axis 0.
     """
     weights = torch.exp(target_log_probs - behaviour_log_probs)
+    if weights.dim() < f_values.dim():  # (N,) weights for (N, D) values: align them with the sample axis
+        weights = weights.reshape(weights.shape + (1,) * (f_values.dim() - weights.dim()))
     return (f_values * weights).mean(dim=0)
 
 
@@ -48,7 +51,7 @@ def cpi_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask:
     At theta = theta_old its gradient equals the policy gradient with psi = A; away from it, it is the
     importance-sampled estimate of J(theta) - J(theta_old) under the old state distribution (seed 004).
     """
-    ratio = importance_ratio(log_probs, old_log_probs)
+    ratio = importance_ratio(log_probs, old_log_probs, mask)
     return -aggregate(ratio * advantages.detach(), mask, aggregation, constant_length)
 
 
@@ -84,10 +87,10 @@ class SurrogateStats:
 
 def surrogate_stats(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_low: float,
                     clip_high: float | None = None, mask: Tensor | None = None) -> SurrogateStats:
-    """Clip fraction, approximate KL and mean ratio for logging (the documented diagnostics of DESIGN.md)."""
+    """Clip fraction, approximate KL and mean ratio for logging (the fixed set of diagnostics every algorithm logs)."""
     with torch.no_grad():
         clip_high = clip_low if clip_high is None else clip_high
-        log_ratio = log_probs - old_log_probs
+        log_ratio = fill_padding(log_probs - old_log_probs, mask)
         ratio = log_ratio.exp()
         clipped = ((ratio < 1.0 - clip_low) & (advantages < 0)) | ((ratio > 1.0 + clip_high) & (advantages > 0))
         return SurrogateStats(
@@ -105,8 +108,8 @@ def clipped_surrogate_loss(log_probs: Tensor, old_log_probs: Tensor, advantages:
 
     Returns the scalar loss and its SurrogateStats.
     """
-    ratio = importance_ratio(log_probs, old_log_probs)
-    terms = clipped_surrogate_terms(ratio, advantages, clip_range, clip_range_high)
+    ratio = importance_ratio(log_probs, old_log_probs, mask)
+    terms = clipped_surrogate_terms(ratio, fill_padding(advantages, mask), clip_range, clip_range_high)
     loss = aggregate(terms, mask, aggregation, constant_length)
     return loss, surrogate_stats(log_probs, old_log_probs, advantages, clip_range, clip_range_high, mask)
 
@@ -121,7 +124,7 @@ def kl_penalty_surrogate_loss(log_probs: Tensor, old_log_probs: Tensor, advantag
             PPO paper; a sampled estimator from advantage.objectives.kl also works).
         beta: penalty coefficient, adapted between updates by `adaptive_kl_beta`.
     """
-    ratio = importance_ratio(log_probs, old_log_probs)
+    ratio = importance_ratio(log_probs, old_log_probs, mask)
     return -masked_mean(ratio * advantages.detach(), mask) + beta * masked_mean(kl, mask)
 
 
@@ -133,8 +136,9 @@ def adaptive_kl_beta(beta: float, measured_kl: float, target_kl: float, toleranc
         KL > target * 1.5  ->  beta * 2   (policies too far: weigh the constraint more)
         otherwise          ->  beta
 
-    Seed 004's text reads "less than 1.5 times the target halves beta"; taken literally that would overlap
-    the doubling branch, so the code follows the PPO paper's d < d_targ / 1.5 (docs/math.md).
+    Seed 004's text reads "less than 1.5 times the target halves beta, more than 1.5 times doubles it"; taken
+    literally beta would never stay put and would be halved even at 1.2x the target, so the code follows the PPO
+    paper the seed summarises: d < d_targ / 1.5 halves (docs/math.md, resolution 2).
     """
     if target_kl <= 0:
         raise ValueError(f"target_kl must be > 0, got {target_kl}")

@@ -16,14 +16,21 @@ terminated nor truncated it bootstraps from ``next_values`` there (a rollout cut
 `next_values[t]` is V(s_{t+1}) for every t. Passing it explicitly (rather than values shifted by one) is
 what makes truncation exact: at a truncated step it is the value of the final observation.
 
-Padding. `mask` marks real steps (1) and padding (0); padding must come after a row's real steps (right
-padding, as in padded rollouts and in batches of generated completions). Padded outputs are 0.
+Padding. `mask` marks real steps (1) and padding (0). Padding may come after a row's real steps (right padding,
+as in batches of generated completions) or right after an episode end (the reset step of Gymnasium's NEXT_STEP
+autoreset); it never leaks into real outputs, whatever it holds (NaN and inf included). Padded outputs are 0.
+
+Language models (dim=1): the last real token of a completion ends the episode, so pass
+`terminated=advantage.objectives.rlhf.terminal_at_last_token(mask)`; otherwise it is treated as a cut and
+bootstraps from `next_values` there, which for a value head shifted by one is its output at a pad token.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from advantage.objectives.masking import fill_padding
 
 
 def _to_time_major(x: Tensor | None, dim: int) -> Tensor | None:
@@ -49,7 +56,16 @@ def _last_real_step(mask: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _masked(x: Tensor, mask: Tensor | None) -> Tensor:
-    return x if mask is None else x * mask.to(x.dtype).expand_as(x)
+    return fill_padding(x, mask)
+
+
+def _floating(x: Tensor, *others: Tensor | None) -> Tensor:
+    """`x` in a floating dtype that can hold every input (integer rewards are promoted, never truncated)."""
+    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    for other in others:
+        if other is not None and other.is_floating_point():
+            dtype = torch.promote_types(dtype, other.dtype)
+    return x.to(dtype)
 
 
 def total_return(rewards: Tensor, gamma: float = 1.0, mask: Tensor | None = None, dim: int = 0) -> Tensor:
@@ -62,7 +78,7 @@ def total_return(rewards: Tensor, gamma: float = 1.0, mask: Tensor | None = None
     Returns:
         `rewards` with the time axis reduced, e.g. (N,) or (B,).
     """
-    r = _masked(rewards.movedim(dim, 0), None if mask is None else mask.movedim(dim, 0))
+    r = _masked(_floating(rewards).movedim(dim, 0), None if mask is None else mask.movedim(dim, 0))
     steps = torch.arange(r.shape[0], device=r.device, dtype=r.dtype)
     discounts = (gamma ** steps).reshape((-1,) + (1,) * (r.dim() - 1))
     return (discounts * r).sum(0)
@@ -79,11 +95,11 @@ def discounted_returns(rewards: Tensor, gamma: float, terminated: Tensor | None 
 
     Shapes: all inputs like `rewards`, time axis at `dim`. Returns a tensor like `rewards`.
     """
-    r = rewards.movedim(dim, 0)
+    r = _floating(rewards, next_values).movedim(dim, 0)
     m = _to_time_major(mask, dim)
     term = _flags(_to_time_major(terminated, dim), r)
     cut = _flags(_to_time_major(truncated, dim), r) | _last_real_step(m, r)
-    nv = torch.zeros_like(r) if next_values is None else next_values.movedim(dim, 0).to(r.dtype)
+    nv = torch.zeros_like(r) if next_values is None else _masked(next_values.movedim(dim, 0).to(r.dtype), m)
     r = _masked(r, m)
     out = torch.empty_like(r)
     future = torch.zeros_like(r[0])
@@ -119,9 +135,11 @@ def td_residual(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: flo
     Seed 003 (delta_t^V), seed 004 (psi_6, "时序差分残差"). Elementwise, so any layout works.
     Truncation needs nothing special here: `next_values` already holds V(final observation).
     """
+    rewards = _floating(rewards, values, next_values)
     term = _flags(terminated, rewards)
     bootstrap = torch.where(term, torch.zeros_like(next_values), next_values)
-    return _masked(rewards + gamma * bootstrap - values, mask)
+    delta = _masked(rewards, mask) + gamma * _masked(bootstrap, mask) - _masked(values, mask)
+    return _masked(delta, mask)
 
 
 def n_step_advantage(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: float, n: int,
@@ -135,7 +153,7 @@ def n_step_advantage(rewards: Tensor, values: Tensor, next_values: Tensor, gamma
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    r = rewards.movedim(dim, 0)
+    r = _floating(rewards, values, next_values).movedim(dim, 0)
     m = _to_time_major(mask, dim)
     term = _flags(_to_time_major(terminated, dim), r)
     end = term | _flags(_to_time_major(truncated, dim), r) | _last_real_step(m, r)
@@ -146,7 +164,7 @@ def n_step_advantage(rewards: Tensor, values: Tensor, next_values: Tensor, gamma
     for k in range(min(n, horizon)):
         shifted_delta = torch.zeros_like(delta)
         shifted_delta[: horizon - k] = delta[k:]
-        total = total + (gamma ** k) * alive * shifted_delta
+        total = total + torch.where(alive > 0, (gamma ** k) * shifted_delta, torch.zeros_like(shifted_delta))
         shifted_end = torch.ones_like(alive)
         shifted_end[: horizon - k] = end[k:].to(alive.dtype)
         alive = alive * (1.0 - shifted_end)
@@ -179,16 +197,16 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: float, lam:
 
     Shapes: all like `rewards` with the time axis at `dim`; returns the advantages in the same shape.
     """
-    r = rewards.movedim(dim, 0)
+    r = _floating(rewards, values, next_values).movedim(dim, 0)
     m = _to_time_major(mask, dim)
     term = _flags(_to_time_major(terminated, dim), r)
     end = term | _flags(_to_time_major(truncated, dim), r) | _last_real_step(m, r)
     delta = td_residual(r, values.movedim(dim, 0), next_values.movedim(dim, 0), gamma, term, m)
-    keep = gamma * lam * (~end).to(delta.dtype)
     out = torch.empty_like(delta)
     running = torch.zeros_like(delta[0])
     for t in range(delta.shape[0] - 1, -1, -1):
-        running = delta[t] + keep[t] * running
+        # Select rather than multiply by (1 - end): nothing after an episode end may leak in, not even a NaN.
+        running = torch.where(end[t], delta[t], delta[t] + gamma * lam * running)
         out[t] = running
     return _masked(out, m).movedim(0, dim)
 
@@ -197,8 +215,9 @@ def shift_to_next(values: Tensor, last: Tensor | float = 0.0, dim: int = 0) -> T
     """V(s_{t+1}) from V(s_t) along `dim`: drop the first entry and append `last` (the bootstrap value).
 
     For a rollout this gives `next_values` except at truncated steps, where the caller substitutes the value
-    of the final observation. For language-model tokens (`dim=1`) `last` is irrelevant, the final token is
-    terminated.
+    of the final observation. For language-model tokens (`dim=1`) the shifted value at a completion's last token
+    is the value head's output at a pad token: mark that token terminated (rlhf.terminal_at_last_token) so it is
+    never used.
     """
     v = values.movedim(dim, 0)
     tail = torch.as_tensor(last, dtype=v.dtype, device=v.device).expand_as(v[:1])

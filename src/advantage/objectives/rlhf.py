@@ -25,6 +25,18 @@ def last_token_index(mask: Tensor) -> Tensor:
     return torch.where(mask.to(torch.bool), positions, torch.zeros_like(positions)).amax(dim=-1)
 
 
+def terminal_at_last_token(mask: Tensor) -> Tensor:
+    """(B, T) bool, True at the last real token of each row: a completion's end is a terminal state (seed 003).
+
+    Pass it as `terminated` to the return and GAE functions along the token axis (dim=1).
+    """
+    ends = torch.zeros_like(mask, dtype=torch.bool)
+    has_tokens = mask.to(torch.bool).any(dim=-1)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    ends[rows, last_token_index(mask)] = has_tokens
+    return ends
+
+
 def shaped_token_rewards(scores: Tensor, log_probs: Tensor, ref_log_probs: Tensor, mask: Tensor, beta: float,
                          estimator: KLEstimator = "k1") -> tuple[Tensor, Tensor]:
     """Per-token RLHF rewards: r_t = -beta k_t on every answer token, plus r_theta(x, y) on the last one (seed 000).

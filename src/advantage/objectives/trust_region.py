@@ -3,7 +3,9 @@
 Seed 004 (and seed 000) state TRPO as
 
     maximise  L(theta') = E_{s,a ~ pi_theta}[ pi_theta'(a|s) / pi_theta(a|s) * A(s, a) ]
-    subject to  E_s[ KL(pi_theta(.|s) || pi_theta'(.|s)) ] <= delta.
+    subject to  E_s[ KL(pi_theta'(.|s) || pi_theta(.|s)) ] <= delta      (seed 004 puts the new policy first;
+                                                                      the code measures KL(old || new) as the
+                                                                      TRPO/PPO papers do: docs/math.md, note 6)
 
 Linearising L (gradient g) and taking the KL to second order (its Hessian at theta' = theta is the Fisher
 matrix F) gives the step x = sqrt(2 delta / (s^T F s)) * s with s = F^{-1} g. F is never formed: conjugate
