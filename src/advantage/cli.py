@@ -6,11 +6,13 @@ Exit codes: 0 success; 1 a check or job ran and failed; 2 a usage error the user
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
+from advantage.errors import UsageError
 
-class UsageError(Exception):
-    """An error the user caused (bad flag value, bad file, unknown name): printed as one line, exit code 2."""
+ALGORITHMS = ("ppo",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _positive_int(text: str) -> int:
+def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -28,6 +30,15 @@ def _positive_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def algorithm_module(name: str):
+    """The module implementing algorithm `name` (it has a config class `CONFIG`, `train` and `validate`)."""
+    if name == "ppo":
+        from advantage.rl import ppo
+
+        return ppo
+    raise UsageError(f"unknown algorithm '{name}'; expected one of {', '.join(ALGORITHMS)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +49,97 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="check the seeds' estimators against exact values on enumerable problems",
         description="Run the exact checks: the policy gradient of an enumerated MDP for every psi form, the DPO "
                     "optimum, and the KL estimators. Prints a table; exit code 0 only if every row passes.")
-    verify.add_argument("--seed", type=_positive_int, default=0, help="seed of the random problems (default 0)")
+    verify.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random problems (default 0)")
+
+    train = commands.add_parser(
+        "train", help="train a classic RL algorithm on a Gymnasium environment",
+        description="Train ALGO on a Gymnasium environment and write a run directory (config.yaml, metrics.jsonl, "
+                    "episodes.jsonl, TensorBoard events, checkpoints/, final/). Values come from the algorithm's "
+                    "defaults, then its shipped preset for the environment, then --config, then the flags.")
+    train.add_argument("algorithm", metavar="ALGO", help=f"one of: {', '.join(ALGORITHMS)}")
+    train.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of field: value")
+    train.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/ALGO-ENV-seedS)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--no-preset", action="store_true", help="ignore the shipped preset for the environment")
+    # Flags for every algorithm's fields; unknown ones for the chosen algorithm are rejected after parsing.
+    seen: set[str] = set()
+    for name in ALGORITHMS:
+        config_class = algorithm_module(name).CONFIG
+        fields = [f for f in dataclasses.fields(config_class) if f.name not in seen]
+        seen.update(f.name for f in fields)
+        for field in fields:
+            _add_single_flag(train, config_class, field)
+
+    evaluate = commands.add_parser("eval", help="evaluate the final policy of a run",
+                                   description="Run the final policy of RUN_DIR and print one JSON line with the "
+                                               "mean and std of the episode return.")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--episodes", type=_non_negative_int, default=10, help="episodes to run (default 10)")
+    evaluate.add_argument("--seed", type=_non_negative_int, default=12345, help="seed of the evaluation episodes")
+    evaluate.add_argument("--stochastic", action="store_true", help="sample actions instead of the most likely")
     return parser
+
+
+def _add_single_flag(parser: argparse.ArgumentParser, config_class: type, field: dataclasses.Field) -> None:
+    from advantage.run.config import choices, field_type
+
+    flag = "--" + field.name.replace("_", "-")
+    kind = field_type(config_class, field.name)
+    allowed = choices(config_class, field.name)
+    extra = f" (one of: {', '.join(map(str, allowed))})" if allowed else ""
+    metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(kind, "STR")
+    text = f"{field.metadata.get('help', '')}{extra} [default: {field.default}]".replace("%", "%%")
+    parser.add_argument(flag, dest=f"cfg_{field.name}", default=None, metavar=metavar, help=text)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`advantage train`: resolve the config (defaults < preset < --config < flags) and train."""
+    from advantage.rl.presets import preset_for
+    from advantage.run.config import apply_overrides, load_yaml_mapping
+
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = load_yaml_mapping(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
+        if saved is None:
+            raise UsageError(f"--resume {run_dir}: no config.yaml there (not a run directory)")
+        name = saved.pop("algorithm", args.algorithm)
+        if name != args.algorithm:
+            raise UsageError(f"--resume {run_dir}: that run is '{name}', not '{args.algorithm}'")
+        module = algorithm_module(name)
+        config = apply_overrides(module.CONFIG(), saved, str(run_dir / "config.yaml"))
+        config = apply_overrides(config, flags, "command line")
+        module.train(config, run_dir, resume=True)
+        return 0
+    module = algorithm_module(args.algorithm)
+    config = module.CONFIG()
+    known = {f.name for f in dataclasses.fields(config)}
+    for name in flags:
+        if name not in known:
+            raise UsageError(f"--{name.replace('_', '-')} is not a field of {args.algorithm}")
+    env_id = flags.get("env_id") or (load_yaml_mapping(args.config).get("env_id") if args.config else None) \
+        or config.env_id
+    if not args.no_preset:
+        preset = preset_for(args.algorithm, str(env_id))
+        if preset:
+            config = apply_overrides(config, preset, f"preset {args.algorithm}/{env_id}")
+    if args.config:
+        config = apply_overrides(config, load_yaml_mapping(args.config), args.config)
+    config = apply_overrides(config, flags, "command line")
+    out = Path(args.out) if args.out else Path("runs") / f"{args.algorithm}-{config.env_id}-seed{config.seed}"
+    module.train(config, out)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`advantage eval`: one JSON line with the mean and std of the return of the final policy."""
+    import json
+
+    from advantage.rl.evaluate import evaluate_run
+
+    result = evaluate_run(Path(args.run_dir), args.episodes, args.seed, deterministic=not args.stochastic)
+    print(json.dumps(result))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +151,23 @@ def main(argv: list[str] | None = None) -> int:
             from advantage.verify import main as verify_main
 
             return verify_main(seed=args.seed)
+        if args.command == "train":
+            return run_train(args)
+        if args.command == "eval":
+            return run_eval(args)
     except UsageError as error:
         print(f"advantage: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from advantage.rl.common import NonFiniteLossError
+
+        if not isinstance(error, NonFiniteLossError):
+            raise
+        print(f"advantage: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("advantage: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        return 130
     parser.error(f"unknown command {args.command}")
     return 2
 

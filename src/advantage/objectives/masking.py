@@ -65,6 +65,8 @@ def masked_mean(values: Tensor, mask: Tensor | None = None, dim: int | tuple[int
 
     A slice with no real element gives 0 rather than NaN (the numerator is 0 there too).
     """
+    if mask is None:  # the common unpadded case, in as few tensor operations as possible (hot path of PPO)
+        return values.mean() if dim is None else values.mean(dim=dim)
     m = _as_float_mask(mask, values)
     kept = fill_padding(values, mask)
     total = kept.sum() if dim is None else kept.sum(dim=dim)
@@ -77,6 +79,8 @@ def masked_var(values: Tensor, mask: Tensor | None = None, unbiased: bool = Fals
 
     ``unbiased=True`` divides by (n - 1) (Bessel's correction), otherwise by n.
     """
+    if mask is None:
+        return values.var(correction=1 if unbiased else 0) if values.numel() > 1 else torch.zeros_like(values.sum())
     m = _as_float_mask(mask, values)
     mean = masked_mean(values, m)
     count = m.sum()
@@ -92,6 +96,9 @@ def masked_whiten(values: Tensor, mask: Tensor | None = None, eps: float = 1e-8,
     ``shift_mean=False`` only rescales (keeps the sign of every element), as some RLHF
     implementations do for rewards.
     """
+    if mask is None:
+        std = values.std(correction=1 if unbiased else 0) if values.numel() > 1 else torch.zeros_like(values.sum())
+        return ((values - values.mean()) if shift_mean else values) / (std + eps)
     m = _as_float_mask(mask, values)
     mean = masked_mean(values, m)
     std = masked_var(values, m, unbiased=unbiased).sqrt()
@@ -121,6 +128,8 @@ def aggregate(values: Tensor, mask: Tensor | None = None, mode: Aggregation = "t
         sequence:  sum_b [ sum_t m x / sum_t m ] / num_sequences
         constant:  sum_{b,t} m x / (num_sequences * constant_length)
     """
+    if mask is None and mode == "token" and num_tokens is None:
+        return values.mean()
     m = _as_float_mask(mask, values)
     values = fill_padding(values, mask)
     if mode != "token" and values.dim() != 2:

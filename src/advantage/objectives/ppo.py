@@ -92,7 +92,9 @@ def surrogate_stats(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor
         clip_high = clip_low if clip_high is None else clip_high
         log_ratio = fill_padding(log_probs - old_log_probs, mask)
         ratio = log_ratio.exp()
-        clipped = ((ratio < 1.0 - clip_low) & (advantages < 0)) | ((ratio > 1.0 + clip_high) & (advantages > 0))
+        # The clipped branch is active (constant) where r A > clip(r) A, i.e. r left [1-eps_low, 1+eps_high] on the
+        # side the advantage pushes it: one comparison instead of four.
+        clipped = ratio * advantages > ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
         return SurrogateStats(
             clip_fraction=masked_mean(clipped.to(ratio.dtype), mask),
             approx_kl=masked_mean((ratio - 1.0) - log_ratio, mask),

@@ -1,0 +1,208 @@
+"""What every classic algorithm shares: the base config, the run session (directory, metrics, checkpoints,
+progress, exact resume) and the guard against non-finite losses.
+
+Exact resume. A run is cut into segments of `checkpoint_every` iterations. At the start of every segment all
+sub-environments are reset from a seed derived from the run seed and the iteration, and at its end a checkpoint is
+written. A killed run restarts from its last checkpoint and replays exactly what the uninterrupted run did: the
+environments' internal state (which Gymnasium cannot save in general) is never needed, because every segment
+starts from a reset. The price is one forced episode boundary per segment (about ten per run); those cut episodes
+bootstrap from the value like any truncation and are not counted in episodes.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from advantage.errors import UsageError
+from advantage.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
+from advantage.run.config import param, save_config
+from advantage.run.metrics import MetricsWriter
+from advantage.run.progress import Progress
+
+
+@dataclass
+class RLConfig:
+    """Fields every classic algorithm has."""
+
+    env_id: str = param("CartPole-v1", "Gymnasium environment id")
+    total_steps: int = param(100_000, "environment steps to train for (summed over the parallel environments)")
+    seed: int = param(1, "seed of the networks, the action sampling and the environments")
+    num_envs: int = param(4, "parallel environments (Gymnasium vector API)")
+    vectorization: Literal["auto", "sync", "async"] = param(
+        "auto", "auto: the environment's own vectorised implementation if it has one, else sync")
+    normalize_observation: bool = param(False, "running mean/std observation normalisation (MuJoCo-style tasks)")
+    normalize_reward: bool = param(False, "scale rewards by the running std of the discounted return")
+    hidden_sizes: str = param("64,64", "hidden layer sizes of the networks, comma separated")
+    checkpoint_every: int = param(0, "iterations between checkpoints; 0 = about every 10% of the run")
+    keep_checkpoints: int = param(2, "how many of the newest checkpoints to keep")
+    max_nonfinite: int = param(5, "stop after this many consecutive updates with a non-finite loss")
+    threads: int = param(1, "torch threads (1 is fastest for small networks)")
+    tensorboard: bool = param(True, "also write TensorBoard event files")
+    progress: bool = param(True, "show progress (a live bar on a terminal, periodic lines otherwise)")
+
+    def hidden(self) -> tuple[int, ...]:
+        """`hidden_sizes` as a tuple of ints."""
+        try:
+            sizes = tuple(int(size) for size in str(self.hidden_sizes).split(",") if size.strip())
+        except ValueError:
+            raise UsageError(f"field 'hidden_sizes' must be comma-separated integers, got {self.hidden_sizes!r}") \
+                from None
+        if not sizes or min(sizes) < 1:
+            raise UsageError(f"field 'hidden_sizes' must be positive integers, got {self.hidden_sizes!r}")
+        return sizes
+
+
+def require(condition: bool, field: str, message: str, value: Any) -> None:
+    """Raise UsageError naming `field` unless `condition` holds."""
+    if not condition:
+        raise UsageError(f"field '{field}' {message}, got {value!r}")
+
+
+def validate_common(config: RLConfig) -> None:
+    """Checks shared by every algorithm (each algorithm adds its own)."""
+    require(config.total_steps > 0, "total_steps", "must be > 0", config.total_steps)
+    require(config.num_envs > 0, "num_envs", "must be > 0", config.num_envs)
+    require(config.checkpoint_every >= 0, "checkpoint_every", "must be >= 0", config.checkpoint_every)
+    require(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", config.keep_checkpoints)
+    require(config.max_nonfinite >= 1, "max_nonfinite", "must be >= 1", config.max_nonfinite)
+    require(config.threads >= 1, "threads", "must be >= 1", config.threads)
+    config.hidden()
+
+
+def check_gamma(value: float, field: str = "gamma") -> None:
+    """A discount or lambda must lie in [0, 1]."""
+    require(0.0 <= value <= 1.0, field, "must be in [0, 1]", value)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when too many consecutive updates had a non-finite loss; the last checkpoint is intact."""
+
+
+@dataclass
+class Run:
+    """What `train` returns: where the run is and its final metrics line."""
+
+    run_dir: Path
+    algorithm: str
+    config: Any
+    last_metrics: dict[str, Any]
+    steps: int
+
+
+class Session:
+    """The run directory of one training run, fresh or resumed.
+
+    Args:
+        algorithm: name written to config.yaml ("ppo", "a2c", ...).
+        config: the resolved config dataclass.
+        run_dir: where to write.
+        resume: continue from the newest checkpoint in run_dir.
+        iterations: total number of iterations of the run (for the default checkpoint interval).
+        steps_per_iteration: environment steps per iteration.
+    """
+
+    def __init__(self, algorithm: str, config: RLConfig, run_dir: str | Path, resume: bool, iterations: int,
+                 steps_per_iteration: int):
+        self.algorithm = algorithm
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.iterations = iterations
+        self.steps_per_iteration = steps_per_iteration
+        self.checkpoint_every = config.checkpoint_every or max(1, math.ceil(iterations / 10))
+        self.start_iteration = 0
+        self.start_step = 0
+        self.elapsed_before = 0.0
+        self.consecutive_nonfinite = 0
+        self.skipped_updates = 0
+        self.checkpoint_path: Path | None = None
+        if resume:
+            checkpoints = list_checkpoints(self.run_dir)
+            self.checkpoint_path = checkpoints[-1] if checkpoints else None
+        elif (self.run_dir / "config.yaml").exists():
+            raise UsageError(f"run directory '{self.run_dir}' already holds a run; pass --resume {self.run_dir} "
+                             f"to continue it, or choose another --out")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, self.run_dir / "config.yaml", algorithm)
+        self.metrics: MetricsWriter | None = None
+        self.progress: Progress | None = None
+        self._clock_start = time.perf_counter()
+
+    def restore(self, modules: dict[str, torch.nn.Module]) -> dict[str, Any] | None:
+        """Load the newest checkpoint into `modules` (if resuming) and return its state; opens the writers."""
+        state = None
+        if self.checkpoint_path is not None:
+            state = load_checkpoint(self.checkpoint_path, modules)
+            self.start_iteration = int(state["iteration"])
+            self.start_step = int(state["step"])
+            self.elapsed_before = float(state["elapsed_s"])
+            self.skipped_updates = int(state.get("skipped_updates", 0))
+        self.metrics = MetricsWriter(self.run_dir, resume_step=self.start_step if self.checkpoint_path else None,
+                                     tensorboard=self.config.tensorboard)
+        self.progress = Progress(self.config.total_steps, self.start_step, f"{self.algorithm} {self.config.env_id}",
+                                 enabled=self.config.progress)
+        self._clock_start = time.perf_counter()
+        return state
+
+    def elapsed(self) -> float:
+        """Wall seconds since the start of the run, carried across resumes."""
+        return self.elapsed_before + time.perf_counter() - self._clock_start
+
+    def segment_starts(self, iteration: int) -> bool:
+        """True at the first iteration of a checkpoint segment: the environments are reset there."""
+        return iteration % self.checkpoint_every == 0
+
+    def environment_seed(self, iteration: int) -> int:
+        """The reset seed of the segment starting at `iteration` (sub-environment i gets this + i)."""
+        return self.config.seed * 1_000_003 + iteration * 7_919
+
+    def checkpoint_due(self, iteration_done: int) -> bool:
+        """True after the last iteration of a segment, and after the final iteration."""
+        return iteration_done % self.checkpoint_every == 0 or iteration_done == self.iterations
+
+    def save(self, iteration_done: int, step: int, modules: dict[str, torch.nn.Module], state: dict[str, Any]) -> None:
+        """Flush the logs and write a checkpoint after `iteration_done` iterations."""
+        assert self.metrics is not None
+        self.metrics.flush()
+        full_state = {"iteration": iteration_done, "step": step, "elapsed_s": self.elapsed(),
+                      "skipped_updates": self.skipped_updates, **state}
+        save_checkpoint(self.run_dir, step, modules, full_state, keep=self.config.keep_checkpoints)
+
+    def finite(self, loss: torch.Tensor) -> bool:
+        """False (and counted) if the loss is NaN or infinite: the caller skips that update.
+
+        Raises NonFiniteLossError after `max_nonfinite` consecutive ones; the last checkpoint stays intact.
+        """
+        if bool(torch.isfinite(loss)):
+            self.consecutive_nonfinite = 0
+            return True
+        self.consecutive_nonfinite += 1
+        self.skipped_updates += 1
+        if self.consecutive_nonfinite >= self.config.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive updates had a non-finite loss; stopped. The last "
+                f"checkpoint in {self.run_dir / 'checkpoints'} is intact (lower the learning rate, or enable "
+                f"observation/reward normalisation)")
+        return False
+
+    def finish(self, modules: dict[str, torch.nn.Module], metadata: dict[str, str]) -> None:
+        """Write final/ (safetensors weights and the normalisation statistics) and close the writers."""
+        save_weights(self.run_dir / "final", modules, metadata)
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def torch_generator(seed: int) -> torch.Generator:
+    """A CPU generator for action sampling and minibatch shuffles (its state goes into checkpoints)."""
+    return torch.Generator().manual_seed(seed)
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """dataclasses.replace, re-exported for the algorithms' convenience."""
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,218 @@
+"""PPO (seed 003, seed 004): collect with pi_old, estimate advantages by GAE, then several epochs of minibatch
+steps on the clipped surrogate L^CLIP, or on the KL-penalised surrogate with the adaptive beta of the 1.5x rule.
+
+Names: an *iteration* collects one *batch* of num_steps x num_envs transitions; the batch is split into
+`num_minibatches` *minibatches*, each used once per *epoch*, for `update_epochs` epochs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from advantage.objectives.policy_gradient import clipped_value_loss, explained_variance, normalize_advantages, value_loss
+from advantage.objectives.ppo import adaptive_kl_beta, clipped_surrogate_loss, kl_penalty_surrogate_loss, surrogate_stats
+from advantage.objectives.returns import gae
+from advantage.rl.common import RLConfig, Run, Session, check_gamma, require, torch_generator, validate_common
+from advantage.rl.envs import load_normalization_state, make_vector_env, normalization_state, space_info
+from advantage.rl.networks import Policy, ValueFunction
+from advantage.rl.rollout import Collector, FinishedEpisode
+from advantage.run.config import atomic_write_text, param
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """PPO's hyperparameters (defaults: CleanRL's ppo.py for CartPole)."""
+
+    variant: Literal["clip", "kl_penalty"] = param("clip", "clip: L^CLIP; kl_penalty: adaptive-beta KL penalty")
+    learning_rate: float = param(2.5e-4, "Adam learning rate")
+    anneal_lr: bool = param(True, "decay the learning rate linearly to 0 over the run")
+    num_steps: int = param(128, "steps per environment per iteration (batch = num_steps x num_envs)")
+    gamma: float = param(0.99, "discount gamma")
+    gae_lambda: float = param(0.95, "GAE lambda")
+    num_minibatches: int = param(4, "minibatches per epoch")
+    update_epochs: int = param(4, "epochs over each batch")
+    normalize_advantage: bool = param(True, "standardise advantages within each minibatch")
+    clip_coef: float = param(0.2, "epsilon of the clipped surrogate")
+    anneal_clip: bool = param(False, "decay the clip range linearly to 0 over the run (SB3 zoo style)")
+    clip_value_loss: bool = param(True, "clip the value update around the collection-time values")
+    value_clip_coef: float = param(0.2, "clip range of the value loss (if clipped)")
+    ent_coef: float = param(0.01, "entropy bonus coefficient")
+    vf_coef: float = param(0.5, "value-loss coefficient")
+    max_grad_norm: float = param(0.5, "global gradient-norm clip (0 disables)")
+    target_kl: float = param(0.0, "clip: stop the epochs early above this approx KL (0 disables); "
+                                   "kl_penalty: the target KL of the 1.5x rule")
+    kl_beta: float = param(1.0, "kl_penalty: initial beta")
+    initial_log_std: float = param(0.0, "initial log std of a Gaussian policy")
+
+
+CONFIG = PPOConfig
+
+
+def validate(config: PPOConfig) -> None:
+    """Reject invalid hyperparameters with a one-line error naming the field."""
+    validate_common(config)
+    check_gamma(config.gamma)
+    check_gamma(config.gae_lambda, "gae_lambda")
+    require(config.learning_rate > 0, "learning_rate", "must be > 0", config.learning_rate)
+    require(config.num_steps > 0, "num_steps", "must be > 0", config.num_steps)
+    require(config.num_minibatches > 0, "num_minibatches", "must be > 0", config.num_minibatches)
+    require(config.num_steps * config.num_envs >= config.num_minibatches, "num_minibatches",
+            "must not exceed the batch size num_steps x num_envs", config.num_minibatches)
+    require(config.update_epochs > 0, "update_epochs", "must be > 0", config.update_epochs)
+    require(config.clip_coef >= 0, "clip_coef", "must be >= 0", config.clip_coef)
+    require(config.value_clip_coef >= 0, "value_clip_coef", "must be >= 0", config.value_clip_coef)
+    require(config.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", config.max_grad_norm)
+    require(config.target_kl >= 0, "target_kl", "must be >= 0", config.target_kl)
+    require(config.variant != "kl_penalty" or config.target_kl > 0, "target_kl",
+            "must be > 0 for variant kl_penalty (the 1.5x rule needs a target)", config.target_kl)
+    require(config.kl_beta >= 0, "kl_beta", "must be >= 0", config.kl_beta)
+
+
+def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
+    """Train PPO on `config.env_id`, writing the run directory; returns the Run."""
+    validate(config)
+    torch.set_num_threads(config.threads)
+    batch_size = config.num_steps * config.num_envs
+    iterations = max(1, config.total_steps // batch_size)
+    session = Session("ppo", config, run_dir, resume, iterations, batch_size)
+
+    env = make_vector_env(config.env_id, config.num_envs, config.vectorization, config.normalize_observation,
+                          config.normalize_reward, config.gamma)
+    space = space_info(env, config.env_id)
+    torch.manual_seed(config.seed)
+    policy = Policy(space, config.hidden(), config.initial_log_std)
+    critic = ValueFunction(space.observation_dim, config.hidden())
+    modules: dict[str, nn.Module] = {"policy": policy, "critic": critic}
+    parameters = list(policy.parameters()) + list(critic.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, eps=1e-5, fused=True)
+    generator = torch_generator(config.seed)
+    beta = config.kl_beta
+
+    state = session.restore(modules)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        load_normalization_state(env, state["normalization"])
+        beta = float(state["beta"])
+    collector = Collector(env, space, generator)
+    step = session.start_step
+    last: dict = {}
+    finished: list[FinishedEpisode] = []
+
+    for iteration in range(session.start_iteration, iterations):
+        if session.segment_starts(iteration):
+            collector.reset(session.environment_seed(iteration))
+        progress_left = 1.0 - iteration / iterations
+        lr = config.learning_rate * (progress_left if config.anneal_lr else 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        clip = config.clip_coef * (progress_left if config.anneal_clip else 1.0)
+
+        # 1. Collect a batch with pi_old (seed 003: trajectories sampled from the current policy).
+        rollout = collector.collect(policy, critic, config.num_steps, step, finished)
+        step += batch_size
+
+        # 2. Advantages by GAE(gamma, lambda) and the lambda-returns the critic regresses on (seed 003, 004).
+        advantages = gae(rollout.rewards, rollout.values, rollout.next_values, config.gamma, config.gae_lambda,
+                         rollout.terminated, rollout.truncated, rollout.valid)
+        returns = advantages + rollout.values
+        observations, actions = rollout.flat("observations"), rollout.flat("actions")
+        old_log_probs, old_values = rollout.flat("log_probs"), rollout.flat("values")
+        flat_advantages = advantages.reshape(-1)[rollout.valid.reshape(-1).bool()]
+        flat_returns = returns.reshape(-1)[rollout.valid.reshape(-1).bool()]
+        if config.variant == "kl_penalty":
+            with torch.no_grad():
+                old_params = policy(observations)
+                old_log_std = policy.log_std.detach().clone() if not space.discrete else None
+
+        # 3. Several epochs of minibatch steps on the surrogate (importance ratio to pi_old, seed 004).
+        samples = observations.shape[0]
+        minibatch_size = max(1, samples // config.num_minibatches)
+        diagnostics: dict[str, list[float]] = {k: [] for k in ("policy", "value", "entropy", "approx_kl",
+                                                               "clip_fraction", "grad_norm")}
+        stop_early = False
+        for _epoch in range(config.update_epochs):
+            order = torch.randperm(samples, generator=generator)
+            for start in range(0, samples - minibatch_size + 1, minibatch_size):
+                index = order[start:start + minibatch_size]
+                params = policy(observations[index])
+                log_probs = policy.log_prob(params, actions[index])
+                entropy = policy.entropy(params).mean()
+                minibatch_advantages = flat_advantages[index]
+                if config.normalize_advantage and index.numel() > 1:
+                    minibatch_advantages = normalize_advantages(minibatch_advantages)
+                if config.variant == "clip":
+                    policy_loss, stats = clipped_surrogate_loss(log_probs, old_log_probs[index],
+                                                                minibatch_advantages, clip)
+                else:
+                    kl = policy.kl(old_params[index], params, old_log_std)
+                    policy_loss = kl_penalty_surrogate_loss(log_probs, old_log_probs[index], minibatch_advantages,
+                                                            kl, beta)
+                    stats = surrogate_stats(log_probs, old_log_probs[index], minibatch_advantages, config.clip_coef)
+                values = critic(observations[index])
+                if config.clip_value_loss:
+                    critic_loss = clipped_value_loss(values, old_values[index], flat_returns[index],
+                                                     config.value_clip_coef)
+                else:
+                    critic_loss = value_loss(values, flat_returns[index])
+                loss = policy_loss - config.ent_coef * entropy + config.vf_coef * critic_loss
+                if not session.finite(loss):
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(parameters, config.max_grad_norm if config.max_grad_norm > 0
+                                                     else float("inf"))
+                optimizer.step()
+                for key, value in (("policy", policy_loss), ("value", critic_loss), ("entropy", entropy),
+                                   ("approx_kl", stats.approx_kl), ("clip_fraction", stats.clip_fraction),
+                                   ("grad_norm", grad_norm)):
+                    diagnostics[key].append(float(value.detach()))
+            if config.variant == "clip" and config.target_kl > 0 and diagnostics["approx_kl"] and \
+                    diagnostics["approx_kl"][-1] > config.target_kl:
+                stop_early = True
+                break
+
+        # 4. PPO-penalty: adapt beta between iterations by the 1.5x rule (seed 004).
+        with torch.no_grad():
+            mean_kl = float(policy.kl(old_params, policy(observations), old_log_std).mean()) \
+                if config.variant == "kl_penalty" else None
+        if mean_kl is not None:
+            beta = adaptive_kl_beta(beta, mean_kl, config.target_kl)
+
+        # 5. Log and checkpoint.
+        for episode in finished:
+            session.metrics.episode(episode.step, session.elapsed(), episode.episode_return, episode.length)
+        recent = [e.episode_return for e in finished]
+        finished.clear()
+        elapsed = session.elapsed()
+        values_logged = {f"losses/{k}": (sum(v) / len(v) if v else None) for k, v in diagnostics.items()}
+        values_logged.update({
+            "losses/explained_variance": float(explained_variance(old_values, flat_returns)),
+            "charts/learning_rate": lr, "charts/sps": (step - session.start_step) / max(elapsed - session.elapsed_before,
+                                                                                         1e-9),
+            "charts/early_stop": int(stop_early), "charts/skipped_updates": session.skipped_updates,
+        })
+        if mean_kl is not None:
+            values_logged.update({"losses/kl_old_new": mean_kl, "charts/kl_beta": beta})
+        last = session.metrics.log(step, elapsed, values_logged)
+        figures = {"sps": values_logged["charts/sps"]}
+        if recent:
+            figures["return"] = sum(recent) / len(recent)
+        session.progress.update(step, figures)
+        if session.checkpoint_due(iteration + 1):
+            session.save(iteration + 1, step, modules, {
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "normalization": normalization_state(env), "beta": beta})
+
+    normalization = normalization_state(env)
+    session.finish(modules, {"algorithm": "ppo", "env_id": config.env_id})
+    atomic_write_text(Path(run_dir) / "final" / "normalization.json", json.dumps(normalization))
+    session.progress.close(f"ppo {config.env_id}: {step} steps in {session.elapsed():.1f} s -> {run_dir}")
+    env.close()
+    return Run(Path(run_dir), "ppo", config, last, step)

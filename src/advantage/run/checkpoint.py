@@ -1,0 +1,115 @@
+"""Checkpoints that survive SIGKILL at any moment: written to a temporary directory, then renamed into place.
+
+Layout: RUN_DIR/checkpoints/step_000012345/
+    model.safetensors   every tensor of the modules (policy, critic, ...), keys "<module>.<parameter>"
+    state.pt            optimiser states, RNG states, normalisation statistics, counters: loaded with
+                        torch.load(weights_only=True), so loading never unpickles arbitrary objects
+A directory that exists under its final name is complete; half-written ones only ever exist as ".tmp-*".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from advantage.errors import UsageError
+
+CHECKPOINTS = "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module],
+                    state: dict[str, Any], keep: int = 3) -> Path:
+    """Write a checkpoint for `step` atomically and keep only the newest `keep` checkpoints.
+
+    Args:
+        modules: name -> module; their state_dicts go to model.safetensors.
+        state: anything torch.load(weights_only=True) can read back (tensors, numbers, strings, lists, dicts).
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:012d}"
+    temporary = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        tensors = {f"{name}.{key}": value.detach().contiguous().clone()
+                   for name, module in modules.items() for key, value in module.state_dict().items()}
+        save_file(tensors, str(temporary / "model.safetensors"))
+        with (temporary / "state.pt").open("wb") as stream:
+            torch.save(state, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        _fsync_dir(temporary)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """Load weights into `modules` (strictly) and return the saved state mapping."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path / "model.safetensors"))
+        state = torch.load(path / "state.pt", weights_only=True)
+    except (OSError, RuntimeError) as error:
+        raise UsageError(f"{path}: unreadable checkpoint ({error})") from None
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    return state
+
+
+def save_weights(directory: str | os.PathLike, modules: dict[str, torch.nn.Module],
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write modules' weights to DIRECTORY/model.safetensors atomically (the `final/` policy)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{name}.{key}": value.detach().contiguous().clone()
+               for name, module in modules.items() for key, value in module.state_dict().items()}
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, directory / "model.safetensors")
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return directory / "model.safetensors"
+
+
+def load_weights(directory: str | os.PathLike, modules: dict[str, torch.nn.Module]) -> None:
+    """Load DIRECTORY/model.safetensors into modules (strictly)."""
+    path = Path(directory) / "model.safetensors"
+    if not path.exists():
+        raise UsageError(f"{path}: no saved weights")
+    tensors = load_file(str(path))
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)

@@ -1,0 +1,136 @@
+"""Configs are dataclasses whose every field carries a one-line help; YAML presets, files and CLI flags fill them.
+
+Precedence (later wins): the dataclass defaults < a shipped preset for the environment < `--config FILE.yaml` <
+command-line flags. The resolved config is written to RUN_DIR/config.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from advantage.errors import UsageError
+
+
+def param(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - "help" reads best at the call sites
+    """A dataclass field with a one-line help string (shown by --help and in the docs)."""
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def field_type(cls: type, name: str) -> type:
+    """The plain Python type of a config field (Optional[X] -> X; Literal[...] -> str)."""
+    hint = typing.get_type_hints(cls)[name]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return type(typing.get_args(hint)[0])
+    return hint
+
+
+def choices(cls: type, name: str) -> tuple[Any, ...] | None:
+    """The allowed values of a Literal field, else None."""
+    hint = typing.get_type_hints(cls)[name]
+    for candidate in (hint, *typing.get_args(hint)):
+        if typing.get_origin(candidate) is typing.Literal:
+            return typing.get_args(candidate)
+    return None
+
+
+def coerce(cls: type, name: str, value: Any, source: str) -> Any:
+    """Convert `value` to the field's type, or raise UsageError naming the field and where it came from."""
+    if value is None:
+        return None
+    kind = field_type(cls, name)
+    allowed = choices(cls, name)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                value = lowered in ("true", "1", "yes")
+            elif not isinstance(value, bool):
+                raise ValueError(value)
+        elif kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            value = int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            value = float(value)
+        elif kind is str:
+            value = str(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{source}: field '{name}' expects {kind.__name__}, got {value!r}") from None
+    if allowed is not None and value not in allowed:
+        raise UsageError(f"{source}: field '{name}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
+    return value
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any], source: str) -> Any:
+    """A copy of `config` with fields replaced from a mapping (unknown keys are an error naming `source`)."""
+    names = {f.name for f in dataclasses.fields(config)}
+    updates = {}
+    for key, value in overrides.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise UsageError(f"{source}: unknown field '{key}' for {type(config).__name__}")
+        updates[name] = coerce(type(config), name, value, source)
+    return dataclasses.replace(config, **updates)
+
+
+def load_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; errors name the file (and line, for syntax errors)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read ({error.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"{path}{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as a plain mapping (for YAML, metrics and TensorBoard)."""
+    return dataclasses.asdict(config)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a whole file or nothing: to a temporary file in the same directory, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_config(config: Any, path: str | os.PathLike, algorithm: str) -> None:
+    """Write the resolved config as YAML (with the algorithm's name), atomically."""
+    atomic_write_text(path, yaml.safe_dump({"algorithm": algorithm, **to_dict(config)}, sort_keys=False))
