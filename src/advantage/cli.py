@@ -12,7 +12,7 @@ from pathlib import Path
 
 from advantage.errors import UsageError
 
-ALGORITHMS = ("ppo",)
+ALGORITHMS = ("reinforce", "a2c", "ppo", "trpo", "dqn")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +38,22 @@ def algorithm_module(name: str):
         from advantage.rl import ppo
 
         return ppo
+    if name == "dqn":
+        from advantage.rl import dqn
+
+        return dqn
+    if name == "trpo":
+        from advantage.rl import trpo
+
+        return trpo
+    if name == "a2c":
+        from advantage.rl import a2c
+
+        return a2c
+    if name == "reinforce":
+        from advantage.rl import reinforce
+
+        return reinforce
     raise UsageError(f"unknown algorithm '{name}'; expected one of {', '.join(ALGORITHMS)}")
 
 
@@ -55,20 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a classic RL algorithm on a Gymnasium environment",
         description="Train ALGO on a Gymnasium environment and write a run directory (config.yaml, metrics.jsonl, "
                     "episodes.jsonl, TensorBoard events, checkpoints/, final/). Values come from the algorithm's "
-                    "defaults, then its shipped preset for the environment, then --config, then the flags.")
-    train.add_argument("algorithm", metavar="ALGO", help=f"one of: {', '.join(ALGORITHMS)}")
-    train.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of field: value")
-    train.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/ALGO-ENV-seedS)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    train.add_argument("--no-preset", action="store_true", help="ignore the shipped preset for the environment")
-    # Flags for every algorithm's fields; unknown ones for the chosen algorithm are rejected after parsing.
-    seen: set[str] = set()
+                    "defaults, then its shipped preset for the environment, then --config, then the flags. "
+                    "'advantage train ALGO --help' lists ALGO's hyperparameters.")
+    algorithms = train.add_subparsers(dest="algorithm", required=True, metavar="ALGO", parser_class=_Parser)
     for name in ALGORITHMS:
-        config_class = algorithm_module(name).CONFIG
-        fields = [f for f in dataclasses.fields(config_class) if f.name not in seen]
-        seen.update(f.name for f in fields)
-        for field in fields:
-            _add_single_flag(train, config_class, field)
+        module = algorithm_module(name)
+        sub = algorithms.add_parser(name, help=module.__doc__.split("(")[0].strip(),
+                                    description=module.__doc__.strip())
+        sub.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of field: value")
+        sub.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/ALGO-ENV-seedS)")
+        sub.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+        sub.add_argument("--no-preset", action="store_true", help="ignore the shipped preset for the environment")
+        for field in dataclasses.fields(module.CONFIG):
+            _add_single_flag(sub, module.CONFIG, field)
 
     evaluate = commands.add_parser("eval", help="evaluate the final policy of a run",
                                    description="Run the final policy of RUN_DIR and print one JSON line with the "
@@ -113,10 +128,6 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     module = algorithm_module(args.algorithm)
     config = module.CONFIG()
-    known = {f.name for f in dataclasses.fields(config)}
-    for name in flags:
-        if name not in known:
-            raise UsageError(f"--{name.replace('_', '-')} is not a field of {args.algorithm}")
     env_id = flags.get("env_id") or (load_yaml_mapping(args.config).get("env_id") if args.config else None) \
         or config.env_id
     if not args.no_preset:

@@ -137,11 +137,11 @@ def test_session_counts_consecutive_non_finite_losses(tmp_path):
     assert session.skipped_updates == 5
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["verify"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["verify"]] + [["train", a] for a in cli.ALGORITHMS])
 def test_help_documents_every_flag(command):
     done = run(*command, "--help")
     assert done.returncode == 0, done.stderr
-    if command == ["train"]:
+    if command == ["train", "ppo"]:
         for flag in ("--env-id", "--total-steps", "--seed", "--num-envs", "--config", "--out", "--resume",
                      "--gamma", "--gae-lambda", "--clip-coef", "--variant", "--target-kl", "--learning-rate"):
             assert flag in done.stdout, flag

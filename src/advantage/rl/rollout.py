@@ -118,10 +118,13 @@ class Collector:
         return self.observation, reward, terminated & valid, truncated & valid, valid
 
     def collect(self, policy: Policy, critic: ValueFunction | None, num_steps: int, start_step: int,
-                finished: list[FinishedEpisode]) -> Rollout:
+                finished: list[FinishedEpisode], one_episode_each: bool = False) -> Rollout:
         """Run `num_steps` vector steps with `policy`; V(s) from `critic` (None: zeros, for REINFORCE).
 
         `start_step` is the global environment-step count before this rollout (for episode records).
+        `one_episode_each`: stop as soon as every sub-environment has finished one episode (at most `num_steps`
+        steps) and mark everything after each one's first episode invalid: a batch of whole episodes, as
+        Monte Carlo REINFORCE needs. Call `reset` before each such rollout.
         Actions are drawn from pre-sampled noise (Gumbel-max for categoricals, mean + std * N(0, 1) for
         Gaussians): exactly pi's distribution, and one generator call per rollout instead of one per step.
         """
@@ -137,6 +140,7 @@ class Collector:
         terminated = np.empty((steps, n), dtype=bool)
         truncated = np.empty((steps, n), dtype=bool)
         valid = np.empty((steps, n), dtype=bool)
+        episode_over = np.zeros(n, dtype=bool)
         with torch.inference_mode():
             if self.space.discrete:
                 uniform = torch.rand(steps, n, outputs_dim, generator=self.generator).clamp_(1e-12, 1.0 - 1e-7)
@@ -154,10 +158,18 @@ class Collector:
                 actions[t] = action
                 _, rewards[t], terminated[t], truncated[t], valid[t] = self.step(
                     action.numpy(), start_step + (t + 1) * n, finished)
+                if one_episode_each:
+                    valid[t] &= ~episode_over
+                    episode_over |= terminated[t] | truncated[t]
+                    if episode_over.all():
+                        steps = t + 1
+                        break
             outputs[steps] = forward(torch.from_numpy(self.observation))
+            actions = actions[:steps]
             log_probs = policy.log_prob(outputs[:steps, :, :outputs_dim], actions)
-        values = outputs[:, :, outputs_dim]
-        valid_mask = torch.from_numpy(valid).to(torch.float32)
-        return Rollout(torch.from_numpy(observations), actions, log_probs.clone(), values[:-1].clone(),
-                       values[1:].clone(), torch.from_numpy(rewards) * valid_mask, torch.from_numpy(terminated),
-                       torch.from_numpy(truncated), valid_mask)
+        values = outputs[:steps + 1, :, outputs_dim]
+        valid_mask = torch.from_numpy(valid[:steps]).to(torch.float32)
+        return Rollout(torch.from_numpy(observations[:steps]), actions, log_probs.clone(), values[:-1].clone(),
+                       values[1:].clone(), torch.from_numpy(rewards[:steps]) * valid_mask,
+                       torch.from_numpy(terminated[:steps]) & valid_mask.bool(),
+                       torch.from_numpy(truncated[:steps]) & valid_mask.bool(), valid_mask)

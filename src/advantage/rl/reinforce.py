@@ -1,0 +1,165 @@
+"""REINFORCE / vanilla policy gradient (seed 000, seed 003): sample whole episodes with pi_theta, weight every
+log pi(a_t|s_t) by psi_t, step along (1/N) sum_n sum_t psi_t grad log pi(a_t|s_t).
+
+psi (seed 004's forms 1-3): the episode's total return, or the reward-to-go, optionally minus a baseline, the
+batch mean (seed 000's b ~ E[R(tau)]) or a learned V(s_t) (seed 003's B(s_t), which makes it actor-critic-like
+while staying Monte Carlo). One iteration = one episode in each of the `num_envs` environments.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import gymnasium as gym
+import torch
+from torch import nn
+
+from advantage.objectives.masking import masked_mean
+from advantage.objectives.policy_gradient import explained_variance, normalize_advantages, policy_gradient_loss, psi, \
+    value_loss
+from advantage.rl.common import RLConfig, Run, Session, check_gamma, require, torch_generator, validate_common
+from advantage.rl.envs import load_normalization_state, make_vector_env, normalization_state, space_info
+from advantage.rl.networks import Policy, ValueFunction
+from advantage.rl.rollout import Collector, FinishedEpisode
+from advantage.run.config import atomic_write_text, param
+
+
+@dataclass
+class ReinforceConfig(RLConfig):
+    """REINFORCE's hyperparameters."""
+
+    num_envs: int = param(8, "parallel environments = episodes per batch")
+    psi: Literal["total_return", "reward_to_go"] = param("reward_to_go", "weight of grad log pi: seed 004's psi_1 or psi_2")
+    baseline: Literal["none", "mean", "value"] = param("value", "subtract nothing, the batch mean, or a learned V(s_t)")
+    gamma: float = param(0.99, "discount gamma")
+    learning_rate: float = param(3e-3, "Adam learning rate of the policy")
+    value_learning_rate: float = param(1e-2, "Adam learning rate of the baseline V(s) (baseline=value)")
+    value_epochs: int = param(5, "gradient steps on the baseline per batch (baseline=value)")
+    normalize_advantage: bool = param(True, "standardise psi over the batch (a further mean baseline and a scale)")
+    max_episode_steps: int = param(0, "cap on an episode's length in a batch; 0 = the environment's time limit or 1000")
+    max_grad_norm: float = param(0.0, "global gradient-norm clip (0 disables)")
+
+
+CONFIG = ReinforceConfig
+
+
+def validate(config: ReinforceConfig) -> None:
+    """Reject invalid hyperparameters with a one-line error naming the field."""
+    validate_common(config)
+    check_gamma(config.gamma)
+    require(config.learning_rate > 0, "learning_rate", "must be > 0", config.learning_rate)
+    require(config.value_learning_rate > 0, "value_learning_rate", "must be > 0", config.value_learning_rate)
+    require(config.value_epochs >= 1, "value_epochs", "must be >= 1", config.value_epochs)
+    require(config.max_episode_steps >= 0, "max_episode_steps", "must be >= 0", config.max_episode_steps)
+    require(config.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", config.max_grad_norm)
+
+
+def train(config: ReinforceConfig, run_dir: str | Path, resume: bool = False) -> Run:
+    """Train REINFORCE on `config.env_id`, writing the run directory; returns the Run."""
+    validate(config)
+    torch.set_num_threads(config.threads)
+    env = make_vector_env(config.env_id, config.num_envs, config.vectorization, config.normalize_observation,
+                          config.normalize_reward, config.gamma)
+    space = space_info(env, config.env_id)
+    spec = gym.spec(config.env_id)
+    horizon = config.max_episode_steps or (spec.max_episode_steps or 1000)
+    # Iterations are counted in expected batches of full-length episodes; the run stops at total_steps anyway.
+    session = Session("reinforce", config, run_dir, resume, iterations=max(1, config.total_steps // config.num_envs),
+                      steps_per_iteration=config.num_envs)
+    session.checkpoint_every = 10  # iterations here are single batches of episodes: checkpoint every 10 of them
+    torch.manual_seed(config.seed)
+    policy = Policy(space, config.hidden())
+    critic = ValueFunction(space.observation_dim, config.hidden()) if config.baseline == "value" else None
+    modules: dict[str, nn.Module] = {"policy": policy, **({"critic": critic} if critic is not None else {})}
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.value_learning_rate) if critic else None
+    generator = torch_generator(config.seed)
+    state = session.restore(modules)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if critic_optimizer is not None:
+            critic_optimizer.load_state_dict(state["critic_optimizer"])
+        generator.set_state(state["generator"])
+        load_normalization_state(env, state["normalization"])
+    collector = Collector(env, space, generator)
+    step, iteration = session.start_step, session.start_iteration
+    finished: list[FinishedEpisode] = []
+    last: dict = {}
+
+    while step < config.total_steps:
+        # 1. A batch of whole episodes, one per environment, from a fresh reset (seed 000: tau ~ p_theta(tau)).
+        collector.reset(session.environment_seed(iteration))
+        rollout = collector.collect(policy, critic, horizon, step, finished, one_episode_each=True)
+        step += rollout.rewards.shape[0] * config.num_envs
+        iteration += 1
+        # Batch-major (N, T): one row per episode, as the seeds' 1/N sum_n sum_t.
+        rewards, valid = rollout.rewards.T, rollout.valid.T
+        terminated, truncated = rollout.terminated.T, rollout.truncated.T
+        values = rollout.values.T if critic is not None else None
+
+        # 2. psi_t: total return or reward-to-go (seed 004 psi_1/psi_2), minus the baseline (psi_3).
+        weights = psi(config.psi, rewards, config.gamma, terminated=terminated, truncated=truncated,
+                      next_values=rollout.next_values.T if critic is not None else None, mask=valid, dim=1)
+        returns = psi("reward_to_go", rewards, config.gamma, terminated=terminated, truncated=truncated,
+                      next_values=rollout.next_values.T if critic is not None else None, mask=valid, dim=1)
+        if config.baseline == "mean":
+            weights = (weights - masked_mean(weights, valid)) * valid
+        elif config.baseline == "value":
+            weights = (weights - values) * valid
+        if config.normalize_advantage:
+            weights = normalize_advantages(weights, valid)
+
+        # 3. One ascent step on (1/N) sum_n sum_t psi_t log pi(a_t|s_t) (the seeds' estimator).
+        observations = rollout.observations.transpose(0, 1)  # (N, T, obs_dim)
+        params = policy(observations)
+        log_probs = policy.log_prob(params, rollout.actions.transpose(0, 1))
+        loss = policy_gradient_loss(log_probs, weights, valid, aggregation="constant", constant_length=1.0)
+        grad_norm = float("nan")
+        if session.finite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm or float("inf")))
+            optimizer.step()
+
+        # 4. The learned baseline regresses on the Monte Carlo reward-to-go.
+        critic_loss = None
+        if critic is not None:
+            for _ in range(config.value_epochs):
+                critic_loss = value_loss(critic(observations), returns, valid)
+                critic_optimizer.zero_grad(set_to_none=True)
+                critic_loss.backward()
+                critic_optimizer.step()
+
+        # 5. Log and checkpoint.
+        for episode in finished:
+            session.metrics.episode(episode.step, session.elapsed(), episode.episode_return, episode.length)
+        recent = [e.episode_return for e in finished]
+        finished.clear()
+        with torch.no_grad():
+            entropy = masked_mean(policy.entropy(params.reshape(-1, params.shape[-1])).reshape(valid.shape), valid)
+        elapsed = session.elapsed()
+        logged = {"losses/policy": float(loss.detach()), "losses/entropy": float(entropy),
+                  "losses/grad_norm": grad_norm, "charts/episodes_per_batch": config.num_envs,
+                  "charts/sps": (step - session.start_step) / max(elapsed - session.elapsed_before, 1e-9),
+                  "charts/skipped_updates": session.skipped_updates}
+        if critic is not None:
+            logged["losses/value"] = float(critic_loss.detach())
+            logged["losses/explained_variance"] = float(explained_variance(values, returns, valid))
+        last = session.metrics.log(step, elapsed, logged)
+        session.progress.update(min(step, config.total_steps), {"sps": logged["charts/sps"],
+                                                                **({"return": sum(recent) / len(recent)} if recent else {})})
+        if iteration % session.checkpoint_every == 0 or step >= config.total_steps:
+            state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                     "normalization": normalization_state(env)}
+            if critic_optimizer is not None:
+                state["critic_optimizer"] = critic_optimizer.state_dict()
+            session.save(iteration, step, modules, state)
+
+    session.finish(modules, {"algorithm": "reinforce", "env_id": config.env_id})
+    atomic_write_text(Path(run_dir) / "final" / "normalization.json", json.dumps(normalization_state(env)))
+    session.progress.close(f"reinforce {config.env_id}: {step} steps in {session.elapsed():.1f} s -> {run_dir}")
+    env.close()
+    return Run(Path(run_dir), "reinforce", config, last, step)
