@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--episodes", type=_non_negative_int, default=10, help="episodes to run (default 10)")
     evaluate.add_argument("--seed", type=_non_negative_int, default=12345, help="seed of the evaluation episodes")
     evaluate.add_argument("--stochastic", action="store_true", help="sample actions instead of the most likely")
+    report = commands.add_parser("report", help="plot learning curves of one or more runs to a PNG",
+                                 description="Plot the learning curves of RUN_DIRs (runs of the same algorithm and "
+                                             "environment are grouped: mean and min-max spread) to a PNG file.")
+    report.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
+    report.add_argument("--out", metavar="FILE.png", default="report.png", help="output file (default report.png)")
+    report.add_argument("--window", type=_non_negative_int, default=20,
+                        help="episodes in the rolling mean (default 20)")
+    report.add_argument("--title", help="figure title")
     return parser
 
 
@@ -153,6 +161,17 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_report(args: argparse.Namespace) -> int:
+    """`advantage report`: write the PNG and print its path."""
+    from advantage.run.report import write_report
+
+    if args.window < 1:
+        raise UsageError("--window must be >= 1")
+    path = write_report([Path(d) for d in args.run_dirs], Path(args.out), args.window, args.title)
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `advantage` console script; returns the exit code."""
     parser = build_parser()
@@ -166,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
         if args.command == "eval":
             return run_eval(args)
+        if args.command == "report":
+            return run_report(args)
     except UsageError as error:
         print(f"advantage: error: {error}", file=sys.stderr)
         return 2
