@@ -5,7 +5,6 @@ delta_{t+n-1}) or GAE(gamma, lambda). One gradient step per short rollout of all
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,11 +15,12 @@ from torch import nn
 from advantage.objectives.policy_gradient import explained_variance, normalize_advantages, policy_gradient_loss, \
     value_loss
 from advantage.objectives.returns import gae, n_step_advantage
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, require, torch_generator, validate_common
-from advantage.rl.envs import load_normalization_state, make_vector_env, normalization_state, space_info
+from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
+    validate_common
+from advantage.rl.envs import load_normalization_state, normalization_state
 from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
-from advantage.run.config import atomic_write_text, param
+from advantage.run.config import param
 
 
 @dataclass
@@ -62,9 +62,7 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
     batch_size = config.num_steps * config.num_envs
     iterations = max(1, config.total_steps // batch_size)
     session = Session("a2c", config, run_dir, resume, iterations, batch_size)
-    env = make_vector_env(config.env_id, config.num_envs, config.vectorization, config.normalize_observation,
-                          config.normalize_reward, config.gamma)
-    space = space_info(env, config.env_id)
+    env, space = make_env(config)
     torch.manual_seed(config.seed)
     policy = Policy(space, config.hidden(), config.initial_log_std)
     critic = ValueFunction(space.observation_dim, config.hidden())
@@ -123,10 +121,7 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
             optimizer.step()
 
         # 4. Log and checkpoint.
-        for episode in finished:
-            session.metrics.episode(episode.step, session.elapsed(), episode.episode_return, episode.length)
-        recent = [e.episode_return for e in finished]
-        finished.clear()
+        recent = session.record_episodes(finished)
         if iteration % 20 == 19 or session.checkpoint_due(iteration + 1):  # a line per 20 updates: A2C's are tiny
             elapsed = session.elapsed()
             last = session.metrics.log(step, elapsed, {
@@ -134,17 +129,14 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 "losses/entropy": float(entropy.detach()), "losses/grad_norm": grad_norm,
                 "losses/explained_variance": float(explained_variance(rollout.values, targets, rollout.valid)),
                 "charts/learning_rate": lr,
-                "charts/sps": (step - session.start_step) / max(elapsed - session.elapsed_before, 1e-9),
+                "charts/sps": session.steps_per_second(step),
                 "charts/skipped_updates": session.skipped_updates})
-            session.progress.update(step, {"sps": last["charts/sps"],
-                                           **({"return": sum(recent) / len(recent)} if recent else {})})
+            session.show(step, recent, last["charts/sps"])
         if session.checkpoint_due(iteration + 1):
             session.save(iteration + 1, step, modules, {"optimizer": optimizer.state_dict(),
                                                         "generator": generator.get_state(),
                                                         "normalization": normalization_state(env)})
 
-    session.finish(modules, {"algorithm": "a2c", "env_id": config.env_id})
-    atomic_write_text(Path(run_dir) / "final" / "normalization.json", json.dumps(normalization_state(env)))
-    session.progress.close(f"a2c {config.env_id}: {step} steps in {session.elapsed():.1f} s -> {run_dir}")
+    session.finish(modules, normalization_state(env), step)
     env.close()
     return Run(Path(run_dir), "a2c", config, last, step)

@@ -11,18 +11,20 @@ bootstrap from the value like any truncation and are not counted in episodes.jso
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import gymnasium as gym
 import torch
 
 from advantage.errors import UsageError
+from advantage.rl.envs import SpaceInfo, make_vector_env, space_info
 from advantage.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
-from advantage.run.config import param, save_config
+from advantage.run.config import atomic_write_text, param, save_config
 from advantage.run.metrics import MetricsWriter
 from advantage.run.progress import Progress
 
@@ -191,11 +193,37 @@ class Session:
                 f"observation/reward normalisation)")
         return False
 
-    def finish(self, modules: dict[str, torch.nn.Module], metadata: dict[str, str]) -> None:
-        """Write final/ (safetensors weights and the normalisation statistics) and close the writers."""
-        save_weights(self.run_dir / "final", modules, metadata)
+    def record_episodes(self, finished: list) -> list[float]:
+        """Write the episodes finished since the last call to episodes.jsonl; empty the list; return their returns."""
+        assert self.metrics is not None
+        for episode in finished:
+            self.metrics.episode(episode.step, self.elapsed(), episode.episode_return, episode.length)
+        returns = [episode.episode_return for episode in finished]
+        finished.clear()
+        return returns
+
+    def steps_per_second(self, step: int) -> float:
+        """Environment steps per wall second since this process started training (resumed steps excluded)."""
+        return (step - self.start_step) / max(self.elapsed() - self.elapsed_before, 1e-9)
+
+    def show(self, step: int, recent_returns: list[float], sps: float) -> None:
+        """Move the progress display to `step`, with the speed and the mean of the recent returns."""
+        assert self.progress is not None
+        figures = {"sps": sps}
+        if recent_returns:
+            figures["return"] = sum(recent_returns) / len(recent_returns)
+        self.progress.update(min(step, self.config.total_steps), figures)
+
+    def finish(self, modules: dict[str, torch.nn.Module], normalization: dict[str, Any], step: int) -> None:
+        """Write final/ (safetensors weights and normalization.json), close the writers, print where it went."""
+        final = self.run_dir / "final"
+        save_weights(final, modules, {"algorithm": self.algorithm, "env_id": self.config.env_id})
+        atomic_write_text(final / "normalization.json", json.dumps(normalization))
         if self.metrics is not None:
             self.metrics.close()
+        if self.progress is not None:
+            self.progress.close(f"{self.algorithm} {self.config.env_id}: {step} steps in {self.elapsed():.1f} s "
+                                f"-> {self.run_dir}")
 
 
 def torch_generator(seed: int) -> torch.Generator:
@@ -203,6 +231,8 @@ def torch_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def replace(config: Any, **changes: Any) -> Any:
-    """dataclasses.replace, re-exported for the algorithms' convenience."""
-    return dataclasses.replace(config, **changes)
+def make_env(config: Any) -> tuple[gym.vector.VectorEnv, SpaceInfo]:
+    """The vector environment a config describes (all classic configs have the fields used) and its SpaceInfo."""
+    env = make_vector_env(config.env_id, config.num_envs, config.vectorization, config.normalize_observation,
+                          config.normalize_reward, config.gamma)
+    return env, space_info(env, config.env_id)

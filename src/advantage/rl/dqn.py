@@ -5,7 +5,6 @@ network (or the double-DQN target). Discrete actions only.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,11 +15,12 @@ from torch import nn
 
 from advantage.errors import UsageError
 from advantage.objectives.q_learning import linear_schedule, q_learning_targets, td_loss
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, require, torch_generator, validate_common
-from advantage.rl.envs import load_normalization_state, make_vector_env, normalization_state, space_info
+from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
+    validate_common
+from advantage.rl.envs import load_normalization_state, normalization_state
 from advantage.rl.networks import QNetwork
 from advantage.rl.rollout import Collector, FinishedEpisode
-from advantage.run.config import atomic_write_text, param
+from advantage.run.config import param
 
 
 @dataclass
@@ -122,9 +122,7 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
     steps_per_iteration = config.train_frequency * config.num_envs
     iterations = max(1, config.total_steps // steps_per_iteration)
     session = Session("dqn", config, run_dir, resume, iterations, steps_per_iteration)
-    env = make_vector_env(config.env_id, config.num_envs, config.vectorization, config.normalize_observation,
-                          config.normalize_reward, config.gamma)
-    space = space_info(env, config.env_id)
+    env, space = make_env(config)
     if not space.discrete:
         raise UsageError(f"dqn needs a Discrete action space; env '{config.env_id}' has Box actions")
     torch.manual_seed(config.seed)
@@ -200,30 +198,24 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 q_means.append(float(q_taken.detach().mean()))
 
         # 3. Log and checkpoint.
-        for episode in finished:
-            session.metrics.episode(episode.step, session.elapsed(), episode.episode_return, episode.length)
-        recent = [e.episode_return for e in finished]
-        finished.clear()
+        recent = session.record_episodes(finished)
         elapsed = session.elapsed()
         last = session.metrics.log(step, elapsed, {
             "losses/td": sum(losses) / len(losses) if losses else None,
             "losses/q_values": sum(q_means) / len(q_means) if q_means else None,
             "charts/epsilon": linear_schedule(config.start_epsilon, config.end_epsilon, exploration_steps, step),
             "charts/gradient_updates": gradient_updates,
-            "charts/sps": (step - session.start_step) / max(elapsed - session.elapsed_before, 1e-9),
+            "charts/sps": session.steps_per_second(step),
             "charts/skipped_updates": session.skipped_updates})
         losses.clear()
         q_means.clear()
-        session.progress.update(step, {"sps": last["charts/sps"],
-                                       **({"return": sum(recent) / len(recent)} if recent else {})})
+        session.show(step, recent, last["charts/sps"])
         if session.checkpoint_due(iteration + 1):
             session.save(iteration + 1, step, modules, {
                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                 "normalization": normalization_state(env), "buffer": buffer.state(),
                 "gradient_updates": gradient_updates})
 
-    session.finish(modules, {"algorithm": "dqn", "env_id": config.env_id})
-    atomic_write_text(Path(run_dir) / "final" / "normalization.json", json.dumps(normalization_state(env)))
-    session.progress.close(f"dqn {config.env_id}: {step} steps in {session.elapsed():.1f} s -> {run_dir}")
+    session.finish(modules, normalization_state(env), step)
     env.close()
     return Run(Path(run_dir), "dqn", config, last, step)

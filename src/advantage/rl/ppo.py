@@ -7,7 +7,6 @@ Names: an *iteration* collects one *batch* of num_steps x num_envs transitions; 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,11 +17,12 @@ from torch import nn
 from advantage.objectives.policy_gradient import clipped_value_loss, explained_variance, normalize_advantages, value_loss
 from advantage.objectives.ppo import adaptive_kl_beta, clipped_surrogate_loss, kl_penalty_surrogate_loss, surrogate_stats
 from advantage.objectives.returns import gae
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, require, torch_generator, validate_common
-from advantage.rl.envs import load_normalization_state, make_vector_env, normalization_state, space_info
+from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
+    validate_common
+from advantage.rl.envs import load_normalization_state, normalization_state
 from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
-from advantage.run.config import atomic_write_text, param
+from advantage.run.config import param
 
 
 @dataclass
@@ -82,9 +82,7 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     iterations = max(1, config.total_steps // batch_size)
     session = Session("ppo", config, run_dir, resume, iterations, batch_size)
 
-    env = make_vector_env(config.env_id, config.num_envs, config.vectorization, config.normalize_observation,
-                          config.normalize_reward, config.gamma)
-    space = space_info(env, config.env_id)
+    env, space = make_env(config)
     torch.manual_seed(config.seed)
     policy = Policy(space, config.hidden(), config.initial_log_std)
     critic = ValueFunction(space.observation_dim, config.hidden())
@@ -186,33 +184,24 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
             beta = adaptive_kl_beta(beta, mean_kl, config.target_kl)
 
         # 5. Log and checkpoint.
-        for episode in finished:
-            session.metrics.episode(episode.step, session.elapsed(), episode.episode_return, episode.length)
-        recent = [e.episode_return for e in finished]
-        finished.clear()
+        recent = session.record_episodes(finished)
         elapsed = session.elapsed()
         values_logged = {f"losses/{k}": (sum(v) / len(v) if v else None) for k, v in diagnostics.items()}
         values_logged.update({
             "losses/explained_variance": float(explained_variance(old_values, flat_returns)),
-            "charts/learning_rate": lr, "charts/sps": (step - session.start_step) / max(elapsed - session.elapsed_before,
-                                                                                         1e-9),
+            "charts/learning_rate": lr, "charts/sps": session.steps_per_second(step),
             "charts/early_stop": int(stop_early), "charts/skipped_updates": session.skipped_updates,
         })
         if mean_kl is not None:
             values_logged.update({"losses/kl_old_new": mean_kl, "charts/kl_beta": beta})
         last = session.metrics.log(step, elapsed, values_logged)
-        figures = {"sps": values_logged["charts/sps"]}
-        if recent:
-            figures["return"] = sum(recent) / len(recent)
-        session.progress.update(step, figures)
+        session.show(step, recent, values_logged["charts/sps"])
         if session.checkpoint_due(iteration + 1):
             session.save(iteration + 1, step, modules, {
                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                 "normalization": normalization_state(env), "beta": beta})
 
     normalization = normalization_state(env)
-    session.finish(modules, {"algorithm": "ppo", "env_id": config.env_id})
-    atomic_write_text(Path(run_dir) / "final" / "normalization.json", json.dumps(normalization))
-    session.progress.close(f"ppo {config.env_id}: {step} steps in {session.elapsed():.1f} s -> {run_dir}")
+    session.finish(modules, normalization_state(env), step)
     env.close()
     return Run(Path(run_dir), "ppo", config, last, step)

@@ -8,7 +8,6 @@ while staying Monte Carlo). One iteration = one episode in each of the `num_envs
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,11 +19,12 @@ from torch import nn
 from advantage.objectives.masking import masked_mean
 from advantage.objectives.policy_gradient import explained_variance, normalize_advantages, policy_gradient_loss, psi, \
     value_loss
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, require, torch_generator, validate_common
-from advantage.rl.envs import load_normalization_state, make_vector_env, normalization_state, space_info
+from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
+    validate_common
+from advantage.rl.envs import load_normalization_state, normalization_state
 from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
-from advantage.run.config import atomic_write_text, param
+from advantage.run.config import param
 
 
 @dataclass
@@ -61,9 +61,7 @@ def train(config: ReinforceConfig, run_dir: str | Path, resume: bool = False) ->
     """Train REINFORCE on `config.env_id`, writing the run directory; returns the Run."""
     validate(config)
     torch.set_num_threads(config.threads)
-    env = make_vector_env(config.env_id, config.num_envs, config.vectorization, config.normalize_observation,
-                          config.normalize_reward, config.gamma)
-    space = space_info(env, config.env_id)
+    env, space = make_env(config)
     spec = gym.spec(config.env_id)
     horizon = config.max_episode_steps or (spec.max_episode_steps or 1000)
     # Iterations are counted in expected batches of full-length episodes; the run stops at total_steps anyway.
@@ -134,23 +132,19 @@ def train(config: ReinforceConfig, run_dir: str | Path, resume: bool = False) ->
                 critic_optimizer.step()
 
         # 5. Log and checkpoint.
-        for episode in finished:
-            session.metrics.episode(episode.step, session.elapsed(), episode.episode_return, episode.length)
-        recent = [e.episode_return for e in finished]
-        finished.clear()
+        recent = session.record_episodes(finished)
         with torch.no_grad():
             entropy = masked_mean(policy.entropy(params.reshape(-1, params.shape[-1])).reshape(valid.shape), valid)
         elapsed = session.elapsed()
         logged = {"losses/policy": float(loss.detach()), "losses/entropy": float(entropy),
                   "losses/grad_norm": grad_norm, "charts/episodes_per_batch": config.num_envs,
-                  "charts/sps": (step - session.start_step) / max(elapsed - session.elapsed_before, 1e-9),
+                  "charts/sps": session.steps_per_second(step),
                   "charts/skipped_updates": session.skipped_updates}
         if critic is not None:
             logged["losses/value"] = float(critic_loss.detach())
             logged["losses/explained_variance"] = float(explained_variance(values, returns, valid))
         last = session.metrics.log(step, elapsed, logged)
-        session.progress.update(min(step, config.total_steps), {"sps": logged["charts/sps"],
-                                                                **({"return": sum(recent) / len(recent)} if recent else {})})
+        session.show(step, recent, logged["charts/sps"])
         if iteration % session.checkpoint_every == 0 or step >= config.total_steps:
             state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                      "normalization": normalization_state(env)}
@@ -158,8 +152,6 @@ def train(config: ReinforceConfig, run_dir: str | Path, resume: bool = False) ->
                 state["critic_optimizer"] = critic_optimizer.state_dict()
             session.save(iteration, step, modules, state)
 
-    session.finish(modules, {"algorithm": "reinforce", "env_id": config.env_id})
-    atomic_write_text(Path(run_dir) / "final" / "normalization.json", json.dumps(normalization_state(env)))
-    session.progress.close(f"reinforce {config.env_id}: {step} steps in {session.elapsed():.1f} s -> {run_dir}")
+    session.finish(modules, normalization_state(env), step)
     env.close()
     return Run(Path(run_dir), "reinforce", config, last, step)

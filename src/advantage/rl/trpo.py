@@ -6,7 +6,6 @@ by regression on the lambda-returns.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +18,12 @@ from advantage.objectives.ppo import cpi_loss
 from advantage.objectives.returns import gae
 from advantage.objectives.trust_region import backtracking_line_search, fisher_vector_product, flat_grad, \
     natural_gradient_step
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, require, torch_generator, validate_common
-from advantage.rl.envs import load_normalization_state, make_vector_env, normalization_state, space_info
+from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
+    validate_common
+from advantage.rl.envs import load_normalization_state, normalization_state
 from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
-from advantage.run.config import atomic_write_text, param
+from advantage.run.config import param
 
 
 @dataclass
@@ -72,9 +72,7 @@ def train(config: TRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     batch_size = config.num_steps * config.num_envs
     iterations = max(1, config.total_steps // batch_size)
     session = Session("trpo", config, run_dir, resume, iterations, batch_size)
-    env = make_vector_env(config.env_id, config.num_envs, config.vectorization, config.normalize_observation,
-                          config.normalize_reward, config.gamma)
-    space = space_info(env, config.env_id)
+    env, space = make_env(config)
     torch.manual_seed(config.seed)
     policy = Policy(space, config.hidden(), config.initial_log_std)
     critic = ValueFunction(space.observation_dim, config.hidden())
@@ -152,10 +150,7 @@ def train(config: TRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 critic_optimizer.step()
 
         # 5. Log and checkpoint.
-        for episode in finished:
-            session.metrics.episode(episode.step, session.elapsed(), episode.episode_return, episode.length)
-        recent = [e.episode_return for e in finished]
-        finished.clear()
+        recent = session.record_episodes(finished)
         with torch.no_grad():
             entropy = policy.entropy(policy(observations)).mean()
         elapsed = session.elapsed()
@@ -166,17 +161,14 @@ def train(config: TRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
             "losses/value": float(value_loss(critic(observations), flat_returns).detach()),
             "losses/entropy": float(entropy),
             "losses/explained_variance": float(explained_variance(rollout.flat("values"), flat_returns)),
-            "charts/sps": (step - session.start_step) / max(elapsed - session.elapsed_before, 1e-9),
+            "charts/sps": session.steps_per_second(step),
             "charts/skipped_updates": session.skipped_updates})
-        session.progress.update(step, {"sps": last["charts/sps"],
-                                       **({"return": sum(recent) / len(recent)} if recent else {})})
+        session.show(step, recent, last["charts/sps"])
         if session.checkpoint_due(iteration + 1):
             session.save(iteration + 1, step, modules, {"critic_optimizer": critic_optimizer.state_dict(),
                                                         "generator": generator.get_state(),
                                                         "normalization": normalization_state(env)})
 
-    session.finish(modules, {"algorithm": "trpo", "env_id": config.env_id})
-    atomic_write_text(Path(run_dir) / "final" / "normalization.json", json.dumps(normalization_state(env)))
-    session.progress.close(f"trpo {config.env_id}: {step} steps in {session.elapsed():.1f} s -> {run_dir}")
+    session.finish(modules, normalization_state(env), step)
     env.close()
     return Run(Path(run_dir), "trpo", config, last, step)
