@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 from advantage.errors import UsageError
-
-ALGORITHMS = ("reinforce", "a2c", "ppo", "trpo", "dqn")
+from advantage.rl.api import ALGORITHMS, algorithm_module
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,31 +29,6 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
-
-
-def algorithm_module(name: str):
-    """The module implementing algorithm `name` (it has a config class `CONFIG`, `train` and `validate`)."""
-    if name == "ppo":
-        from advantage.rl import ppo
-
-        return ppo
-    if name == "dqn":
-        from advantage.rl import dqn
-
-        return dqn
-    if name == "trpo":
-        from advantage.rl import trpo
-
-        return trpo
-    if name == "a2c":
-        from advantage.rl import a2c
-
-        return a2c
-    if name == "reinforce":
-        from advantage.rl import reinforce
-
-        return reinforce
-    raise UsageError(f"unknown algorithm '{name}'; expected one of {', '.join(ALGORITHMS)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,37 +90,23 @@ def _add_single_flag(parser: argparse.ArgumentParser, config_class: type, field:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """`advantage train`: resolve the config (defaults < preset < --config < flags) and train."""
-    from advantage.rl.presets import preset_for
-    from advantage.run.config import apply_overrides, load_yaml_mapping
+    """`advantage train`: resolve the config (defaults < preset < --config < flags) and train, or resume."""
+    from advantage.rl.api import resolve_config, resume
 
     flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     if args.resume:
         run_dir = Path(args.resume)
-        saved = load_yaml_mapping(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
-        if saved is None:
-            raise UsageError(f"--resume {run_dir}: no config.yaml there (not a run directory)")
-        name = saved.pop("algorithm", args.algorithm)
-        if name != args.algorithm:
-            raise UsageError(f"--resume {run_dir}: that run is '{name}', not '{args.algorithm}'")
-        module = algorithm_module(name)
-        config = apply_overrides(module.CONFIG(), saved, str(run_dir / "config.yaml"))
-        config = apply_overrides(config, flags, "command line")
-        module.train(config, run_dir, resume=True)
+        if (run_dir / "config.yaml").exists():
+            from advantage.run.config import load_yaml_mapping
+
+            name = load_yaml_mapping(run_dir / "config.yaml").get("algorithm")
+            if name != args.algorithm:
+                raise UsageError(f"--resume {run_dir}: that run is '{name}', not '{args.algorithm}'")
+        resume(run_dir, **flags)
         return 0
-    module = algorithm_module(args.algorithm)
-    config = module.CONFIG()
-    env_id = flags.get("env_id") or (load_yaml_mapping(args.config).get("env_id") if args.config else None) \
-        or config.env_id
-    if not args.no_preset:
-        preset = preset_for(args.algorithm, str(env_id))
-        if preset:
-            config = apply_overrides(config, preset, f"preset {args.algorithm}/{env_id}")
-    if args.config:
-        config = apply_overrides(config, load_yaml_mapping(args.config), args.config)
-    config = apply_overrides(config, flags, "command line")
+    config = resolve_config(args.algorithm, flags, args.config, not args.no_preset, source="command line")
     out = Path(args.out) if args.out else Path("runs") / f"{args.algorithm}-{config.env_id}-seed{config.seed}"
-    module.train(config, out)
+    algorithm_module(args.algorithm).train(config, out)
     return 0
 
 

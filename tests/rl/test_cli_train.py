@@ -145,3 +145,15 @@ def test_help_documents_every_flag(command):
         for flag in ("--env-id", "--total-steps", "--seed", "--num-envs", "--config", "--out", "--resume",
                      "--gamma", "--gae-lambda", "--clip-coef", "--variant", "--target-kl", "--learning-rate"):
             assert flag in done.stdout, flag
+
+
+def test_python_api_is_as_short_as_the_cli(tmp_path):
+    import advantage
+
+    run = advantage.train("ppo", out=tmp_path / "r", total_steps=1024, progress=False, tensorboard=False)
+    assert run.steps == 1024 and run.config.update_epochs == 20  # the CartPole preset applied
+    assert (run.run_dir / "final" / "model.safetensors").exists()
+    resumed = advantage.resume(tmp_path / "r", total_steps=2048)
+    assert resumed.steps == 2048
+    with pytest.raises(advantage.errors.UsageError):
+        advantage.train("nope")

@@ -1,0 +1,75 @@
+"""The Python API, as short as the command line:
+
+    from advantage import train
+    run = train("ppo", env_id="CartPole-v1", total_steps=50_000, out="runs/cartpole")
+    run.last_metrics["episode_return"]
+
+Values are resolved as on the command line: the algorithm's defaults < its shipped preset for the environment <
+a YAML config file < keyword arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from advantage.errors import UsageError
+from advantage.rl.common import Run
+from advantage.rl.presets import preset_for
+from advantage.run.config import apply_overrides, load_yaml_mapping
+
+ALGORITHMS = ("reinforce", "a2c", "ppo", "trpo", "dqn")
+
+
+def algorithm_module(name: str) -> ModuleType:
+    """The module implementing algorithm `name` (it has `CONFIG`, `train` and `validate`)."""
+    if name not in ALGORITHMS:
+        raise UsageError(f"unknown algorithm '{name}'; expected one of {', '.join(ALGORITHMS)}")
+    import importlib
+
+    return importlib.import_module(f"advantage.rl.{name}")
+
+
+def resolve_config(algorithm: str, fields: dict[str, Any], config_file: str | Path | None = None,
+                   use_preset: bool = True, source: str = "arguments") -> Any:
+    """The config of `algorithm`: defaults < preset for the environment < config file < `fields`."""
+    module = algorithm_module(algorithm)
+    config = module.CONFIG()
+    from_file = load_yaml_mapping(config_file) if config_file else {}
+    env_id = fields.get("env_id") or from_file.get("env_id") or config.env_id
+    if use_preset:
+        preset = preset_for(algorithm, str(env_id))
+        if preset:
+            config = apply_overrides(config, preset, f"preset {algorithm}/{env_id}")
+    if from_file:
+        config = apply_overrides(config, from_file, str(config_file))
+    return apply_overrides(config, fields, source)
+
+
+def train(algorithm: str, out: str | Path | None = None, config_file: str | Path | None = None,
+          use_preset: bool = True, **fields: Any) -> Run:
+    """Train `algorithm` ("reinforce", "a2c", "ppo", "trpo", "dqn") and return its Run.
+
+    Args:
+        out: run directory (default runs/ALGO-ENV-seedS).
+        config_file: optional YAML mapping of field: value.
+        use_preset: apply the shipped preset for the environment.
+        fields: any field of the algorithm's config (see `advantage train ALGO --help`).
+    """
+    config = resolve_config(algorithm, fields, config_file, use_preset)
+    out = Path(out) if out else Path("runs") / f"{algorithm}-{config.env_id}-seed{config.seed}"
+    return algorithm_module(algorithm).train(config, out)
+
+
+def resume(run_dir: str | Path, **fields: Any) -> Run:
+    """Continue the run in `run_dir` from its last checkpoint (fields may override, e.g. a larger total_steps)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise UsageError(f"{run_dir}: no config.yaml there (not a run directory)")
+    saved = load_yaml_mapping(run_dir / "config.yaml")
+    name = saved.pop("algorithm", None)
+    module = algorithm_module(str(name))
+    config = apply_overrides(module.CONFIG(), saved, str(run_dir / "config.yaml"))
+    config = apply_overrides(config, fields, "arguments")
+    return module.train(config, run_dir, resume=True)
