@@ -96,9 +96,7 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, name, changes
 
 def test_trpo_learns_pendulum(tmp_path):
     """A continuous task: TRPO's Gaussian policy goes from the random ~ -1300 to well above -800."""
-    config = preset_config("trpo", env_id="Pendulum-v1", total_steps=60_000, seed=1, gamma=0.9, num_envs=4,
-                           num_steps=256, normalize_observation=True, normalize_reward=True, max_kl=0.02,
-                           value_epochs=20, initial_log_std=-0.5)
+    config = preset_config("trpo", env_id="Pendulum-v1", total_steps=60_000, seed=1)
     run = trpo.train(config, tmp_path / "trpo")
     assert first_mean_return(run.run_dir) < -1000
     assert last_mean_return(run.run_dir) > -800

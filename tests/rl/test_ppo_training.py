@@ -41,11 +41,9 @@ def test_ppo_adaptive_kl_learns_cartpole(tmp_path):
 
 def test_ppo_learns_pendulum(tmp_path):
     """A continuous (Box) task: the diagonal-Gaussian policy improves Pendulum-v1 well beyond random (~ -1200)."""
-    config = apply_overrides(ppo.PPOConfig(), {
-        "env_id": "Pendulum-v1", "total_steps": 100_000, "num_envs": 4, "num_steps": 256, "gamma": 0.9,
-        "gae_lambda": 0.95, "update_epochs": 10, "num_minibatches": 16, "learning_rate": 1e-3, "ent_coef": 0.0,
-        "normalize_observation": True, "normalize_reward": True, "initial_log_std": -0.5, "progress": False,
-        "seed": 3}, "test")
+    config = apply_overrides(ppo.PPOConfig(), preset_for("ppo", "Pendulum-v1"), "preset")
+    config = apply_overrides(config, {"env_id": "Pendulum-v1", "total_steps": 100_000, "progress": False,
+                                      "seed": 3}, "test")
     run = ppo.train(config, tmp_path / "run")
     assert last_mean_return(run.run_dir) > -700
 
