@@ -17,7 +17,6 @@ from advantage.objectives.policy_gradient import explained_variance, normalize_a
 from advantage.objectives.returns import gae, n_step_advantage
 from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
     validate_common
-from advantage.rl.envs import load_normalization_state, normalization_state
 from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param
@@ -73,11 +72,7 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
     else:
         optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, eps=1e-5)
     generator = torch_generator(config.seed)
-    state = session.restore(modules)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        load_normalization_state(env, state["normalization"])
+    session.restore(modules, {"optimizer": optimizer}, generator, env)
     collector = Collector(env, space, generator)
     step = session.start_step
     finished: list[FinishedEpisode] = []
@@ -133,10 +128,8 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 "charts/skipped_updates": session.skipped_updates})
             session.show(step, recent, last["charts/sps"])
         if session.checkpoint_due(iteration + 1):
-            session.save(iteration + 1, step, modules, {"optimizer": optimizer.state_dict(),
-                                                        "generator": generator.get_state(),
-                                                        "normalization": normalization_state(env)})
+            session.save(iteration + 1, step)
 
-    session.finish(modules, normalization_state(env), step)
+    session.finish(step)
     env.close()
     return Run(Path(run_dir), "a2c", config, last, step)

@@ -22,7 +22,8 @@ import gymnasium as gym
 import torch
 
 from advantage.errors import UsageError
-from advantage.rl.envs import SpaceInfo, make_vector_env, space_info
+from advantage.rl.envs import SpaceInfo, load_normalization_state, make_vector_env, normalization_state, \
+    space_info
 from advantage.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
 from advantage.run.config import atomic_write_text, param, save_config
 from advantage.run.metrics import MetricsWriter
@@ -136,8 +137,19 @@ class Session:
         self.progress: Progress | None = None
         self._clock_start = time.perf_counter()
 
-    def restore(self, modules: dict[str, torch.nn.Module]) -> dict[str, Any] | None:
-        """Load the newest checkpoint into `modules` (if resuming) and return its state; opens the writers."""
+    def restore(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                generator: torch.Generator, env: gym.vector.VectorEnv) -> dict[str, Any] | None:
+        """Register what a checkpoint holds and, when resuming, load the newest one into it; opens the writers.
+
+        Args:
+            modules: the networks (weights go to safetensors).
+            optimizers: name -> optimizer, e.g. {"optimizer": adam}.
+            generator: the sampling/shuffling generator.
+            env: the vector environment whose normalisation statistics are saved.
+        Returns:
+            The saved state (for the algorithm's own extra entries), or None on a fresh start.
+        """
+        self._modules, self._optimizers, self._generator, self._env = modules, optimizers, generator, env
         state = None
         if self.checkpoint_path is not None:
             state = load_checkpoint(self.checkpoint_path, modules)
@@ -145,6 +157,10 @@ class Session:
             self.start_step = int(state["step"])
             self.elapsed_before = float(state["elapsed_s"])
             self.skipped_updates = int(state.get("skipped_updates", 0))
+            for name, optimizer in optimizers.items():
+                optimizer.load_state_dict(state[name])
+            generator.set_state(state["generator"])
+            load_normalization_state(env, state["normalization"])
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.start_step if self.checkpoint_path else None,
                                      tensorboard=self.config.tensorboard)
         self.progress = Progress(self.config.total_steps, self.start_step, f"{self.algorithm} {self.config.env_id}",
@@ -168,13 +184,15 @@ class Session:
         """True after the last iteration of a segment, and after the final iteration."""
         return iteration_done % self.checkpoint_every == 0 or iteration_done == self.iterations
 
-    def save(self, iteration_done: int, step: int, modules: dict[str, torch.nn.Module], state: dict[str, Any]) -> None:
-        """Flush the logs and write a checkpoint after `iteration_done` iterations."""
+    def save(self, iteration_done: int, step: int, extra: dict[str, Any] | None = None) -> None:
+        """Flush the logs and checkpoint everything `restore` registered, plus the algorithm's `extra` entries."""
         assert self.metrics is not None
         self.metrics.flush()
-        full_state = {"iteration": iteration_done, "step": step, "elapsed_s": self.elapsed(),
-                      "skipped_updates": self.skipped_updates, **state}
-        save_checkpoint(self.run_dir, step, modules, full_state, keep=self.config.keep_checkpoints)
+        state = {"iteration": iteration_done, "step": step, "elapsed_s": self.elapsed(),
+                 "skipped_updates": self.skipped_updates, "generator": self._generator.get_state(),
+                 "normalization": normalization_state(self._env),
+                 **{name: optimizer.state_dict() for name, optimizer in self._optimizers.items()}, **(extra or {})}
+        save_checkpoint(self.run_dir, step, self._modules, state, keep=self.config.keep_checkpoints)
 
     def finite(self, loss: torch.Tensor) -> bool:
         """False (and counted) if the loss is NaN or infinite: the caller skips that update.
@@ -214,11 +232,11 @@ class Session:
             figures["return"] = sum(recent_returns) / len(recent_returns)
         self.progress.update(min(step, self.config.total_steps), figures)
 
-    def finish(self, modules: dict[str, torch.nn.Module], normalization: dict[str, Any], step: int) -> None:
+    def finish(self, step: int) -> None:
         """Write final/ (safetensors weights and normalization.json), close the writers, print where it went."""
         final = self.run_dir / "final"
-        save_weights(final, modules, {"algorithm": self.algorithm, "env_id": self.config.env_id})
-        atomic_write_text(final / "normalization.json", json.dumps(normalization))
+        save_weights(final, self._modules, {"algorithm": self.algorithm, "env_id": self.config.env_id})
+        atomic_write_text(final / "normalization.json", json.dumps(normalization_state(self._env)))
         if self.metrics is not None:
             self.metrics.close()
         if self.progress is not None:

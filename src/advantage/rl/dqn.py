@@ -17,7 +17,6 @@ from advantage.errors import UsageError
 from advantage.objectives.q_learning import linear_schedule, q_learning_targets, td_loss
 from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
     validate_common
-from advantage.rl.envs import load_normalization_state, normalization_state
 from advantage.rl.networks import QNetwork
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param
@@ -134,11 +133,8 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
     buffer = ReplayBuffer(config.buffer_size, space.observation_dim)
     generator = torch_generator(config.seed)
     gradient_updates = 0
-    state = session.restore(modules)
+    state = session.restore(modules, {"optimizer": optimizer}, generator, env)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        load_normalization_state(env, state["normalization"])
         buffer.load(state["buffer"])
         gradient_updates = int(state["gradient_updates"])
     collector = Collector(env, space, generator)
@@ -211,11 +207,8 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
         q_means.clear()
         session.show(step, recent, last["charts/sps"])
         if session.checkpoint_due(iteration + 1):
-            session.save(iteration + 1, step, modules, {
-                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "normalization": normalization_state(env), "buffer": buffer.state(),
-                "gradient_updates": gradient_updates})
+            session.save(iteration + 1, step, {"buffer": buffer.state(), "gradient_updates": gradient_updates})
 
-    session.finish(modules, normalization_state(env), step)
+    session.finish(step)
     env.close()
     return Run(Path(run_dir), "dqn", config, last, step)

@@ -19,7 +19,6 @@ from advantage.objectives.ppo import adaptive_kl_beta, clipped_surrogate_loss, k
 from advantage.objectives.returns import gae
 from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
     validate_common
-from advantage.rl.envs import load_normalization_state, normalization_state
 from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param
@@ -92,11 +91,8 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     generator = torch_generator(config.seed)
     beta = config.kl_beta
 
-    state = session.restore(modules)
+    state = session.restore(modules, {"optimizer": optimizer}, generator, env)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        load_normalization_state(env, state["normalization"])
         beta = float(state["beta"])
     collector = Collector(env, space, generator)
     step = session.start_step
@@ -197,11 +193,8 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
         last = session.metrics.log(step, elapsed, values_logged)
         session.show(step, recent, values_logged["charts/sps"])
         if session.checkpoint_due(iteration + 1):
-            session.save(iteration + 1, step, modules, {
-                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "normalization": normalization_state(env), "beta": beta})
+            session.save(iteration + 1, step, {"beta": beta})
 
-    normalization = normalization_state(env)
-    session.finish(modules, normalization_state(env), step)
+    session.finish(step)
     env.close()
     return Run(Path(run_dir), "ppo", config, last, step)

@@ -21,7 +21,6 @@ from advantage.objectives.policy_gradient import explained_variance, normalize_a
     value_loss
 from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
     validate_common
-from advantage.rl.envs import load_normalization_state, normalization_state
 from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param
@@ -75,13 +74,8 @@ def train(config: ReinforceConfig, run_dir: str | Path, resume: bool = False) ->
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.value_learning_rate) if critic else None
     generator = torch_generator(config.seed)
-    state = session.restore(modules)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if critic_optimizer is not None:
-            critic_optimizer.load_state_dict(state["critic_optimizer"])
-        generator.set_state(state["generator"])
-        load_normalization_state(env, state["normalization"])
+    optimizers = {"optimizer": optimizer, **({"critic_optimizer": critic_optimizer} if critic_optimizer else {})}
+    session.restore(modules, optimizers, generator, env)
     collector = Collector(env, space, generator)
     step, iteration = session.start_step, session.start_iteration
     finished: list[FinishedEpisode] = []
@@ -146,12 +140,8 @@ def train(config: ReinforceConfig, run_dir: str | Path, resume: bool = False) ->
         last = session.metrics.log(step, elapsed, logged)
         session.show(step, recent, logged["charts/sps"])
         if iteration % session.checkpoint_every == 0 or step >= config.total_steps:
-            state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                     "normalization": normalization_state(env)}
-            if critic_optimizer is not None:
-                state["critic_optimizer"] = critic_optimizer.state_dict()
-            session.save(iteration, step, modules, state)
+            session.save(iteration, step)
 
-    session.finish(modules, normalization_state(env), step)
+    session.finish(step)
     env.close()
     return Run(Path(run_dir), "reinforce", config, last, step)

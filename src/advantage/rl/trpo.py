@@ -20,7 +20,6 @@ from advantage.objectives.trust_region import backtracking_line_search, fisher_v
     natural_gradient_step
 from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
     validate_common
-from advantage.rl.envs import load_normalization_state, normalization_state
 from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param
@@ -80,11 +79,7 @@ def train(config: TRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     policy_parameters = list(policy.parameters())
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.value_learning_rate)
     generator = torch_generator(config.seed)
-    state = session.restore(modules)
-    if state is not None:
-        critic_optimizer.load_state_dict(state["critic_optimizer"])
-        generator.set_state(state["generator"])
-        load_normalization_state(env, state["normalization"])
+    session.restore(modules, {"critic_optimizer": critic_optimizer}, generator, env)
     collector = Collector(env, space, generator)
     step = session.start_step
     finished: list[FinishedEpisode] = []
@@ -165,10 +160,8 @@ def train(config: TRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
             "charts/skipped_updates": session.skipped_updates})
         session.show(step, recent, last["charts/sps"])
         if session.checkpoint_due(iteration + 1):
-            session.save(iteration + 1, step, modules, {"critic_optimizer": critic_optimizer.state_dict(),
-                                                        "generator": generator.get_state(),
-                                                        "normalization": normalization_state(env)})
+            session.save(iteration + 1, step)
 
-    session.finish(modules, normalization_state(env), step)
+    session.finish(step)
     env.close()
     return Run(Path(run_dir), "trpo", config, last, step)
