@@ -86,7 +86,8 @@ def _add_single_flag(parser: argparse.ArgumentParser, config_class: type, field:
     extra = f" (one of: {', '.join(map(str, allowed))})" if allowed else ""
     metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(kind, "STR")
     text = f"{field.metadata.get('help', '')}{extra} [default: {field.default}]".replace("%", "%%")
-    parser.add_argument(flag, dest=f"cfg_{field.name}", default=None, metavar=metavar, help=text)
+    aliases = ["--env"] if field.name == "env_id" else []  # the issue's and Gymnasium users' short spelling
+    parser.add_argument(flag, *aliases, dest=f"cfg_{field.name}", default=None, metavar=metavar, help=text)
 
 
 def run_train(args: argparse.Namespace) -> int:

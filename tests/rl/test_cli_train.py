@@ -42,6 +42,9 @@ def test_preset_then_config_file_then_flags(tmp_path, monkeypatch):
     assert config.num_steps == 16  # the flag beats the file
     assert cli.main(["train", "ppo", "--env-id", "CartPole-v1", "--no-preset", "--out", str(tmp_path / "y")]) == 0
     assert seen["config"].update_epochs == 4
+    # `--env` is the short spelling of `--env-id`; the Acrobot preset applies through it
+    assert cli.main(["train", "ppo", "--env", "Acrobot-v1", "--out", str(tmp_path / "z")]) == 0
+    assert seen["config"].env_id == "Acrobot-v1" and seen["config"].num_envs == 16
 
 
 BAD = [

@@ -17,7 +17,7 @@ from advantage.objectives.policy_gradient import explained_variance, normalize_a
 from advantage.objectives.returns import gae, n_step_advantage
 from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
     validate_common
-from advantage.rl.networks import Policy, ValueFunction
+from advantage.rl.networks import FlatParameters, Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param
 
@@ -63,14 +63,14 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
     session = Session("a2c", config, run_dir, resume, iterations, batch_size)
     env, space = make_env(config)
     torch.manual_seed(config.seed)
-    policy = Policy(space, config.hidden(), config.initial_log_std)
-    critic = ValueFunction(space.observation_dim, config.hidden())
+    policy = Policy(space, initial_log_std=config.initial_log_std, **config.networks())
+    critic = ValueFunction(space.observation_dim, **config.networks())
     modules: dict[str, nn.Module] = {"policy": policy, "critic": critic}
-    parameters = list(policy.parameters()) + list(critic.parameters())
+    flat = FlatParameters([policy, critic])
     if config.optimizer == "rmsprop":
-        optimizer = torch.optim.RMSprop(parameters, lr=config.learning_rate, alpha=0.99, eps=1e-5)
+        optimizer = torch.optim.RMSprop([flat.flat], lr=config.learning_rate, alpha=0.99, eps=1e-5)
     else:
-        optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, eps=1e-5)
+        optimizer = torch.optim.Adam([flat.flat], lr=config.learning_rate, eps=1e-5, fused=True)
     generator = torch_generator(config.seed)
     session.restore(modules, {"optimizer": optimizer}, generator, env)
     collector = Collector(env, space, generator)
@@ -110,9 +110,9 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
         loss = policy_loss - config.ent_coef * entropy + config.vf_coef * critic_loss
         grad_norm = float("nan")
         if session.finite(loss):
-            optimizer.zero_grad(set_to_none=True)
+            flat.zero_grad()
             loss.backward()
-            grad_norm = float(nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or float("inf")))
+            grad_norm = float(flat.clip_grad_norm(config.max_grad_norm))
             optimizer.step()
 
         # 4. Log and checkpoint.

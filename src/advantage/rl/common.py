@@ -43,6 +43,9 @@ class RLConfig:
     normalize_observation: bool = param(False, "running mean/std observation normalisation (MuJoCo-style tasks)")
     normalize_reward: bool = param(False, "scale rewards by the running std of the discounted return")
     hidden_sizes: str = param("64,64", "hidden layer sizes of the networks, comma separated")
+    activation: Literal["tanh", "relu"] = param("tanh", "activation between the hidden layers")
+    orthogonal_init: bool = param(True, "orthogonal weights, zero biases, small policy output layer; "
+                                        "false: PyTorch's default initialisation")
     checkpoint_every: int = param(0, "iterations between checkpoints; 0 = about every 10% of the run")
     keep_checkpoints: int = param(2, "how many of the newest checkpoints to keep")
     max_nonfinite: int = param(5, "stop after this many consecutive updates with a non-finite loss")
@@ -60,6 +63,10 @@ class RLConfig:
         if not sizes or min(sizes) < 1:
             raise UsageError(f"field 'hidden_sizes' must be positive integers, got {self.hidden_sizes!r}")
         return sizes
+
+    def networks(self) -> dict[str, Any]:
+        """Keyword arguments shared by the policy and the critic: hidden sizes, activation, initialisation."""
+        return {"hidden": self.hidden(), "activation": self.activation, "orthogonal_init": self.orthogonal_init}
 
 
 def require(condition: bool, field: str, message: str, value: Any) -> None:

@@ -17,7 +17,7 @@ from advantage.errors import UsageError
 from advantage.objectives.q_learning import linear_schedule, q_learning_targets, td_loss
 from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
     validate_common
-from advantage.rl.networks import QNetwork
+from advantage.rl.networks import FlatParameters, QNetwork
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param
 
@@ -28,6 +28,7 @@ class DQNConfig(RLConfig):
 
     num_envs: int = param(1, "parallel environments")
     hidden_sizes: str = param("256,256", "hidden layer sizes of the Q-network, comma separated")
+    activation: Literal["tanh", "relu"] = param("relu", "activation between the hidden layers")
     learning_rate: float = param(2.3e-3, "Adam learning rate")
     buffer_size: int = param(100_000, "replay buffer capacity (transitions)")
     learning_starts: int = param(1_000, "environment steps before the first update")
@@ -125,11 +126,12 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
     if not space.discrete:
         raise UsageError(f"dqn needs a Discrete action space; env '{config.env_id}' has Box actions")
     torch.manual_seed(config.seed)
-    q_network = QNetwork(space.observation_dim, space.action_dim, config.hidden())
-    target_network = QNetwork(space.observation_dim, space.action_dim, config.hidden())
+    q_network = QNetwork(space.observation_dim, space.action_dim, **config.networks())
+    target_network = QNetwork(space.observation_dim, space.action_dim, **config.networks())
     target_network.load_state_dict(q_network.state_dict())
     modules: dict[str, nn.Module] = {"q": q_network, "q_target": target_network}
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=config.learning_rate)
+    online_flat, target_flat = FlatParameters([q_network]), FlatParameters([target_network])
+    optimizer = torch.optim.Adam([online_flat.flat], lr=config.learning_rate, fused=True)
     buffer = ReplayBuffer(config.buffer_size, space.observation_dim)
     generator = torch_generator(config.seed)
     gradient_updates = 0
@@ -168,8 +170,7 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
             # constant during a round of gradient steps (as in SB3 and CleanRL; syncing inside a round diverges).
             if step >= config.learning_starts and (step // config.num_envs) % config.target_update_interval == 0:
                 with torch.no_grad():
-                    for target, online in zip(target_network.parameters(), q_network.parameters()):
-                        target.lerp_(online, config.tau)
+                    target_flat.flat.lerp_(online_flat.flat, config.tau)
 
         # 2. Regress Q(s, a) on the Bellman targets (seed 003's Q = r + gamma V(s'), with V(s') = max Q).
         if step >= config.learning_starts and buffer.size >= config.batch_size:
@@ -184,10 +185,9 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 loss = td_loss(q_taken, targets, config.loss)
                 if not session.finite(loss):
                     continue
-                optimizer.zero_grad(set_to_none=True)
+                online_flat.zero_grad()
                 loss.backward()
-                if config.max_grad_norm > 0:
-                    nn.utils.clip_grad_norm_(q_network.parameters(), config.max_grad_norm)
+                online_flat.clip_grad_norm(config.max_grad_norm)
                 optimizer.step()
                 gradient_updates += 1
                 losses.append(float(loss.detach()))

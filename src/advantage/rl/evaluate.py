@@ -32,7 +32,7 @@ def evaluate_run(run_dir: Path, episodes: int, seed: int, deterministic: bool = 
         load_normalization_state(env, json.loads(normalization.read_text()), frozen=True)
     space = space_info(env, config["env_id"])
     hidden = tuple(int(h) for h in str(config.get("hidden_sizes", "64,64")).split(","))
-    policy = Policy(space, hidden)
+    policy = Policy(space, hidden, activation=str(config.get("activation", "tanh")))
     load_weights(run_dir / "final", {"policy": policy})
     generator = torch.Generator().manual_seed(seed)
     returns: list[float] = []

@@ -19,23 +19,29 @@ from advantage.rl.envs import SpaceInfo
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-def layer(in_features: int, out_features: int, gain: float = math.sqrt(2.0)) -> nn.Linear:
-    """Linear layer with orthogonal weights and zero bias (the PPO implementation details of Engstrom et al.)."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def layer(in_features: int, out_features: int, gain: float = math.sqrt(2.0), orthogonal: bool = True) -> nn.Linear:
+    """Linear layer with orthogonal weights and zero bias (the PPO implementation details of Engstrom et al.);
+    `orthogonal=False` keeps PyTorch's default (Kaiming-uniform) initialisation, as SB3's `ortho_init=False`."""
     linear = nn.Linear(in_features, out_features)
-    nn.init.orthogonal_(linear.weight, gain)
-    nn.init.zeros_(linear.bias)
+    if orthogonal:
+        nn.init.orthogonal_(linear.weight, gain)
+        nn.init.zeros_(linear.bias)
     return linear
 
 
 def mlp(in_features: int, hidden: tuple[int, ...], out_features: int, output_gain: float,
-        activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
-    """in -> hidden... -> out with `activation` between layers; the last layer initialised with `output_gain`."""
+        activation: str = "tanh", orthogonal: bool = True) -> nn.Sequential:
+    """in -> hidden... -> out with `activation` ("tanh" or "relu") between layers; with orthogonal
+    initialisation the last layer is initialised with `output_gain`."""
     layers: list[nn.Module] = []
     width = in_features
     for size in hidden:
-        layers += [layer(width, size), activation()]
+        layers += [layer(width, size, orthogonal=orthogonal), ACTIVATIONS[activation]()]
         width = size
-    layers.append(layer(width, out_features, output_gain))
+    layers.append(layer(width, out_features, output_gain, orthogonal))
     return nn.Sequential(*layers)
 
 
@@ -46,10 +52,11 @@ class Policy(nn.Module):
     mean (B, D) for a Gaussian (whose log std is the parameter `log_std`). Everything else is computed from them.
     """
 
-    def __init__(self, space: SpaceInfo, hidden: tuple[int, ...] = (64, 64), initial_log_std: float = 0.0):
+    def __init__(self, space: SpaceInfo, hidden: tuple[int, ...] = (64, 64), initial_log_std: float = 0.0,
+                 activation: str = "tanh", orthogonal_init: bool = True):
         super().__init__()
         self.discrete = space.discrete
-        self.body = mlp(space.observation_dim, hidden, space.action_dim, output_gain=0.01)
+        self.body = mlp(space.observation_dim, hidden, space.action_dim, 0.01, activation, orthogonal_init)
         if not self.discrete:
             self.log_std = nn.Parameter(torch.full((space.action_dim,), float(initial_log_std)))
 
@@ -95,9 +102,10 @@ class Policy(nn.Module):
 class ValueFunction(nn.Module):
     """V_w(s): an MLP with a scalar output, shape (B,)."""
 
-    def __init__(self, observation_dim: int, hidden: tuple[int, ...] = (64, 64)):
+    def __init__(self, observation_dim: int, hidden: tuple[int, ...] = (64, 64), activation: str = "tanh",
+                 orthogonal_init: bool = True):
         super().__init__()
-        self.body = mlp(observation_dim, hidden, 1, output_gain=1.0)
+        self.body = mlp(observation_dim, hidden, 1, 1.0, activation, orthogonal_init)
 
     def forward(self, observations: Tensor) -> Tensor:
         """V(s) for a batch of observations (B, obs_dim) -> (B,)."""
@@ -107,13 +115,56 @@ class ValueFunction(nn.Module):
 class QNetwork(nn.Module):
     """Q_w(s, .): an MLP with one output per discrete action, shape (B, A) (DQN)."""
 
-    def __init__(self, observation_dim: int, num_actions: int, hidden: tuple[int, ...] = (120, 84)):
+    def __init__(self, observation_dim: int, num_actions: int, hidden: tuple[int, ...] = (120, 84),
+                 activation: str = "relu", orthogonal_init: bool = True):
         super().__init__()
-        self.body = mlp(observation_dim, hidden, num_actions, output_gain=1.0, activation=nn.ReLU)
+        self.body = mlp(observation_dim, hidden, num_actions, 1.0, activation, orthogonal_init)
 
     def forward(self, observations: Tensor) -> Tensor:
         """Q(s, a) for every a: (B, obs_dim) -> (B, A)."""
         return self.body(observations)
+
+
+class FlatParameters:
+    """The parameters of several modules stored as views into one contiguous tensor, gradients likewise.
+
+    Small networks are trained with many tiny steps, where the per-tensor work of the optimiser, of
+    `clip_grad_norm_` and of `zero_grad` (one kernel per weight and bias, 13 tensors for an actor and a critic)
+    costs more than the arithmetic. With every parameter a view into `flat` and every gradient a view into
+    `flat.grad`, each of those is a single operation on one tensor. Backward still writes each module's gradient
+    (into its view, in place), and the modules, their state_dicts and checkpoints are unchanged.
+    The optimiser must be built on `[flat_parameters.flat]`, not on the modules' parameters.
+    """
+
+    def __init__(self, modules: list[nn.Module]):
+        parameters = [p for module in modules for p in module.parameters()]
+        total = sum(p.numel() for p in parameters)
+        self.flat = nn.Parameter(torch.empty(total, dtype=parameters[0].dtype))
+        self.flat.grad = torch.zeros_like(self.flat)
+        offset = 0
+        for p in parameters:
+            size = p.numel()
+            self.flat.data[offset:offset + size].copy_(p.data.reshape(-1))
+            p.data = self.flat.data[offset:offset + size].view_as(p)
+            # A gradient that already exists is accumulated in place by autograd, so backward fills the view.
+            p.grad = self.flat.grad[offset:offset + size].view_as(p)
+            offset += size
+        self.parameters = parameters
+
+    def zero_grad(self) -> None:
+        """Zero every gradient at once (never set them to None: the views must survive)."""
+        self.flat.grad.zero_()
+
+    def clip_grad_norm(self, max_norm: float) -> Tensor:
+        """Scale all gradients together so their global L2 norm is at most `max_norm` (<= 0: no clipping).
+
+        Same rule as torch.nn.utils.clip_grad_norm_: factor min(1, max_norm / (norm + 1e-6)). Returns the norm
+        before clipping.
+        """
+        norm = torch.linalg.vector_norm(self.flat.grad)
+        if max_norm > 0:
+            self.flat.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
 
 
 def _linear_layers(module: nn.Sequential) -> list[nn.Linear]:

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from advantage.objectives.policy_gradient import clipped_value_loss, explained_variance, normalize_advantages, value_loss
-from advantage.objectives.ppo import adaptive_kl_beta, clipped_surrogate_loss, kl_penalty_surrogate_loss, surrogate_stats
+from advantage.objectives.ppo import SurrogateStats, adaptive_kl_beta, clipped_surrogate_terms, importance_ratio, \
+    kl_penalty_surrogate_loss, surrogate_stats
 from advantage.objectives.returns import gae
 from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
     validate_common
-from advantage.rl.networks import Policy, ValueFunction
+from advantage.rl.networks import FlatParameters, Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param
 
@@ -83,11 +84,11 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
 
     env, space = make_env(config)
     torch.manual_seed(config.seed)
-    policy = Policy(space, config.hidden(), config.initial_log_std)
-    critic = ValueFunction(space.observation_dim, config.hidden())
+    policy = Policy(space, initial_log_std=config.initial_log_std, **config.networks())
+    critic = ValueFunction(space.observation_dim, **config.networks())
     modules: dict[str, nn.Module] = {"policy": policy, "critic": critic}
-    parameters = list(policy.parameters()) + list(critic.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, eps=1e-5, fused=True)
+    flat = FlatParameters([policy, critic])
+    optimizer = torch.optim.Adam([flat.flat], lr=config.learning_rate, eps=1e-5, fused=True)
     generator = torch_generator(config.seed)
     beta = config.kl_beta
 
@@ -128,47 +129,51 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
         # 3. Several epochs of minibatch steps on the surrogate (importance ratio to pi_old, seed 004).
         samples = observations.shape[0]
         minibatch_size = max(1, samples // config.num_minibatches)
-        diagnostics: dict[str, list[float]] = {k: [] for k in ("policy", "value", "entropy", "approx_kl",
-                                                               "clip_fraction", "grad_norm")}
+        losses: list[Tensor] = []  # per minibatch: policy loss, value loss, gradient norm (stacked, one sync)
+        epoch_stats: list[SurrogateStats] = []
         stop_early = False
+        # The log-probabilities and (normalised) advantages each minibatch step saw, so that the clip fraction
+        # and approximate KL are computed once per epoch, on the whole batch, instead of once per minibatch.
+        seen_log_probs = old_log_probs.clone()
+        seen_advantages = flat_advantages.clone()
         for _epoch in range(config.update_epochs):
             order = torch.randperm(samples, generator=generator)
+            used = order[:samples - samples % minibatch_size]
             for start in range(0, samples - minibatch_size + 1, minibatch_size):
                 index = order[start:start + minibatch_size]
                 params = policy(observations[index])
                 log_probs = policy.log_prob(params, actions[index])
-                entropy = policy.entropy(params).mean()
                 minibatch_advantages = flat_advantages[index]
                 if config.normalize_advantage and index.numel() > 1:
                     minibatch_advantages = normalize_advantages(minibatch_advantages)
                 if config.variant == "clip":
-                    policy_loss, stats = clipped_surrogate_loss(log_probs, old_log_probs[index],
-                                                                minibatch_advantages, clip)
+                    policy_loss = clipped_surrogate_terms(importance_ratio(log_probs, old_log_probs[index]),
+                                                          minibatch_advantages, clip).mean()
                 else:
                     kl = policy.kl(old_params[index], params, old_log_std)
                     policy_loss = kl_penalty_surrogate_loss(log_probs, old_log_probs[index], minibatch_advantages,
                                                             kl, beta)
-                    stats = surrogate_stats(log_probs, old_log_probs[index], minibatch_advantages, config.clip_coef)
                 values = critic(observations[index])
                 if config.clip_value_loss:
                     critic_loss = clipped_value_loss(values, old_values[index], flat_returns[index],
                                                      config.value_clip_coef)
                 else:
                     critic_loss = value_loss(values, flat_returns[index])
-                loss = policy_loss - config.ent_coef * entropy + config.vf_coef * critic_loss
+                loss = policy_loss + config.vf_coef * critic_loss
+                if config.ent_coef != 0:
+                    loss = loss - config.ent_coef * policy.entropy(params).mean()
                 if not session.finite(loss):
                     continue
-                optimizer.zero_grad(set_to_none=True)
+                flat.zero_grad()
                 loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(parameters, config.max_grad_norm if config.max_grad_norm > 0
-                                                     else float("inf"))
+                grad_norm = flat.clip_grad_norm(config.max_grad_norm)
                 optimizer.step()
-                for key, value in (("policy", policy_loss), ("value", critic_loss), ("entropy", entropy),
-                                   ("approx_kl", stats.approx_kl), ("clip_fraction", stats.clip_fraction),
-                                   ("grad_norm", grad_norm)):
-                    diagnostics[key].append(float(value.detach()))
-            if config.variant == "clip" and config.target_kl > 0 and diagnostics["approx_kl"] and \
-                    diagnostics["approx_kl"][-1] > config.target_kl:
+                seen_log_probs[index] = log_probs.detach()
+                seen_advantages[index] = minibatch_advantages
+                losses.append(torch.stack([policy_loss.detach(), critic_loss.detach(), grad_norm]))
+            stats = surrogate_stats(seen_log_probs[used], old_log_probs[used], seen_advantages[used], clip)
+            epoch_stats.append(stats)
+            if config.variant == "clip" and config.target_kl > 0 and float(stats.approx_kl) > config.target_kl:
                 stop_early = True
                 break
 
@@ -182,7 +187,13 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
         # 5. Log and checkpoint.
         recent = session.record_episodes(finished)
         elapsed = session.elapsed()
-        values_logged = {f"losses/{k}": (sum(v) / len(v) if v else None) for k, v in diagnostics.items()}
+        with torch.no_grad():
+            entropy = float(policy.entropy(policy(observations)).mean())
+        means = torch.stack(losses).mean(0).tolist() if losses else [None] * 3
+        values_logged = {"losses/policy": means[0], "losses/value": means[1], "losses/entropy": entropy,
+                         "losses/approx_kl": float(torch.stack([x.approx_kl for x in epoch_stats]).mean()),
+                         "losses/clip_fraction": float(torch.stack([x.clip_fraction for x in epoch_stats]).mean()),
+                         "losses/grad_norm": means[2]}
         values_logged.update({
             "losses/explained_variance": float(explained_variance(old_values, flat_returns)),
             "charts/learning_rate": lr, "charts/sps": session.steps_per_second(step),

@@ -73,8 +73,8 @@ def train(config: TRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     session = Session("trpo", config, run_dir, resume, iterations, batch_size)
     env, space = make_env(config)
     torch.manual_seed(config.seed)
-    policy = Policy(space, config.hidden(), config.initial_log_std)
-    critic = ValueFunction(space.observation_dim, config.hidden())
+    policy = Policy(space, initial_log_std=config.initial_log_std, **config.networks())
+    critic = ValueFunction(space.observation_dim, **config.networks())
     modules: dict[str, nn.Module] = {"policy": policy, "critic": critic}
     policy_parameters = list(policy.parameters())
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.value_learning_rate)
