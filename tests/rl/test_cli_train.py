@@ -29,6 +29,17 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     assert result["episodes"] == 3 and result["mean_return"] > 0 and result["std_return"] >= 0
 
 
+def test_eval_of_a_dqn_run_acts_greedily_on_q(tmp_path):
+    out = tmp_path / "dqn"
+    assert cli.main(["train", "dqn", "--env", "CartPole-v1", "--total-steps", "1500", "--hidden-sizes", "16",
+                     "--gradient-steps", "4", "--out", str(out), "--progress", "false"]) == 0
+    from advantage.rl.evaluate import evaluate_run
+
+    greedy = evaluate_run(out, 2, seed=0)
+    assert greedy["episodes"] == 2 and greedy["mean_return"] >= 8  # CartPole cannot end before 8 steps
+    assert evaluate_run(out, 2, seed=0) == greedy  # deterministic
+
+
 def test_preset_then_config_file_then_flags(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(ppo, "train", lambda config, out, resume=False: seen.update(config=config, out=out))

@@ -146,6 +146,8 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
     losses: list[float] = []
     q_means: list[float] = []
     exploration_steps = int(config.exploration_fraction * config.total_steps)
+    log_every = max(1, 1000 // steps_per_iteration)
+    recent: list[float] = []
 
     for iteration in range(session.start_iteration, iterations):
         if session.segment_starts(iteration):
@@ -193,8 +195,10 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 losses.append(float(loss.detach()))
                 q_means.append(float(q_taken.detach().mean()))
 
-        # 3. Log and checkpoint.
-        recent = session.record_episodes(finished)
+        # 3. Log (about every 1,000 environment steps: an iteration is only train_frequency steps) and checkpoint.
+        recent += session.record_episodes(finished)
+        if (iteration + 1) % log_every and not session.checkpoint_due(iteration + 1) and iteration + 1 < iterations:
+            continue
         elapsed = session.elapsed()
         last = session.metrics.log(step, elapsed, {
             "losses/td": sum(losses) / len(losses) if losses else None,
@@ -206,6 +210,7 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
         losses.clear()
         q_means.clear()
         session.show(step, recent, last["charts/sps"])
+        recent = []
         if session.checkpoint_due(iteration + 1):
             session.save(iteration + 1, step, {"buffer": buffer.state(), "gradient_updates": gradient_updates})
 

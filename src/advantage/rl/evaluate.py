@@ -11,9 +11,29 @@ import torch
 
 from advantage.errors import UsageError
 from advantage.rl.envs import load_normalization_state, make_vector_env, space_info
-from advantage.rl.networks import Policy
+from advantage.rl.networks import Policy, QNetwork
 from advantage.run.checkpoint import load_weights
 from advantage.run.config import load_yaml_mapping
+
+
+class GreedyQPolicy:
+    """The Policy interface evaluation needs, for a Q-network: mode = argmax Q, sample = epsilon-greedy."""
+
+    def __init__(self, q_network: QNetwork, epsilon: float):
+        self.q_network, self.epsilon = q_network, epsilon
+
+    def __call__(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.q_network(observations)
+
+    def mode(self, q_values: torch.Tensor) -> torch.Tensor:
+        """The greedy action."""
+        return q_values.argmax(-1)
+
+    def sample(self, q_values: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, None]:
+        """Epsilon-greedy, as during training at its final epsilon."""
+        explore = torch.rand(q_values.shape[0], generator=generator) < self.epsilon
+        random = torch.randint(0, q_values.shape[-1], (q_values.shape[0],), generator=generator)
+        return torch.where(explore, random, q_values.argmax(-1)), None
 
 
 def evaluate_run(run_dir: Path, episodes: int, seed: int, deterministic: bool = True) -> dict[str, Any]:
@@ -32,8 +52,14 @@ def evaluate_run(run_dir: Path, episodes: int, seed: int, deterministic: bool = 
         load_normalization_state(env, json.loads(normalization.read_text()), frozen=True)
     space = space_info(env, config["env_id"])
     hidden = tuple(int(h) for h in str(config.get("hidden_sizes", "64,64")).split(","))
-    policy = Policy(space, hidden, activation=str(config.get("activation", "tanh")))
-    load_weights(run_dir / "final", {"policy": policy})
+    if config.get("algorithm") == "dqn":
+        # DQN has no policy network: act greedily (or epsilon-greedily with end_epsilon) on Q.
+        q_network = QNetwork(space.observation_dim, space.action_dim, hidden, str(config.get("activation", "relu")))
+        load_weights(run_dir / "final", {"q": q_network})
+        policy = GreedyQPolicy(q_network, float(config.get("end_epsilon", 0.0)))
+    else:
+        policy = Policy(space, hidden, activation=str(config.get("activation", "tanh")))
+        load_weights(run_dir / "final", {"policy": policy})
     generator = torch.Generator().manual_seed(seed)
     returns: list[float] = []
     observation, _ = env.reset(seed=seed)

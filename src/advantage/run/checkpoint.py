@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from advantage.errors import UsageError
+from advantage.run.config import usual_permissions
 
 CHECKPOINTS = "checkpoints"
 
@@ -52,6 +53,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, to
             stream.flush()
             os.fsync(stream.fileno())
         _fsync_dir(temporary)
+        usual_permissions(temporary, directory=True)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -97,6 +99,7 @@ def save_weights(directory: str | os.PathLike, modules: dict[str, torch.nn.Modul
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata=metadata)
+        usual_permissions(temporary)
         os.replace(temporary, directory / "model.safetensors")
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

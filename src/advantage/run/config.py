@@ -115,6 +115,13 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def usual_permissions(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file or directory made by tempfile (0600 / 0700) the permissions a plain open() or mkdir() would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a whole file or nothing: to a temporary file in the same directory, then rename over the target."""
     path = Path(path)
@@ -125,6 +132,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
+        usual_permissions(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

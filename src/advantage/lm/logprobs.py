@@ -1,0 +1,198 @@
+"""Log-probabilities of a completion given its prompt: the one place they are computed.
+
+The language model as an MDP (seed 003): the state s_t is the token prefix x_<t, the action a_t is the next
+token x_t, and the transition is deterministic (append the token). A policy pi(a_t | s_t) is the softmax of the
+model's logits at position t - 1, so for a completion a_1..a_L after a prompt
+
+    log pi(completion | prompt) = sum_t log pi(a_t | s_t),
+
+the sum of per-token log-probabilities over the completion positions only. Every algorithm (SFT's likelihood,
+the PPO ratio, the KL to a reference, DPO's implicit reward, GRPO) reads its log-probabilities from here, so
+padding, position ids and the off-by-one shift are handled once.
+
+Layout of a batch (B sequences of length T, each prompt followed by its completion):
+
+    right padding:  p p p c c . .        left padding:  . . p p p c c
+    attention_mask: 1 1 1 1 1 0 0                       0 0 1 1 1 1 1
+    completion_mask:0 0 0 1 1 0 0                       0 0 0 0 0 1 1
+    position_ids:   0 1 2 3 4 4 4                       0 0 0 1 2 3 4
+
+Position ids count real tokens only, so a left-padded sequence sees exactly the positions (and, with the
+attention mask, exactly the context) it would see alone: its log-probabilities do not depend on the batch.
+(Rotary embeddings, as in Qwen2 and Llama, are blind to a constant shift of all positions; learned absolute
+positions, as in GPT-2, are not, and neither is the max_position_embeddings limit.)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advantage.objectives.masking import fill_padding
+
+PaddingSide = Literal["right", "left"]
+
+
+def position_ids_from_attention_mask(attention_mask: Tensor) -> Tensor:
+    """Position of every token among the real tokens of its row: cumsum(mask) - 1, clamped at 0.
+
+    Args:
+        attention_mask: (B, T), 1 for real tokens, 0 for padding.
+
+    Returns:
+        (B, T) long tensor; left padding gets position 0 (masked anyway), right padding repeats the last position.
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+@dataclass
+class PromptCompletionBatch:
+    """A padded batch of prompt + completion sequences.
+
+    Attributes:
+        input_ids: (B, T) long; prompt tokens then completion tokens, padded with the pad id.
+        attention_mask: (B, T) long; 1 for real (prompt or completion) tokens.
+        completion_mask: (B, T) bool; True exactly at the completion tokens (never at position 0, which has no
+            prefix to condition on).
+        position_ids: (B, T) long; from `position_ids_from_attention_mask`.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    completion_mask: Tensor
+    position_ids: Tensor
+
+    @classmethod
+    def from_masks(cls, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> PromptCompletionBatch:
+        """A batch from already padded tensors (for example the output of generation); position ids are derived.
+
+        Args:
+            input_ids, attention_mask, completion_mask: (B, T) each; see the class attributes.
+        """
+        completion_mask = completion_mask.bool() & attention_mask.bool()
+        if completion_mask[:, 0].any():
+            raise ValueError("a completion token at position 0 has no prompt to condition on")
+        return cls(input_ids, attention_mask.long(), completion_mask, position_ids_from_attention_mask(attention_mask))
+
+    def to(self, device: torch.device | str) -> PromptCompletionBatch:
+        """The same batch with every tensor on `device`."""
+        return PromptCompletionBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                                     self.completion_mask.to(device), self.position_ids.to(device))
+
+
+def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
+            padding_side: PaddingSide = "right") -> PromptCompletionBatch:
+    """Concatenate each prompt with its completion and pad the B sequences to the longest one.
+
+    Args:
+        prompts: B token-id lists, each non-empty (the first completion token needs a prefix).
+        completions: B token-id lists, possibly empty (then the row contributes no completion token).
+        pad_id: id written at padded positions (any id: padded positions are masked out).
+        padding_side: "right" (training) or "left" (all sequences end at the last column, as for generation).
+
+    Returns:
+        A PromptCompletionBatch with T = max_b (len(prompt_b) + len(completion_b)).
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("every prompt needs at least one token (a completion token at position 0 has no state)")
+    lengths = [len(prompt) + len(completion) for prompt, completion in zip(prompts, completions)]
+    batch_size, width = len(prompts), max(lengths, default=0)
+    input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+    completion_mask = torch.zeros((batch_size, width), dtype=torch.bool)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        start = 0 if padding_side == "right" else width - lengths[row]
+        prompt_end, end = start + len(prompt), start + lengths[row]
+        input_ids[row, start:end] = torch.as_tensor([*prompt, *completion], dtype=torch.long)
+        attention_mask[row, start:end] = 1
+        completion_mask[row, prompt_end:end] = True
+    return PromptCompletionBatch(input_ids, attention_mask, completion_mask,
+                                 position_ids_from_attention_mask(attention_mask))
+
+
+def token_log_probs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """log pi(x_t | x_<t) for every position t, from the logits of a causal LM.
+
+    Args:
+        logits: (B, T, V); logits[:, t] is the model's output at position t, which scores token t + 1.
+        input_ids: (B, T) long.
+
+    Returns:
+        (B, T) float32; entry t is log softmax(logits[:, t - 1])[x_t]. Entry 0 is 0 (no prefix).
+
+    In float32/float64 this is logit[x_t] - logsumexp(logits): autograd keeps only the (B, T) result rather than
+    a full (B, T, V) log_softmax. Half-precision logits are handled one row at a time in float32, since logsumexp
+    in bfloat16 loses the digits that PPO ratios need (the same observation as TRL's selective_log_softmax).
+    """
+    predicting, targets = logits[:, :-1], input_ids[:, 1:]  # (B, T-1, V), (B, T-1): shift by one
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        picked = torch.stack([
+            torch.log_softmax(row.float(), dim=-1).gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
+            for row, row_targets in zip(predicting, targets)])
+    else:
+        picked = predicting.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(predicting, dim=-1)
+    return F.pad(picked.float(), (1, 0))  # (B, T): position 0 gets 0
+
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    """Named parameters of the forward of `model` (of the wrapped model for a PEFT wrapper)."""
+    if hasattr(model, "get_base_model"):  # peft.PeftModel forwards **kwargs to the model it wraps
+        model = model.get_base_model()
+    return set(inspect.signature(model.forward).parameters)
+
+
+def completion_log_probs(model: nn.Module, batch: PromptCompletionBatch, temperature: float = 1.0) -> Tensor:
+    """log pi(a_t | s_t) at every completion token, 0 elsewhere (seed 003's per-action log-probabilities).
+
+    Args:
+        model: a causal LM taking (input_ids, attention_mask, position_ids) and returning `.logits` (B, T, V),
+            such as a transformers `*ForCausalLM` or a PEFT model around one.
+        batch: the padded prompt + completion batch.
+        temperature: logits are divided by it first, so the log-probabilities are those of the distribution
+            that sampled with this temperature.
+
+    Returns:
+        (B, T) float32, zero outside `batch.completion_mask`.
+
+    The language-model head only runs on positions from the earliest completion token on (transformers'
+    `logits_to_keep`, when the model accepts it): prompt positions never need their logits.
+    """
+    input_ids, completion_mask = batch.input_ids, batch.completion_mask
+    width = input_ids.shape[1]
+    columns = completion_mask.any(dim=0).nonzero()
+    first = int(columns[0]) if len(columns) else 1  # earliest completion column, >= 1 by construction
+    inputs = dict(input_ids=input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    accepted = _forward_parameters(model)
+    if "use_cache" in accepted:
+        inputs["use_cache"] = False
+    if "logits_to_keep" in accepted:
+        inputs["logits_to_keep"] = width - first + 1  # positions first - 1 .. T - 1
+    logits = model(**inputs).logits  # (B, K, V), K = T - first + 1 or T
+    if temperature != 1.0:
+        logits = logits / temperature
+    kept = logits.shape[1]
+    tail = token_log_probs(logits, input_ids[:, width - kept:])  # (B, K): entry k is token T - K + k
+    log_probs = F.pad(tail, (width - kept, 0))  # (B, T)
+    return fill_padding(log_probs, completion_mask)
+
+
+def sequence_log_probs(model: nn.Module, batch: PromptCompletionBatch, temperature: float = 1.0) -> Tensor:
+    """log pi(completion | prompt) = sum over completion tokens of log pi(a_t | s_t) (seed 003).
+
+    Args:
+        model, batch, temperature: as in `completion_log_probs`.
+
+    Returns:
+        (B,) float32; 0 for a row with an empty completion.
+    """
+    return completion_log_probs(model, batch, temperature).sum(dim=-1)

@@ -1,0 +1,184 @@
+"""Arithmetic with a verifiable reward: prompts like "23+58=", answer "81". The whole LM pipeline runs on it offline.
+
+Conventions (chosen so that the files make sense to a reader and to any trainer):
+- Completions end with a newline ("81\\n"). The end of the answer is then in the data itself, whatever a trainer
+  does about EOS, and a model trained on it learns to stop; a trainer may still append EOS after it.
+- The reward skips leading whitespace (newlines too), reads up to the next newline, and keeps the leading run of
+  number characters (digits, '-', '.', ','): 1.0 if that equals the answer exactly, else 0.0. So " 81\\n" and
+  "81abc" score 1.0 (text after the number is not judged: the number is the answer), while "8", "", "081",
+  "81.5" and "+81" score 0.0 (a different number, or no number, is a wrong answer).
+- Subtraction may give negative answers ("3-7=" -> "-4").
+- The reward parses the question from the prompt itself (its last "a op b =" ), so it works on prompts wrapped
+  in a chat template, and `module:function` users can point at `advantage.lm.tasks.arithmetic:reward`.
+- Everything random comes from the seed: the same seed gives the same files; the wrong answers of a row depend
+  only on the seed and the prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from advantage.errors import UsageError
+from advantage.lm.data import write_jsonl
+
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_QUESTION = re.compile(r"(\d+)\s*([+\-*])\s*(\d+)\s*=")
+_NUMBER_PREFIX = re.compile(r"[0-9.,\-]*")
+
+
+def answer(prompt: str) -> str:
+    """The right answer to the last "a op b =" in the prompt, as text ("23+58=" -> "81")."""
+    questions = _QUESTION.findall(prompt)
+    if not questions:
+        raise UsageError(f"arithmetic reward: no question like '23+58=' in prompt {prompt[-80:]!r}")
+    left, operation, right = questions[-1]
+    return str(OPERATIONS[operation](int(left), int(right)))
+
+
+def reward(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    """1.0 for each completion whose leading number (after leading whitespace) equals the answer, else 0.0.
+
+    This is also the signature of user reward functions given as `module:function`.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    return [1.0 if _leading_number(completion) == answer(prompt) else 0.0
+            for prompt, completion in zip(prompts, completions)]
+
+
+def _leading_number(completion: str) -> str:
+    first_line = completion.strip().split("\n", 1)[0].strip()
+    return _NUMBER_PREFIX.match(first_line).group()
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """Questions "a op b =" with operands in 0..max_operand and op drawn from `operations` (a string of + - *)."""
+
+    max_operand: int = 99
+    operations: str = "+"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_operand, bool) or not isinstance(self.max_operand, int) or self.max_operand < 1:
+            raise UsageError(f"arithmetic task: max_operand must be an integer >= 1, got {self.max_operand!r}")
+        unknown = set(self.operations) - set(OPERATIONS)
+        if not self.operations or unknown or len(set(self.operations)) != len(self.operations):
+            raise UsageError(f"arithmetic task: operations must be distinct characters from "
+                             f"{''.join(OPERATIONS)}, got {self.operations!r}")
+
+    @property
+    def n_questions(self) -> int:
+        """How many distinct prompts exist."""
+        return len(self.operations) * (self.max_operand + 1) ** 2
+
+    def prompts(self, n: int, seed: int) -> list[str]:
+        """n distinct prompts, drawn without replacement; the same seed gives the same list."""
+        if n < 0:
+            raise UsageError(f"arithmetic task: the number of prompts must be >= 0, got {n}")
+        if n > self.n_questions:
+            raise UsageError(f"arithmetic task: asked for {n} distinct prompts, but max_operand={self.max_operand} "
+                             f"and operations {self.operations!r} give only {self.n_questions}")
+        side = self.max_operand + 1
+        result = []
+        for index in random.Random(seed).sample(range(self.n_questions), n):
+            operation, pair = divmod(index, side * side)
+            left, right = divmod(pair, side)
+            result.append(f"{left}{self.operations[operation]}{right}=")
+        return result
+
+    def answer(self, prompt: str) -> str:
+        """The right answer to a prompt, as text."""
+        return answer(prompt)
+
+    def reward(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """1.0 per right completion, else 0.0 (see the module docstring for exactly what counts)."""
+        return reward(prompts, completions)
+
+    def sft_rows(self, n: int, seed: int) -> list[dict[str, str]]:
+        """n rows {"prompt": "23+58=", "completion": "81\\n"}."""
+        return [_sft_row(prompt) for prompt in self.prompts(n, seed)]
+
+    def preference_rows(self, n: int, seed: int) -> list[dict[str, str]]:
+        """n rows {"prompt", "chosen" (right), "rejected" (a plausible wrong answer)}: Bradley-Terry pairs
+        (seed 004)."""
+        return [_preference_row(prompt, seed) for prompt in self.prompts(n, seed)]
+
+    def ranking_rows(self, n: int, k: int, seed: int) -> list[dict[str, object]]:
+        """n rows {"prompt", "responses": k distinct answers, best first}: the right answer, then wrong ones by
+        increasing absolute error. For K-wise comparisons (seed 000) and Plackett-Luce (seed 004)."""
+        return [_ranking_row(prompt, k, seed) for prompt in self.prompts(n, seed)]
+
+    def write_task_files(self, directory: str | os.PathLike, n_train: int = 1000, n_eval: int = 100,
+                         seed: int = 0, ranking_k: int = 4) -> dict[str, Path]:
+        """Write sft, preference and ranking train/eval JSONL files; return {"sft_train": path, ...}.
+
+        Train and eval prompts are disjoint (drawn together without replacement, then split); every kind uses the
+        same train prompts and the same eval prompts.
+        """
+        if n_train < 1 or n_eval < 1:
+            raise UsageError(f"arithmetic task: n_train and n_eval must be >= 1, got {n_train} and {n_eval}")
+        drawn = self.prompts(n_train + n_eval, seed)
+        splits = {"train": drawn[:n_train], "eval": drawn[n_train:]}
+        directory = Path(directory)
+        paths = {}
+        for split, split_prompts in splits.items():
+            contents = {
+                "sft": [_sft_row(prompt) for prompt in split_prompts],
+                "preference": [_preference_row(prompt, seed) for prompt in split_prompts],
+                "ranking": [_ranking_row(prompt, ranking_k, seed) for prompt in split_prompts],
+            }
+            for kind, rows in contents.items():
+                path = directory / f"{kind}_{split}.jsonl"
+                write_jsonl(rows, path)
+                paths[f"{kind}_{split}"] = path
+        return paths
+
+
+def _sft_row(prompt: str) -> dict[str, str]:
+    return {"prompt": prompt, "completion": answer(prompt) + "\n"}
+
+
+def _preference_row(prompt: str, seed: int) -> dict[str, str]:
+    right = int(answer(prompt))
+    wrong = _plausible_wrong_answer(right, _row_random(seed, prompt))
+    return {"prompt": prompt, "chosen": f"{right}\n", "rejected": f"{wrong}\n"}
+
+
+def _ranking_row(prompt: str, k: int, seed: int) -> dict[str, object]:
+    if k < 2:
+        raise UsageError(f"arithmetic task: a ranking needs k >= 2 responses, got {k}")
+    right = int(answer(prompt))
+    rng = _row_random(seed, prompt)
+    # Distinct error sizes give distinct answers and a strict order: no ties for Plackett-Luce to break.
+    error_sizes = sorted(rng.sample(range(1, max(20, 2 * k) + 1), k - 1))
+    wrong = [_offset(right, size, rng) for size in error_sizes]
+    return {"prompt": prompt, "responses": [f"{value}\n" for value in [right, *wrong]]}
+
+
+def _row_random(seed: int, prompt: str) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and Python processes.
+    return random.Random(f"{seed}/{prompt}")
+
+
+def _offset(right: int, size: int, rng: random.Random) -> int:
+    """right +- size; never negative when the right answer is not, since a negative sum is not a plausible slip."""
+    if rng.random() < 0.5 and (right < 0 or right - size >= 0):
+        return right - size
+    return right + size
+
+
+def _plausible_wrong_answer(right: int, rng: random.Random) -> int:
+    """A slip a learner makes: off by a little or by a carry (1, 2, 3, 10), or one digit changed."""
+    if rng.random() < 0.5:
+        return _offset(right, rng.choice((1, 2, 3, 10)), rng)
+    digits = list(str(abs(right)))
+    position = rng.randrange(len(digits))
+    # No leading zero in a number of several digits: "081" is not how anyone writes 81.
+    lowest = 1 if position == 0 and len(digits) > 1 else 0
+    digits[position] = rng.choice([d for d in "0123456789"[lowest:] if d != digits[position]])
+    return int("".join(digits)) * (-1 if right < 0 else 1)

@@ -1,0 +1,94 @@
+"""The built-in character-level tokenizer, and loading any tokenizer from a local directory.
+
+One character is one token, so a task's text and its tokens are the same thing to read: "12+34=46\n" is nine
+tokens, and a completion of length L is L actions of the language-model MDP (seed 003: state = token prefix,
+action = next token). The vocabulary is four special tokens followed by every printable ASCII character
+(codes 32..126: letters, digits, punctuation including '+', '-', '*', '=', and the space) plus newline and tab:
+101 tokens. Other characters map to <unk>.
+
+No beginning-of-sequence token is added automatically (as with Qwen2): `encode(text)` is exactly the characters
+of `text`. Chat turns are rendered as plain text by `CHAT_TEMPLATE`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from advantage.errors import UsageError
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
+CHARACTERS: tuple[str, ...] = tuple(chr(code) for code in range(32, 127)) + ("\n", "\t")
+
+# Role markers are plain text, so the template needs no extra tokens. An assistant turn ends with <eos>: a model
+# trained on rendered conversations learns to stop, and generation stops on the same token.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+
+# What transformers 5.x writes as `tokenizer_class` for a saved PreTrainedTokenizerFast (4.x wrote the old name).
+_FAST_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def build_char_tokenizer():
+    """The character-level tokenizer: a `transformers.PreTrainedTokenizerFast` of 101 tokens.
+
+    Ids 0..3 are <pad>, <unk>, <bos>, <eos>; then one id per character of `CHARACTERS`. Padding is on the right by
+    default (callers that batch prompts for generation pad on the left explicitly).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token=UNK))
+    # Every character (newline included, hence [\s\S] rather than '.') becomes its own pre-token.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()  # join tokens with nothing in between (WordLevel's default joins with spaces)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, unk_token=UNK, bos_token=BOS,
+                                        eos_token=EOS, clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tokenizer_class_name(directory: Path) -> str | None:
+    config_file = directory / "tokenizer_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        return json.loads(config_file.read_text()).get("tokenizer_class")
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{config_file}: not a readable tokenizer config ({error})") from None
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a tokenizer saved in Hugging Face format in the local directory `path`, offline.
+
+    A saved `PreTrainedTokenizerFast` (such as `build_char_tokenizer()`) is loaded as that class directly:
+    transformers 5.x's AutoTokenizer would otherwise pick the tokenizer class of the model type in config.json
+    (Qwen2Tokenizer for a Qwen2 model folder), whose pre-tokenizer silently drops spaces and newlines.
+
+    Raises:
+        UsageError: `path` is not a directory or holds no loadable tokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise UsageError(f"tokenizer directory {str(path)!r} does not exist or is not a directory")
+    if not any(directory.glob("tokenizer*")):
+        raise UsageError(f"no tokenizer in {str(path)!r} (no tokenizer.json or tokenizer_config.json)")
+    loader = PreTrainedTokenizerFast if _tokenizer_class_name(directory) in _FAST_TOKENIZER_CLASSES else AutoTokenizer
+    try:
+        return loader.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise UsageError(f"no loadable tokenizer in {str(path)!r}: {reason}") from None

@@ -1,0 +1,205 @@
+"""Log-probabilities of completions: alignment, masks, batch invariance under padding, gradient isolation.
+
+The reference everywhere is seed 003's MDP: state = token prefix, action = next token, so
+log pi(completion | prompt) = sum_t log pi(a_t | s_t), each term computed by running the model on the prefix alone.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from advantage.lm.logprobs import (PromptCompletionBatch, collate, completion_log_probs,
+                                   position_ids_from_attention_mask, sequence_log_probs, token_log_probs)
+from advantage.lm.models import build_model
+
+torch.set_num_threads(1)
+PAD = 0
+# Different prompt and completion lengths, including an empty completion and a one-token prompt.
+PROMPTS = [[5, 17, 23, 9], [40], [11, 12, 13, 14, 15, 16, 18], [70, 71]]
+COMPLETIONS = [[33, 34], [60, 61, 62, 63, 64, 65], [], [80, 81, 82]]
+
+
+@pytest.fixture(scope="module")
+def models():
+    built = {architecture: build_model("nano", architecture, seed=1).eval() for architecture in ("qwen2", "llama")}
+    # Rotary embeddings (qwen2, llama) are blind to a constant shift of positions; GPT-2's learned absolute
+    # positions are not, so it is the model that shows left padding needs position ids from the attention mask.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=2,
+                        eos_token_id=3, pad_token_id=PAD)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        built["gpt2"] = GPT2LMHeadModel(config).eval()
+    return built
+
+
+def test_collate_layout_right_and_left():
+    right = collate([[1, 2, 3], [4]], [[5], [6, 7]], pad_id=PAD, padding_side="right")
+    assert right.input_ids.tolist() == [[1, 2, 3, 5], [4, 6, 7, PAD]]
+    assert right.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert right.completion_mask.tolist() == [[False, False, False, True], [False, True, True, False]]
+    assert right.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 2]]
+    left = collate([[1, 2, 3], [4]], [[5], [6, 7]], pad_id=PAD, padding_side="left")
+    assert left.input_ids.tolist() == [[1, 2, 3, 5], [PAD, 4, 6, 7]]
+    assert left.attention_mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    assert left.completion_mask.tolist() == [[False, False, False, True], [False, False, True, True]]
+    assert left.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 1, 2]]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_completion_mask_covers_exactly_the_completion_tokens(padding_side):
+    batch = collate(PROMPTS, COMPLETIONS, pad_id=PAD, padding_side=padding_side)
+    for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        mask, real = batch.completion_mask[row], batch.attention_mask[row].bool()
+        assert batch.input_ids[row][mask].tolist() == completion
+        assert batch.input_ids[row][real].tolist() == prompt + completion
+        assert not mask[0] and bool((mask <= real).all())
+        assert batch.position_ids[row][real].tolist() == list(range(len(prompt) + len(completion)))
+
+
+def test_collate_and_from_masks_reject_completion_tokens_without_a_prefix():
+    with pytest.raises(ValueError, match="prompt"):
+        collate([[]], [[1]], pad_id=PAD)
+    with pytest.raises(ValueError):
+        collate([[1]], [[1], [2]], pad_id=PAD)
+    ids = torch.tensor([[3, 4]])
+    with pytest.raises(ValueError, match="position 0"):
+        PromptCompletionBatch.from_masks(ids, torch.ones_like(ids), torch.tensor([[True, True]]))
+    batch = PromptCompletionBatch.from_masks(ids, torch.tensor([[0, 1]]), torch.tensor([[False, True]]))
+    assert batch.position_ids.tolist() == [[0, 0]]
+
+
+def test_token_log_probs_by_hand_on_fixed_logits():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=generator, dtype=torch.float64) * 3
+    input_ids = torch.randint(0, 7, (2, 5), generator=generator)
+    result = token_log_probs(logits, input_ids)
+    assert result.shape == (2, 5)
+    for b in range(2):
+        assert result[b, 0] == 0
+        for t in range(1, 5):
+            expected = torch.log_softmax(logits[b, t - 1], dim=-1)[input_ids[b, t]]
+            assert torch.isclose(result[b, t].double(), expected, atol=1e-6)
+    # Half precision goes through float32 row by row: equal to float32 on the same (rounded) logits.
+    rounded = logits.to(torch.bfloat16)
+    assert torch.allclose(token_log_probs(rounded, input_ids), token_log_probs(rounded.float(), input_ids),
+                          atol=1e-6)
+
+
+def slow_sequence_log_prob(model, prompt, completion, temperature=1.0):
+    """sum_t log pi(a_t | s_t), each state s_t = prompt + a_<t run through the model on its own (no padding)."""
+    total = 0.0
+    for t, action in enumerate(completion):
+        state = torch.tensor([prompt + completion[:t]])
+        next_token_logits = model(input_ids=state).logits[0, -1] / temperature
+        total += torch.log_softmax(next_token_logits.double(), dim=-1)[action].item()
+    return total
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+def test_sequence_log_probs_is_the_sum_over_actions_of_the_mdp(models, architecture):
+    model = models[architecture]
+    batch = collate(PROMPTS, COMPLETIONS, pad_id=PAD, padding_side="left")
+    with torch.no_grad():
+        for temperature in (1.0, 0.7):
+            result = sequence_log_probs(model, batch, temperature=temperature)
+            expected = [slow_sequence_log_prob(model, p, c, temperature) for p, c in zip(PROMPTS, COMPLETIONS)]
+            assert result.shape == (len(PROMPTS),)
+            assert torch.allclose(result.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4)
+    assert result[2] == 0  # the empty completion
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama", "gpt2"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_each_example_alone_equals_it_in_a_padded_batch(models, architecture, padding_side):
+    model = models[architecture]
+    with torch.no_grad():
+        batch = collate(PROMPTS, COMPLETIONS, pad_id=PAD, padding_side=padding_side)
+        batched = completion_log_probs(model, batch)  # (B, T)
+        assert batched.dtype == torch.float32 and batched.shape == batch.input_ids.shape
+        assert bool((batched[~batch.completion_mask] == 0).all())
+        for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
+            alone = completion_log_probs(model, collate([prompt], [completion], pad_id=PAD))[0]  # no padding
+            assert torch.allclose(batched[row][batch.completion_mask[row]], alone[len(prompt):], atol=1e-5)
+            assert torch.isclose(batched[row].sum(), alone.sum(), atol=1e-5)
+
+
+class WithoutLogitsToKeep(nn.Module):
+    """A causal LM whose forward takes only the three batch tensors, and which remembers its logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.logits = None
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if output.logits.requires_grad:
+            output.logits.retain_grad()
+        self.logits = output.logits
+        return output
+
+
+def test_logits_to_keep_shortcut_changes_nothing(models):
+    model = models["qwen2"]
+    prompts, completions = [PROMPTS[0], PROMPTS[2], [7, 8, 9]], [COMPLETIONS[0], [1, 2], []]
+    batch = collate(prompts, completions, pad_id=PAD, padding_side="right")
+    head_input_lengths = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, output: head_input_lengths.append(inputs[0].shape[1]))
+    try:
+        with torch.no_grad():
+            shortcut = completion_log_probs(model, batch)
+            full = completion_log_probs(WithoutLogitsToKeep(model), batch)
+    finally:
+        hook.remove()
+    width, earliest_completion_column = 9, 4
+    assert head_input_lengths == [width - earliest_completion_column + 1, width]  # the head skipped prompt columns
+    assert torch.allclose(shortcut, full, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_gradient_flows_only_through_completion_positions(models, padding_side):
+    model = models["llama"]
+    batch = collate(PROMPTS, COMPLETIONS, pad_id=PAD, padding_side=padding_side)
+    embeddings = {}
+
+    def keep_embeddings(module, inputs, output):
+        output.retain_grad()
+        embeddings["output"] = output
+
+    hook = model.get_input_embeddings().register_forward_hook(keep_embeddings)
+    recorder = WithoutLogitsToKeep(model)
+    try:
+        sequence_log_probs(recorder, batch).sum().backward()
+    finally:
+        hook.remove()
+        model.zero_grad(set_to_none=True)
+    # d/d logits[t]: non-zero exactly where logits[t] scores a completion token t + 1.
+    scores_a_completion_token = torch.zeros_like(batch.completion_mask)
+    scores_a_completion_token[:, :-1] = batch.completion_mask[:, 1:]
+    logit_gradient_norm = recorder.logits.grad.abs().sum(dim=-1)  # (B, T)
+    assert bool((logit_gradient_norm[~scores_a_completion_token] == 0).all())
+    assert bool((logit_gradient_norm[scores_a_completion_token] > 0).all())
+    # Padding never influences the result: zero gradient at the embeddings of pad tokens.
+    embedding_gradient_norm = embeddings["output"].grad.abs().sum(dim=-1)  # (B, T)
+    padded = batch.attention_mask == 0
+    assert bool((embedding_gradient_norm[padded] == 0).all())
+
+
+def test_position_ids_from_attention_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert position_ids_from_attention_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2], [0, 1, 2, 3, 4]]
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft vs transformers 5
+def test_a_peft_model_goes_through_the_same_path():
+    from peft import LoraConfig, get_peft_model
+
+    base = build_model("nano", "qwen2", seed=1).eval()
+    batch = collate(PROMPTS, COMPLETIONS, pad_id=PAD, padding_side="left")
+    with torch.no_grad():
+        expected = completion_log_probs(base, batch)
+        lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)).eval()
+        assert torch.allclose(completion_log_probs(lora, batch), expected, atol=1e-6)  # LoRA starts as the identity
