@@ -59,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
         for field in dataclasses.fields(module.CONFIG):
             _add_single_flag(sub, module.CONFIG, field)
 
+    from advantage.lm.sft import SFTConfig
+
+    sft = commands.add_parser(
+        "sft", help="supervised fine-tuning of a causal language model on prompt/completion data",
+        description="Fine-tune a causal LM (a local Hugging Face directory, or builtin:nano|tiny|small) by maximum "
+                    "likelihood of the completion tokens (prompt tokens masked out, EOS appended), on --data "
+                    "(JSONL, Parquet or a datasets directory in TRL columns) or a built-in --task. Writes a run "
+                    "directory: config.yaml, metrics.jsonl (step = optimizer steps), TensorBoard events, "
+                    "checkpoints/, final/ (Hugging Face format: model and tokenizer). Values come from the "
+                    "defaults, then --config, then the flags. --batch-size is the batch of one optimizer step; "
+                    "--gradient-accumulation-steps splits it into micro-batches without changing the result.")
+    sft.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of field: value")
+    sft.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/sft-MODEL-seedS)")
+    sft.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    for field in dataclasses.fields(SFTConfig):
+        _add_single_flag(sft, SFTConfig, field)
+
     evaluate = commands.add_parser("eval", help="evaluate the final policy of a run",
                                    description="Run the final policy of RUN_DIR and print one JSON line with the "
                                                "mean and std of the episode return.")
@@ -111,6 +128,20 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_sft(args: argparse.Namespace) -> int:
+    """`advantage sft`: resolve the config (defaults < --config < flags) and fine-tune, or resume."""
+    from advantage.lm import session
+
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    if args.resume:
+        session.resume(args.resume, stage="sft", **flags)
+        return 0
+    config = session.resolve_config("sft", flags, args.config, source="command line")
+    out = Path(args.out) if args.out else session.default_run_dir("sft", config)
+    session.stage_module("sft").train(config, out)
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """`advantage eval`: one JSON line with the mean and std of the return of the final policy."""
     import json
@@ -144,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             return verify_main(seed=args.seed)
         if args.command == "train":
             return run_train(args)
+        if args.command == "sft":
+            return run_sft(args)
         if args.command == "eval":
             return run_eval(args)
         if args.command == "report":
@@ -152,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"advantage: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:
-        from advantage.rl.common import NonFiniteLossError
+        from advantage.errors import NonFiniteLossError
 
         if not isinstance(error, NonFiniteLossError):
             raise

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from advantage import cli
-from advantage.rl.common import NonFiniteLossError, Session
+from advantage.errors import NonFiniteLossError
+from advantage.rl.common import Session
 from advantage.rl import ppo
 
 

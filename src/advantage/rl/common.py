@@ -21,7 +21,7 @@ from typing import Any, Literal
 import gymnasium as gym
 import torch
 
-from advantage.errors import UsageError
+from advantage.errors import NonFiniteLossError, UsageError
 from advantage.rl.envs import SpaceInfo, load_normalization_state, make_vector_env, normalization_state, \
     space_info
 from advantage.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
@@ -90,9 +90,6 @@ def check_gamma(value: float, field: str = "gamma") -> None:
     """A discount or lambda must lie in [0, 1]."""
     require(0.0 <= value <= 1.0, field, "must be in [0, 1]", value)
 
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when too many consecutive updates had a non-finite loss; the last checkpoint is intact."""
 
 
 @dataclass

@@ -48,17 +48,20 @@ class MetricsWriter:
         run_dir: the run directory.
         resume_step: when resuming, lines after this step (written after the checkpoint) are dropped first.
         tensorboard: write TensorBoard event files under RUN_DIR/tensorboard.
+        episodes: keep episodes.jsonl (the classic algorithms); language-model stages have no episodes.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None, tensorboard: bool = True,
+                 episodes: bool = True):
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.episodes_path = self.run_dir / "episodes.jsonl"
         if resume_step is not None:
             truncate_jsonl(self.metrics_path, resume_step)
-            truncate_jsonl(self.episodes_path, resume_step)
+            if episodes:
+                truncate_jsonl(self.episodes_path, resume_step)
         self._metrics = self.metrics_path.open("a", encoding="utf-8")
-        self._episodes = self.episodes_path.open("a", encoding="utf-8")
+        self._episodes = self.episodes_path.open("a", encoding="utf-8") if episodes else None
         self._pending_returns: list[float] = []
         self._tensorboard = None
         if tensorboard:
@@ -68,6 +71,7 @@ class MetricsWriter:
 
     def episode(self, step: int, time_s: float, episode_return: float, length: int) -> None:
         """Record one finished episode."""
+        assert self._episodes is not None, "this writer keeps no episodes"
         record = {"step": int(step), "time_s": round(float(time_s), 4), "return": float(episode_return),
                   "length": int(length)}
         self._episodes.write(json.dumps(record) + "\n")
@@ -94,10 +98,10 @@ class MetricsWriter:
 
     def flush(self) -> None:
         """Push everything written so far to disk (called at checkpoints)."""
-        self._metrics.flush()
-        self._episodes.flush()
-        os.fsync(self._metrics.fileno())
-        os.fsync(self._episodes.fileno())
+        for stream in (self._metrics, self._episodes):
+            if stream is not None:
+                stream.flush()
+                os.fsync(stream.fileno())
         if self._tensorboard is not None:
             self._tensorboard.flush()
 
@@ -105,7 +109,8 @@ class MetricsWriter:
         """Flush and close every file."""
         self.flush()
         self._metrics.close()
-        self._episodes.close()
+        if self._episodes is not None:
+            self._episodes.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
 

@@ -1,0 +1,386 @@
+"""Supervised fine-tuning (SFT): maximum likelihood on the completion tokens (seed 003).
+
+The language model as an MDP (seed 003): the state is the token prefix, the action the next token, the transition
+deterministic and the prompt the fixed initial state, so the probability of a trajectory is the product of the
+policy's token probabilities, log P_theta(tau) = sum_t log pi_theta(a_t | s_t). SFT maximises this log-likelihood
+of demonstration completions given their prompts: seed 003's objective with the trajectories taken from the data
+instead of sampled, and R(tau) = 1 for every one of them. The loss of one optimizer step is the token-level mean
+
+    L(theta) = - (1 / N_tokens) sum_{examples n} sum_{completion tokens t} log pi_theta(a_t^n | s_t^n),
+
+where N_tokens counts the completion tokens of the whole batch. Prompt tokens are states, never actions: they are
+masked out. Every completion ends with the tokenizer's EOS token (appended unless the text already ends with it),
+so the model learns to stop.
+
+Normalisation. N_tokens is counted over the whole batch before any forward pass, and every micro-batch's loss is
+its sum divided by that same N_tokens; the micro-batches' gradients add up in `.grad` to exactly the gradient of
+L. So batch 8 x 1 micro-batch, 4 micro-batches of 2 and 8 of 1 give the same gradient (up to float rounding), and
+padding never matters (padded positions are masked and excluded from N_tokens). A per-micro-batch mean would weight
+tokens of short micro-batches more. Under torch.distributed (a later issue), N_tokens becomes the all-reduced count
+of the global batch, and the loss is multiplied by the world size to undo DDP's gradient averaging.
+
+Packing (`packing`, off by default): the examples of each micro-batch are concatenated into as few rows of at most
+max_length tokens as fit, with attention isolated: a block-diagonal causal mask (each example attends only to its
+own earlier tokens) and positions restarting at 0 for every example. The loss is then the same as without packing;
+only padding, hence compute, shrinks. It needs an attention implementation that accepts a 4-D mask (eager, sdpa).
+
+metrics.jsonl: one line per logged step; `step` counts optimizer steps (not examples or tokens), `time_s` is wall
+seconds since the start of the run (carried across resumes). Names:
+
+    losses/nll              the SFT loss L above: mean negative log-likelihood per completion token
+    losses/grad_norm        global gradient norm before clipping
+    charts/learning_rate    learning rate of the step
+    charts/tokens_per_s     real (prompt + completion) tokens trained on per wall second of training
+    charts/completion_tokens  completion tokens per step (the normaliser N_tokens)
+    charts/epoch            passes over the training data so far
+    charts/skipped_updates  steps skipped because the loss was not finite
+    eval/nll                the same mean NLL on the held-out examples (logged at step 0 and every eval_every)
+    eval/exact_match        fraction of held-out prompts whose greedy completion (up to EOS) equals the reference
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from advantage.lm.data import load_rows, sft_pairs
+from advantage.lm.logprobs import collate, token_log_probs
+from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, add_lora, fingerprint, learning_rate_at, \
+    load_policy, max_length, pad_id, require, task_files, total_steps, validate_lm
+from advantage.objectives.masking import aggregate
+from advantage.run.config import param
+
+
+@dataclass
+class SFTConfig(LMConfig):
+    """SFT's hyperparameters (every LMConfig field, plus packing and the evaluation's generation length)."""
+
+    packing: bool = param(False, "pack each micro-batch's examples into rows of max_length tokens, attention "
+                                 "isolated per example (same loss, less padding)")
+    max_new_tokens: int = param(0, "tokens generated per held-out prompt for exact match; 0 = the longest "
+                                   "reference completion (with its EOS)")
+
+
+CONFIG = SFTConfig
+
+
+def validate(config: SFTConfig) -> None:
+    """Reject invalid hyperparameters with a one-line error naming the field."""
+    validate_lm(config)
+    require(config.max_new_tokens >= 0, "max_new_tokens", "must be >= 0", config.max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One tokenized example: the prompt (the initial state) and the completion (the actions, ending with EOS)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+def tokenize_pairs(pairs: Sequence[tuple[str, str]], tokenizer, length: int) -> tuple[list[SFTExample], int]:
+    """Token ids of (prompt, completion) texts, EOS appended, cut to `length` tokens; also how many were cut.
+
+    The prompt is encoded with the tokenizer's special tokens (a Llama tokenizer adds its BOS; a BOS already
+    written by a chat template is not doubled), the completion without. An empty prompt (a `text` row) becomes the
+    BOS token, or, for tokenizers without one, the first token of the text: the first action needs a state.
+    """
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    examples, cut = [], 0
+    for prompt, completion in pairs:
+        prompt_ids = list(tokenizer.encode(prompt, add_special_tokens=True)) if prompt else []
+        if bos is not None and prompt_ids[:2] == [bos, bos]:
+            prompt_ids = prompt_ids[1:]
+        completion_ids = list(tokenizer.encode(completion, add_special_tokens=False))
+        if not completion_ids or completion_ids[-1] != eos:
+            completion_ids.append(eos)
+        if not prompt_ids:
+            prompt_ids = [bos] if bos is not None else [completion_ids.pop(0)]
+        if len(prompt_ids) + len(completion_ids) > length:
+            cut += 1
+            prompt_ids = prompt_ids[:length]
+            completion_ids = completion_ids[:length - len(prompt_ids)]
+        examples.append(SFTExample(prompt_ids, completion_ids))
+    return examples, cut
+
+
+def completion_tokens(examples: Sequence[SFTExample]) -> int:
+    """The number of actions in the examples: the denominator N_tokens of the loss."""
+    return sum(len(example.completion_ids) for example in examples)
+
+
+# ----------------------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class TokenBatch:
+    """The model's input for one micro-batch, and which positions are scored.
+
+    Attributes:
+        input_ids: (B, T) long.
+        attention_mask: (B, T) 1 for real tokens (one example per row), or (B, 1, T, T) additive float mask
+            (0 where attending is allowed, the dtype's minimum elsewhere) for packed rows.
+        position_ids: (B, T) long; restart at 0 for every example.
+        loss_mask: (B, T) bool; True at completion tokens.
+        real_tokens: prompt and completion tokens in the batch (padding excluded).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    loss_mask: Tensor
+    real_tokens: int
+
+
+def collate_examples(examples: Sequence[SFTExample], pad: int) -> TokenBatch:
+    """One example per row, right padded (`logprobs.collate`)."""
+    batch = collate([e.prompt_ids for e in examples], [e.completion_ids for e in examples], pad, "right")
+    return TokenBatch(batch.input_ids, batch.attention_mask, batch.position_ids, batch.completion_mask,
+                      int(batch.attention_mask.sum()))
+
+
+def pack_examples(examples: Sequence[SFTExample], length: int, pad: int, dtype: torch.dtype) -> TokenBatch:
+    """Several examples per row (in order, a new row when the next one does not fit in `length` tokens).
+
+    Attention is isolated by a block-diagonal causal mask, and positions restart at 0 for every example, so each
+    example's log-probabilities are those it has alone. Padding at the end of a row forms its own block.
+    """
+    rows: list[list[SFTExample]] = [[]]
+    used = [0]  # tokens in each row
+    for example in examples:
+        size = len(example.prompt_ids) + len(example.completion_ids)
+        if rows[-1] and used[-1] + size > length:
+            rows.append([])
+            used.append(0)
+        rows[-1].append(example)
+        used[-1] += size
+    width = max(used)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    segment = torch.zeros((len(rows), width), dtype=torch.long)  # which example each token belongs to
+    for r, row in enumerate(rows):
+        start = 0
+        for s, example in enumerate(row):
+            tokens = example.prompt_ids + example.completion_ids
+            end = start + len(tokens)
+            input_ids[r, start:end] = torch.tensor(tokens)
+            position_ids[r, start:end] = torch.arange(len(tokens))
+            loss_mask[r, start + len(example.prompt_ids):end] = True
+            segment[r, start:end] = s
+            start = end
+        segment[r, start:] = len(row)  # the padding block
+        position_ids[r, start:] = torch.arange(width - start)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T): query t sees keys <= t
+    allowed = causal & (segment[:, :, None] == segment[:, None, :])  # (B, T, T): ... of its own example only
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    real_tokens = sum(len(e.prompt_ids) + len(e.completion_ids) for e in examples)
+    return TokenBatch(input_ids, mask.unsqueeze(1), position_ids, loss_mask, real_tokens)  # mask (B, 1, T, T)
+
+
+# -------------------------------------------------------------------------------------------------------------- loss
+
+
+def completion_nll(model: nn.Module, batch: TokenBatch, num_tokens: int) -> Tensor:
+    """This micro-batch's share of the SFT loss: - sum of log pi(a_t | s_t) over its completion tokens / num_tokens.
+
+    Args:
+        model: a causal LM (or a PEFT model around one).
+        batch: a micro-batch from `collate_examples` or `pack_examples`.
+        num_tokens: completion tokens of the whole batch (all micro-batches), so that the shares add up to the
+            token-level mean of the batch.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, use_cache=False).logits  # (B, T, V)
+    log_probs = token_log_probs(logits, batch.input_ids)  # (B, T): log pi(x_t | x_<t), seed 003's actions
+    return aggregate(-log_probs, batch.loss_mask, "token", num_tokens=max(num_tokens, 1))
+
+
+def _embedding_dtype(model: nn.Module) -> torch.dtype:
+    return model.get_input_embeddings().weight.dtype
+
+
+def accumulate_gradients(model: nn.Module, examples: Sequence[SFTExample], micro_batches: int, pad: int,
+                         pack_length: int = 0) -> tuple[float, int, int]:
+    """Add the gradient of the batch's SFT loss to `.grad`, one micro-batch at a time.
+
+    Args:
+        examples: the batch (this process's share of it).
+        micro_batches: how many consecutive micro-batches to split it into (must divide len(examples)).
+        pad: the pad id.
+        pack_length: 0 for one example per row, else pack each micro-batch into rows of this many tokens.
+
+    Returns:
+        (loss, completion tokens, real tokens): the batch's loss L, its normaliser N_tokens, and the tokens seen.
+    """
+    num_tokens = completion_tokens(examples)  # counted over the whole batch, before any micro-batch: exact accumulation
+    size = len(examples) // micro_batches
+    loss_total, real_tokens = 0.0, 0
+    for start in range(0, len(examples), size):
+        micro = examples[start:start + size]
+        batch = pack_examples(micro, pack_length, pad, _embedding_dtype(model)) if pack_length \
+            else collate_examples(micro, pad)  # collate
+        loss = completion_nll(model, batch, num_tokens)  # this micro-batch's share of L
+        loss.backward()  # accumulate: .grad sums the shares into the gradient of L
+        loss_total += float(loss.detach())
+        real_tokens += batch.real_tokens
+    return loss_total, num_tokens, real_tokens
+
+
+# -------------------------------------------------------------------------------------------------------- evaluation
+
+
+def greedy_completions(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: int, pad: int,
+                       batch_size: int = 32) -> list[list[int]]:
+    """Greedy decoding of every prompt (left-padded batches, model.generate); each result is cut before its EOS."""
+    from transformers import GenerationConfig
+
+    settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        batch = collate(prompts[start:start + batch_size], [[]] * len(prompts[start:start + batch_size]), pad,
+                        "left")
+        output = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                generation_config=settings)  # (B, T + new)
+        for row in output[:, batch.input_ids.shape[1]:].tolist():
+            results.append(row[:row.index(eos)] if eos in row else row)
+    return results
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, examples: Sequence[SFTExample], batch_size: int, pad: int,
+             max_new_tokens: int = 0) -> dict[str, float]:
+    """eval/nll (token-mean NLL of the held-out completions) and eval/exact_match (greedy decoding).
+
+    A completion matches when the decoded text of the greedy tokens before EOS equals the decoded reference
+    (without its EOS), both stripped of surrounding whitespace.
+    """
+    was_training = model.training
+    model.eval()
+    num_tokens = completion_tokens(examples)
+    nll = sum(float(completion_nll(model, collate_examples(examples[start:start + batch_size], pad), num_tokens))
+              for start in range(0, len(examples), batch_size))
+    eos = tokenizer.eos_token_id
+    budget = max_new_tokens or max(len(example.completion_ids) for example in examples)
+    generated = greedy_completions(model, [example.prompt_ids for example in examples], budget, eos, pad,
+                                   batch_size)
+    references = [[token for token in example.completion_ids if token != eos] for example in examples]
+    matches = [tokenizer.decode(output, skip_special_tokens=True).strip()
+               == tokenizer.decode(reference, skip_special_tokens=True).strip()
+               for output, reference in zip(generated, references)]
+    model.train(was_training)
+    return {"eval/nll": nll, "eval/exact_match": sum(matches) / len(matches)}
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+
+
+def _data_paths(config: SFTConfig, run_dir: Path) -> tuple[str, str]:
+    if config.task != "none":
+        files = task_files(config, run_dir)
+        return str(files["sft_train"]), str(files["sft_eval"])
+    return config.data, config.eval_data
+
+
+def _examples(rows, tokenizer, length: int, what: str) -> list[SFTExample]:
+    examples, cut = tokenize_pairs(sft_pairs(rows, tokenizer), tokenizer, length)
+    if cut:
+        print(f"advantage: {cut} of {len(examples)} {what} examples are longer than max_length={length} tokens "
+              f"and were cut at the right", file=sys.stderr)
+    return examples
+
+
+def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun:
+    """Fine-tune `config.model` on the completions of `config.data` (or the built-in task); write the run directory.
+
+    Returns:
+        The LMRun, whose `.model` is the trained model as saved in final/ (merged, with LoRA and lora_merge).
+    """
+    validate(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    session = LMSession("sft", config, run_dir, resume)
+    train_path, eval_path = _data_paths(config, session.run_dir)
+    train_rows = load_rows(train_path, "sft")  # malformed data stops the run here, before the model loads
+    eval_rows = load_rows(eval_path, "sft") if eval_path else []
+    model, tokenizer = load_policy(config)
+    pad, length = pad_id(tokenizer), max_length(config, model)
+    train_examples = _examples(train_rows, tokenizer, length, "training")
+    eval_examples = _examples(eval_rows, tokenizer, length, "evaluation") if eval_rows else []
+    if config.lora_r:
+        model = add_lora(model, config)
+    torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    steps = total_steps(config, len(train_examples))
+    order = DataOrder(len(train_examples), config.batch_size, config.seed)
+    data_id = fingerprint([[e.prompt_ids, e.completion_ids] for e in train_examples])
+    session.start(model, optimizer, steps, data_id)
+    micro_size = config.batch_size // config.gradient_accumulation_steps
+    max_norm = config.max_grad_norm or math.inf
+    step = session.start_step
+    last: dict = {}
+    window = {"loss": 0.0, "grad_norm": 0.0, "finite": 0, "tokens": 0, "completion_tokens": 0, "steps": 0,
+              "seconds": 0.0}
+
+    if step == 0 and eval_examples:  # the starting point, for comparison
+        last = session.metrics.log(0, session.elapsed(), evaluate(model, tokenizer, eval_examples, micro_size, pad,
+                                                                  config.max_new_tokens))
+    while step < steps:
+        began = time.perf_counter()
+        learning_rate = learning_rate_at(config, step, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+
+        # 1-3. Collate the batch's micro-batches, compute each one's share of L, accumulate the gradients.
+        examples = [train_examples[index] for index in order.batch(step)]
+        loss, num_tokens, real_tokens = accumulate_gradients(
+            model, examples, config.gradient_accumulation_steps, pad, length if config.packing else 0)
+
+        # 4. One optimizer step (skipped, and counted, if the loss is not finite).
+        if session.finite(loss):
+            grad_norm = float(nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_norm))
+            optimizer.step()
+            window["loss"] += loss
+            window["grad_norm"] += grad_norm
+            window["finite"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window["tokens"] += real_tokens
+        window["completion_tokens"] += num_tokens
+        window["steps"] += 1
+        window["seconds"] += time.perf_counter() - began
+
+        # 5. Log (averaged over the steps since the last line), with the held-out metrics when they are due.
+        evaluation_due = bool(eval_examples) and session.evaluation_due(step)
+        if step % config.log_every == 0 or step == steps or evaluation_due:
+            finite = max(window["finite"], 1)
+            logged = {"losses/nll": window["loss"] / finite if window["finite"] else math.nan,
+                      "losses/grad_norm": window["grad_norm"] / finite if window["finite"] else math.nan,
+                      "charts/learning_rate": learning_rate,
+                      "charts/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
+                      "charts/completion_tokens": window["completion_tokens"] / window["steps"],
+                      "charts/epoch": order.epochs_done(step),
+                      "charts/skipped_updates": session.skipped_updates}
+            if evaluation_due:
+                logged.update(evaluate(model, tokenizer, eval_examples, micro_size, pad, config.max_new_tokens))
+            last = session.metrics.log(step, session.elapsed(), logged)
+            session.show(step, {"loss": logged["losses/nll"], "tok/s": logged["charts/tokens_per_s"]})
+            window = dict.fromkeys(window, 0)
+
+        # 6. Checkpoint.
+        if session.checkpoint_due(step):
+            session.save(step, {"data_order": order.state(step)})
+
+    model = session.finish(model, tokenizer, step)
+    return LMRun(session.run_dir, "sft", config, last, step, model, tokenizer)
