@@ -31,6 +31,30 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+# The language-model stages: name -> (one-line help, description). Each has a module advantage.lm.NAME.
+LM_STAGES = {
+    "sft": ("supervised fine-tuning of a causal language model on prompt/completion data",
+            "Fine-tune a causal LM (a local Hugging Face directory, or builtin:nano|tiny|small) by maximum "
+            "likelihood of the completion tokens (prompt tokens masked out, EOS appended), on --data (JSONL, "
+            "Parquet or a datasets directory in TRL columns) or a built-in --task."),
+    "reward": ("train a reward model on preference pairs or rankings",
+               "Train a reward model (the body of --model with a scalar head; the reward is the scalar at the last "
+               "token) on preferences: --loss bt (Bradley-Terry on chosen/rejected pairs), kwise (every pair of "
+               "each ranking, InstructGPT) or plackett_luce (the likelihood of whole rankings), from --data "
+               "(preference or ranking rows in TRL columns) or a built-in --task. Logs held-out pairwise "
+               "accuracy and margin. final/ is read back by ScalarHeadModel.from_pretrained."),
+    "dpo": ("direct preference optimization of a causal language model",
+            "Fine-tune a causal LM on preferences with DPO: --loss sigmoid (pairs) or plackett_luce (rankings), "
+            "--beta the strength of the implicit KL to the starting model, whose log-probabilities are computed "
+            "once before training. Logs implicit rewards, margins and preference accuracy, on training batches "
+            "and held-out data."),
+}
+LM_RUN_DIRECTORY = (" Writes a run directory: config.yaml, metrics.jsonl (step = optimizer steps), TensorBoard "
+                    "events, checkpoints/, final/ (Hugging Face format). Values come from the defaults, then "
+                    "--config, then the flags. --batch-size is the batch of one optimizer step; "
+                    "--gradient-accumulation-steps splits it into micro-batches without changing the result.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = _Parser(prog="advantage", description=__doc__.splitlines()[0])
@@ -59,22 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         for field in dataclasses.fields(module.CONFIG):
             _add_single_flag(sub, module.CONFIG, field)
 
-    from advantage.lm.sft import SFTConfig
+    from advantage.lm.session import stage_module
 
-    sft = commands.add_parser(
-        "sft", help="supervised fine-tuning of a causal language model on prompt/completion data",
-        description="Fine-tune a causal LM (a local Hugging Face directory, or builtin:nano|tiny|small) by maximum "
-                    "likelihood of the completion tokens (prompt tokens masked out, EOS appended), on --data "
-                    "(JSONL, Parquet or a datasets directory in TRL columns) or a built-in --task. Writes a run "
-                    "directory: config.yaml, metrics.jsonl (step = optimizer steps), TensorBoard events, "
-                    "checkpoints/, final/ (Hugging Face format: model and tokenizer). Values come from the "
-                    "defaults, then --config, then the flags. --batch-size is the batch of one optimizer step; "
-                    "--gradient-accumulation-steps splits it into micro-batches without changing the result.")
-    sft.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of field: value")
-    sft.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/sft-MODEL-seedS)")
-    sft.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    for field in dataclasses.fields(SFTConfig):
-        _add_single_flag(sft, SFTConfig, field)
+    for name, (summary, description) in LM_STAGES.items():
+        module = stage_module(name)
+        stage = commands.add_parser(name, help=summary, description=description + LM_RUN_DIRECTORY)
+        stage.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of field: value")
+        stage.add_argument("--out", metavar="RUN_DIR", help=f"run directory (default runs/{name}-MODEL-seedS)")
+        stage.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+        for field in dataclasses.fields(module.CONFIG):
+            _add_single_flag(stage, module.CONFIG, field)
 
     evaluate = commands.add_parser("eval", help="evaluate the final policy of a run",
                                    description="Run the final policy of RUN_DIR and print one JSON line with the "
@@ -128,17 +146,18 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_sft(args: argparse.Namespace) -> int:
-    """`advantage sft`: resolve the config (defaults < --config < flags) and fine-tune, or resume."""
+def run_lm_stage(args: argparse.Namespace) -> int:
+    """`advantage sft|reward|dpo`: resolve the config (defaults < --config < flags) and train, or resume."""
     from advantage.lm import session
 
+    stage = args.command
     flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     if args.resume:
-        session.resume(args.resume, stage="sft", **flags)
+        session.resume(args.resume, stage=stage, **flags)
         return 0
-    config = session.resolve_config("sft", flags, args.config, source="command line")
-    out = Path(args.out) if args.out else session.default_run_dir("sft", config)
-    session.stage_module("sft").train(config, out)
+    config = session.resolve_config(stage, flags, args.config, source="command line")
+    out = Path(args.out) if args.out else session.default_run_dir(stage, config)
+    session.stage_module(stage).train(config, out)
     return 0
 
 
@@ -175,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             return verify_main(seed=args.seed)
         if args.command == "train":
             return run_train(args)
-        if args.command == "sft":
-            return run_sft(args)
+        if args.command in LM_STAGES:
+            return run_lm_stage(args)
         if args.command == "eval":
             return run_eval(args)
         if args.command == "report":

@@ -1,4 +1,4 @@
-"""What every language-model stage shares (sft now; reward, dpo, rlhf, grpo later): the base config, the policy
+"""What every language-model stage shares (sft, reward, dpo; rlhf, grpo later): the base config, the policy
 model (built-in or a local Hugging Face directory, optionally with LoRA), the data order, the learning-rate
 schedule, and the run session (directory, metrics, checkpoints, exact resume, final/).
 
@@ -42,7 +42,7 @@ from advantage.run.config import apply_overrides, load_yaml_mapping, param, save
 from advantage.run.metrics import MetricsWriter, truncate_jsonl
 from advantage.run.progress import Progress
 
-STAGES = ("sft",)
+STAGES = ("sft", "reward", "dpo")
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -458,23 +458,28 @@ class LMSession:
 
         With LoRA and `lora_merge` (default) the adapters are merged into the weights and final/ is a plain
         transformers model; otherwise final/ holds the PEFT adapter, and a built-in base model is saved to
-        RUN_DIR/base_model so that the adapter's base is a real directory.
+        RUN_DIR/base_model so that the adapter's base is a real directory. A `ScalarHeadModel` (the reward stage,
+        whose adapters the stage merges itself) is written by its own `save_pretrained`: body, head and tokenizer,
+        which `ScalarHeadModel.from_pretrained` reads back.
         """
-        from advantage.lm.models import save_pretrained
+        from advantage.lm.models import ScalarHeadModel, save_pretrained
 
         with quiet_transformers():
-            if hasattr(model, "merge_and_unload") and self.config.lora_merge:
-                model = model.merge_and_unload()
-            elif hasattr(model, "peft_config"):
-                base = self.config.model
-                if base.startswith(BUILTIN_PREFIX):
-                    base_model = load_policy(self.config)[0]
-                    base = str(save_pretrained(base_model, tokenizer, self.run_dir / "base_model").absolute())
-                else:
-                    base = str(Path(base).absolute())
-                for adapter in model.peft_config.values():
-                    adapter.base_model_name_or_path = base
-            save_pretrained(model, tokenizer, self.run_dir / "final")
+            if isinstance(model, ScalarHeadModel):
+                model.save_pretrained(self.run_dir / "final", tokenizer)
+            else:
+                if hasattr(model, "merge_and_unload") and self.config.lora_merge:
+                    model = model.merge_and_unload()
+                elif hasattr(model, "peft_config"):
+                    base = self.config.model
+                    if base.startswith(BUILTIN_PREFIX):
+                        base_model = load_policy(self.config)[0]
+                        base = str(save_pretrained(base_model, tokenizer, self.run_dir / "base_model").absolute())
+                    else:
+                        base = str(Path(base).absolute())
+                    for adapter in model.peft_config.values():
+                        adapter.base_model_name_or_path = base
+                save_pretrained(model, tokenizer, self.run_dir / "final")
         if self.metrics is not None:
             self.metrics.close()
         if self.progress is not None:
@@ -510,7 +515,8 @@ def default_run_dir(stage: str, config: LMConfig) -> Path:
 
 
 def train(stage: str, out: str | Path | None = None, config_file: str | Path | None = None, **fields: Any) -> LMRun:
-    """Run a language-model stage ("sft") and return its LMRun; `fields` are any fields of the stage's config."""
+    """Run a language-model stage ("sft", "reward", "dpo") and return its LMRun; `fields` are any fields of the stage's
+    config."""
     config = resolve_config(stage, fields, config_file)
     return stage_module(stage).train(config, Path(out) if out else default_run_dir(stage, config))
 

@@ -29,6 +29,8 @@ class DQNConfig(RLConfig):
     num_envs: int = param(1, "parallel environments")
     hidden_sizes: str = param("256,256", "hidden layer sizes of the Q-network, comma separated")
     activation: Literal["tanh", "relu"] = param("relu", "activation between the hidden layers")
+    orthogonal_init: bool = param(False, "orthogonal initialisation; false (PyTorch's default, as SB3) learned "
+                                         "CartPole faster here (benchmarks/README.md)")
     learning_rate: float = param(2.3e-3, "Adam learning rate")
     buffer_size: int = param(100_000, "replay buffer capacity (transitions)")
     learning_starts: int = param(1_000, "environment steps before the first update")

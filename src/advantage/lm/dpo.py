@@ -1,0 +1,302 @@
+"""Direct Preference Optimization (DPO): the reward model's loss, written in terms of the policy (seed 004; seed 000).
+
+The KL-regularised objective max_pi E_x E_{y ~ pi}[r(x, y)] - beta KL(pi(.|x) || pi_ref(.|x)) is maximised by
+pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x), so every reward has a policy that is optimal for it, and
+conversely r(x, y) = beta log pi*(y|x) / pi_ref(y|x) + beta log Z(x) (seed 004). Substituting this implicit reward
+into the reward model's likelihoods (reward.py), Z(x) cancels in every comparison of answers to the same prompt.
+With h(y) = log pi(y|x) - log pi_ref(y|x), the log-ratio of the trained policy to the reference, the losses are
+
+    sigmoid        Bradley-Terry on pairs (seed 000, 004): L = - mean_b log sigma(beta [h(y_w) - h(y_l)])
+    plackett_luce  Plackett-Luce on rankings best first (seed 004), h_k = h(y_k):
+                   L = - mean_b sum_k [beta h_k - log sum_{j>=k} exp(beta h_j)]
+
+For K = 2 the two are the same loss. log pi(y|x) is the sequence log-probability sum_t log pi(a_t|s_t) of the
+completion tokens (EOS included) given the prompt (seed 003), computed by `logprobs.sequence_log_probs` only. The
+losses come from objectives/preference.py (`dpo_loss`, `plackett_luce_dpo_loss`).
+
+The reference. pi_ref is the starting model, and its log-probabilities of the fixed data never change: they are
+computed once, before training, over the whole training set and the held-out set, with the starting model in eval
+mode (no dropout). Then the same model object is trained, so no second copy of the model is ever in memory. With
+LoRA the reference is computed before the adapters are added, which is the base model with the adapters disabled.
+Every checkpoint stores the reference log-probabilities, so a resumed run uses bit-identical values without
+recomputing them.
+
+Normalisation. The loss is a mean over the pairs (rankings) of the whole batch: a micro-batch's loss is the mean
+over its own pairs times (its pairs / the batch's pairs), so the accumulated gradient is that of the batch mean for
+any number of micro-batches.
+
+metrics.jsonl (`step` = optimizer steps; `time_s` = wall seconds since the start, carried across resumes). The
+implicit reward of an answer is beta (log pi(y|x) - log pi_ref(y|x)); pairs are every i < j of each ranking:
+
+    losses/dpo            the loss L of the step's batch
+    losses/grad_norm      global gradient norm before clipping
+    rewards/chosen        mean implicit reward of the best answer (chosen, for pairs)
+    rewards/rejected      mean implicit reward of the worst answer (rejected, for pairs)
+    rewards/margin        mean implicit-reward margin r_i - r_j over pairs (chosen - rejected)
+    rewards/accuracy      share of pairs whose implicit-reward margin is > 0
+    charts/learning_rate, charts/tokens_per_s, charts/epoch, charts/skipped_updates   as in sft
+    eval/loss, eval/chosen, eval/rejected, eval/margin, eval/accuracy   the same on the held-out data (logged at
+                          step 0, every eval_every steps and at the end; at step 0 every margin is exactly 0)
+    eval/logp_accuracy    share of held-out pairs with log pi(y_i|x) > log pi(y_j|x): the policy's own preference,
+                          which, unlike the implicit reward, can be compared with the starting model's
+    eval/logp_margin      mean log pi(y_i|x) - log pi(y_j|x) over the same pairs
+
+final/ is the trained causal LM in Hugging Face format (merged, or the PEFT adapter with lora_merge false), as sft.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advantage.errors import UsageError
+from advantage.lm.logprobs import sequence_log_probs
+from advantage.lm.reward import PairwiseTally, PreferenceDataConfig, RankedExample, RankingBatch, best_and_worst, \
+    collate_rankings, data_fingerprint, data_kind, load_preference_rows, tokenize_rankings, validate_preference_data
+from advantage.lm.session import DataOrder, LMRun, LMSession, add_lora, learning_rate_at, load_policy, max_length, \
+    pad_id, require, total_steps
+from advantage.objectives.preference import dpo_loss, plackett_luce_dpo_loss
+from advantage.run.config import param
+
+
+@dataclass
+class DPOConfig(PreferenceDataConfig):
+    """DPO's hyperparameters: every LMConfig field, the preference-data fields, the loss and beta."""
+
+    loss: Literal["sigmoid", "plackett_luce"] = param(
+        "sigmoid", "sigmoid: Bradley-Terry on pairs (seed 004); plackett_luce: the likelihood of whole rankings "
+                   "(seed 004)")
+    beta: float = param(0.1, "strength of the KL to the reference: the implicit reward is beta log pi / pi_ref")
+
+
+CONFIG = DPOConfig
+
+
+def validate(config: DPOConfig) -> None:
+    """Reject invalid hyperparameters with a one-line error naming the field."""
+    validate_preference_data(config, config.loss, config.loss == "plackett_luce")
+    require(config.beta > 0 and math.isfinite(config.beta), "beta", "must be > 0", config.beta)
+
+
+# ------------------------------------------------------------------------------------------------------- log-probs
+
+
+def ranking_log_probs(model: nn.Module, batch: RankingBatch) -> Tensor:
+    """log pi(y_k | x) of every answer of every ranking (`logprobs.sequence_log_probs`).
+
+    Returns:
+        (B, K) float32; 0 where a ranking has no answer k.
+    """
+    return sequence_log_probs(model, batch.sequences).view(batch.mask.shape)  # (B * K,) -> (B, K)
+
+
+@torch.no_grad()
+def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], batch_size: int, pad: int) -> Tensor:
+    """log pi_ref(y_k | x) of every answer of every example, with `model` as the reference, in eval mode.
+
+    Args:
+        examples: N rankings.
+        batch_size: rankings per forward pass (the evaluation uses the same chunks, so that at step 0 the
+            held-out policy and reference log-probabilities are bit-identical).
+    Returns:
+        (N, K_max) float32; 0 where a ranking has fewer answers.
+    """
+    was_training = model.training
+    model.eval()
+    chunks = [ranking_log_probs(model, collate_rankings(examples[start:start + batch_size], pad))
+              for start in range(0, len(examples), batch_size)]
+    model.train(was_training)
+    width = max(chunk.shape[1] for chunk in chunks)
+    return torch.cat([F.pad(chunk, (0, width - chunk.shape[1])) for chunk in chunks])  # (N, K_max)
+
+
+# -------------------------------------------------------------------------------------------------------------- loss
+
+
+def preference_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, mask: Tensor, loss: str,
+                    beta: float) -> tuple[Tensor, Tensor]:
+    """DPO's loss of B rankings, a mean over the rankings (objectives/preference.py), and the implicit rewards.
+
+    Args:
+        policy_log_probs: (B, K) sequence log-probabilities, column 0 the best answer.
+        ref_log_probs: (B, K') with K' >= K (the reference of the whole data set may be wider than this batch).
+        mask: (B, K) bool, True where an answer exists.
+        loss: "sigmoid" (K must be 2) or "plackett_luce".
+    Returns:
+        (scalar loss, (B, K) detached implicit rewards beta (log pi - log pi_ref)).
+    """
+    ref_log_probs = ref_log_probs[:, :policy_log_probs.shape[1]]
+    if loss == "sigmoid":
+        value, stats = dpo_loss(policy_log_probs[:, 0], policy_log_probs[:, 1], ref_log_probs[:, 0],
+                                ref_log_probs[:, 1], beta)  # seed 000, 004
+        return value, torch.stack([stats.chosen_rewards, stats.rejected_rewards], dim=1)
+    return plackett_luce_dpo_loss(policy_log_probs, ref_log_probs, beta, mask)
+
+
+def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], reference: Tensor, micro_batches: int,
+                         pad: int, loss: str, beta: float) -> tuple[float, PairwiseTally, int]:
+    """Add the gradient of the batch's DPO loss to `.grad`, one micro-batch at a time.
+
+    Args:
+        examples: the batch of B rankings (this process's share of it).
+        reference: (B, K_max) their reference log-probabilities.
+        micro_batches: how many consecutive micro-batches to split the batch into (must divide B).
+    Returns:
+        (loss, tally of the implicit rewards, real tokens): the batch mean L, its pairwise diagnostics, the tokens.
+    """
+    size = len(examples) // micro_batches
+    loss_total, tally, real_tokens = 0.0, PairwiseTally(), 0
+    for start in range(0, len(examples), size):
+        micro = examples[start:start + size]
+        batch = collate_rankings(micro, pad)  # collate: (b * K, T)
+        policy = ranking_log_probs(model, batch)  # (b, K): log pi_theta(y_k | x)
+        value, rewards = preference_loss(policy, reference[start:start + size], batch.mask, loss, beta)
+        # This micro-batch's share of the batch mean: every pair weighs 1 / B, whichever micro-batch holds it.
+        share = value * (len(micro) / len(examples))
+        share.backward()  # accumulate: .grad sums the shares into the gradient of L
+        loss_total += float(share.detach())
+        tally.add(rewards, batch.mask)
+        real_tokens += batch.real_tokens
+    return loss_total, tally, real_tokens
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: Sequence[RankedExample], reference: Tensor, batch_size: int, pad: int,
+             loss: str, beta: float) -> dict[str, float]:
+    """The held-out metrics (eval/loss, implicit-reward figures, logp_accuracy, logp_margin), in eval mode.
+
+    `reference` must come from `reference_log_probs` with the same `batch_size`, so that the batches match.
+    """
+    was_training = model.training
+    model.eval()
+    loss_total, implicit, own = 0.0, PairwiseTally(), PairwiseTally()
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = collate_rankings(chunk, pad)
+        policy = ranking_log_probs(model, batch)  # (b, K)
+        value, rewards = preference_loss(policy, reference[start:start + batch_size], batch.mask, loss, beta)
+        loss_total += float(value) * len(chunk) / len(examples)
+        implicit.add(rewards, batch.mask)
+        own.add(policy, batch.mask)
+    model.train(was_training)
+    log_probs = own.means("eval/logp_")
+    return {"eval/loss": loss_total, **implicit.means("eval/"),
+            "eval/logp_accuracy": log_probs["eval/logp_accuracy"], "eval/logp_margin": log_probs["eval/logp_margin"]}
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+
+
+def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun:
+    """Fine-tune `config.model` with DPO on the preferences of `config.data` (or the built-in task).
+
+    Returns:
+        The LMRun, whose `.model` is the trained causal LM as saved in final/ (merged, with LoRA and lora_merge).
+    """
+    validate(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    session = LMSession("dpo", config, run_dir, resume)
+
+    # 1. Data: rankings best first (a pair is a ranking of two), tokenized with EOS appended.
+    kind = data_kind(config, config.loss == "plackett_luce")
+    train_rows, eval_rows = load_preference_rows(config, session.run_dir, kind)
+    model, tokenizer = load_policy(config)
+    pad, length = pad_id(tokenizer), max_length(config, model)
+    train_examples = tokenize_rankings(train_rows, kind, tokenizer, length, "training")
+    eval_examples = tokenize_rankings(eval_rows, kind, tokenizer, length, "evaluation") if eval_rows else []
+    if config.ranking_answers == "best_worst":
+        train_examples = best_and_worst(train_examples)
+    micro_size = config.batch_size // config.gradient_accumulation_steps
+
+    # 2. Reference log-probabilities, once, with the starting model (before any adapter or update); a resumed run
+    #    reads the values its checkpoint stored instead.
+    reference = eval_reference = None
+    if session.checkpoint_path is None:
+        reference = reference_log_probs(model, train_examples, micro_size, pad)  # (N, K)
+        eval_reference = reference_log_probs(model, eval_examples, micro_size, pad) if eval_examples else None
+
+    # 3. The trained model is the same object: with LoRA, only adapters on it.
+    if config.lora_r:
+        model = add_lora(model, config)
+    model.train()
+    torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    steps = total_steps(config, len(train_examples))
+    order = DataOrder(len(train_examples), config.batch_size, config.seed)
+    # The checkpoint's reference log-probabilities cover the held-out set too, so a resume needs it unchanged as well.
+    state = session.start(model, optimizer, steps, data_fingerprint([*train_examples, *eval_examples]))
+    if state is not None:
+        if "reference_log_probs" not in state:
+            raise UsageError(f"{session.checkpoint_path}: no reference log-probabilities in this checkpoint")
+        reference, eval_reference = state["reference_log_probs"], state["eval_reference_log_probs"]
+    max_norm = config.max_grad_norm or math.inf
+    step = session.start_step
+    last: dict = {}
+    window = {"loss": 0.0, "grad_norm": 0.0, "finite": 0, "tokens": 0, "steps": 0, "seconds": 0.0}
+    tally = PairwiseTally()
+
+    def held_out() -> dict[str, float]:
+        return evaluate(model, eval_examples, eval_reference, micro_size, pad, config.loss, config.beta)
+
+    if step == 0 and eval_examples:  # the starting point: every implicit margin is 0, logp_accuracy the reference's
+        last = session.metrics.log(0, session.elapsed(), held_out())
+    while step < steps:
+        began = time.perf_counter()
+        learning_rate = learning_rate_at(config, step, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+
+        # 4-5. Collate the batch's micro-batches, compute each one's share of the DPO loss, accumulate gradients.
+        indices = order.batch(step)
+        examples = [train_examples[index] for index in indices]
+        loss, batch_tally, real_tokens = accumulate_gradients(
+            model, examples, reference[indices], config.gradient_accumulation_steps, pad, config.loss, config.beta)
+
+        # 6. One optimizer step (skipped, and counted, if the loss is not finite).
+        if session.finite(loss):
+            grad_norm = float(nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_norm))
+            optimizer.step()
+            window["loss"] += loss
+            window["grad_norm"] += grad_norm
+            window["finite"] += 1
+            tally.update(batch_tally)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window["tokens"] += real_tokens
+        window["steps"] += 1
+        window["seconds"] += time.perf_counter() - began
+
+        # 7. Log (averaged over the steps since the last line), with the held-out metrics when they are due.
+        evaluation_due = bool(eval_examples) and session.evaluation_due(step)
+        if step % config.log_every == 0 or step == steps or evaluation_due:
+            finite = window["finite"]
+            logged = {"losses/dpo": window["loss"] / finite if finite else math.nan,
+                      "losses/grad_norm": window["grad_norm"] / finite if finite else math.nan,
+                      **tally.means("rewards/"),
+                      "charts/learning_rate": learning_rate,
+                      "charts/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
+                      "charts/epoch": order.epochs_done(step),
+                      "charts/skipped_updates": session.skipped_updates}
+            if evaluation_due:
+                logged.update(held_out())
+            last = session.metrics.log(step, session.elapsed(), logged)
+            session.show(step, {"loss": logged["losses/dpo"], "acc": logged["rewards/accuracy"]})
+            window, tally = dict.fromkeys(window, 0), PairwiseTally()
+
+        # 8. Checkpoint, with the reference log-probabilities (exact resume without recomputing them).
+        if session.checkpoint_due(step):
+            session.save(step, {"data_order": order.state(step), "reference_log_probs": reference,
+                                "eval_reference_log_probs": eval_reference})
+
+    model = session.finish(model, tokenizer, step)
+    return LMRun(session.run_dir, "dpo", config, last, step, model, tokenizer)
