@@ -61,8 +61,8 @@ from advantage.errors import UsageError
 from advantage.lm.logprobs import sequence_log_probs
 from advantage.lm.reward import PairwiseTally, PreferenceDataConfig, RankedExample, RankingBatch, best_and_worst, \
     collate_rankings, data_fingerprint, data_kind, load_preference_rows, tokenize_rankings, validate_preference_data
-from advantage.lm.session import DataOrder, LMRun, LMSession, add_lora, learning_rate_at, load_policy, max_length, \
-    pad_id, require, total_steps
+from advantage.lm.session import DataOrder, LMRun, LMSession, StepWindow, add_lora, learning_rate_at, load_policy, \
+    max_length, pad_id, require, total_steps
 from advantage.objectives.preference import dpo_loss, plackett_luce_dpo_loss
 from advantage.run.config import param
 
@@ -242,7 +242,7 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
     max_norm = config.max_grad_norm or math.inf
     step = session.start_step
     last: dict = {}
-    window = {"loss": 0.0, "grad_norm": 0.0, "finite": 0, "tokens": 0, "steps": 0, "seconds": 0.0}
+    window = StepWindow()
     tally = PairwiseTally()
 
     def held_out() -> dict[str, float]:
@@ -263,35 +263,24 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
             model, examples, reference[indices], config.gradient_accumulation_steps, pad, config.loss, config.beta)
 
         # 6. One optimizer step (skipped, and counted, if the loss is not finite).
-        if session.finite(loss):
-            grad_norm = float(nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_norm))
-            optimizer.step()
-            window["loss"] += loss
-            window["grad_norm"] += grad_norm
-            window["finite"] += 1
+        if window.optimizer_step(session, optimizer, loss, max_norm):
             tally.update(batch_tally)
-        optimizer.zero_grad(set_to_none=True)
         step += 1
-        window["tokens"] += real_tokens
-        window["steps"] += 1
-        window["seconds"] += time.perf_counter() - began
+        window.end_step(real_tokens, time.perf_counter() - began)
 
         # 7. Log (averaged over the steps since the last line), with the held-out metrics when they are due.
         evaluation_due = bool(eval_examples) and session.evaluation_due(step)
         if step % config.log_every == 0 or step == steps or evaluation_due:
-            finite = window["finite"]
-            logged = {"losses/dpo": window["loss"] / finite if finite else math.nan,
-                      "losses/grad_norm": window["grad_norm"] / finite if finite else math.nan,
+            logged = {**window.figures("losses/dpo"),
                       **tally.means("rewards/"),
                       "charts/learning_rate": learning_rate,
-                      "charts/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
                       "charts/epoch": order.epochs_done(step),
                       "charts/skipped_updates": session.skipped_updates}
             if evaluation_due:
                 logged.update(held_out())
             last = session.metrics.log(step, session.elapsed(), logged)
             session.show(step, {"loss": logged["losses/dpo"], "acc": logged["rewards/accuracy"]})
-            window, tally = dict.fromkeys(window, 0), PairwiseTally()
+            window, tally = StepWindow(), PairwiseTally()
 
         # 8. Checkpoint, with the reference log-probabilities (exact resume without recomputing them).
         if session.checkpoint_due(step):

@@ -56,13 +56,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from advantage.lm.data import Row, load_rows, preference_triples, rankings
 from advantage.lm.logprobs import PromptCompletionBatch, collate
 from advantage.lm.models import ScalarHeadModel
-from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, add_lora, fingerprint, learning_rate_at, \
-    load_policy, max_length, pad_id, require, task_files, total_steps, validate_lm
+from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, StepWindow, add_lora, fingerprint, \
+    learning_rate_at, load_policy, max_length, pad_id, require, task_files, total_steps, validate_lm
 from advantage.lm.sft import tokenize_pairs
 from advantage.objectives.preference import bradley_terry_loss, kwise_pairwise_loss, plackett_luce_loss
 from advantage.run.config import param
@@ -379,7 +379,7 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
     max_norm = config.max_grad_norm or math.inf
     step = session.start_step
     last: dict = {}
-    window = {"loss": 0.0, "grad_norm": 0.0, "finite": 0, "tokens": 0, "steps": 0, "seconds": 0.0}
+    window = StepWindow()
     tally = PairwiseTally()
 
     if step == 0 and eval_examples:  # the starting point, for comparison
@@ -396,35 +396,24 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
                                                               pad, config.loss)
 
         # 6. One optimizer step (skipped, and counted, if the loss is not finite).
-        if session.finite(loss):
-            grad_norm = float(nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_norm))
-            optimizer.step()
-            window["loss"] += loss
-            window["grad_norm"] += grad_norm
-            window["finite"] += 1
+        if window.optimizer_step(session, optimizer, loss, max_norm):
             tally.update(batch_tally)
-        optimizer.zero_grad(set_to_none=True)
         step += 1
-        window["tokens"] += real_tokens
-        window["steps"] += 1
-        window["seconds"] += time.perf_counter() - began
+        window.end_step(real_tokens, time.perf_counter() - began)
 
         # 7. Log (averaged over the steps since the last line), with the held-out metrics when they are due.
         evaluation_due = bool(eval_examples) and session.evaluation_due(step)
         if step % config.log_every == 0 or step == steps or evaluation_due:
-            finite = window["finite"]
-            logged = {"losses/reward": window["loss"] / finite if finite else math.nan,
-                      "losses/grad_norm": window["grad_norm"] / finite if finite else math.nan,
+            logged = {**window.figures("losses/reward"),
                       **tally.means("rewards/"),
                       "charts/learning_rate": learning_rate,
-                      "charts/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
                       "charts/epoch": order.epochs_done(step),
                       "charts/skipped_updates": session.skipped_updates}
             if evaluation_due:
                 logged.update(evaluate(model, eval_examples, micro_size, pad, config.loss))
             last = session.metrics.log(step, session.elapsed(), logged)
             session.show(step, {"loss": logged["losses/reward"], "acc": logged["rewards/accuracy"]})
-            window, tally = dict.fromkeys(window, 0), PairwiseTally()
+            window, tally = StepWindow(), PairwiseTally()
 
         # 8. Checkpoint.
         if session.checkpoint_due(step):

@@ -326,6 +326,49 @@ class _TrainableParameters:
 
 
 @dataclass
+class StepWindow:
+    """The optimizer steps since the last metrics line: summed here, averaged into that line by `figures`.
+
+    Every stage's step is the same: clip the accumulated gradient, step, zero it, unless the loss is not finite
+    (then the step is skipped and counted by the session, seed-independent of which stage runs).
+    """
+
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    finite: int = 0
+    tokens: int = 0
+    completion_tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+    def optimizer_step(self, session: "LMSession", optimizer: torch.optim.Optimizer, loss: float,
+                       max_norm: float) -> bool:
+        """One optimizer step on the accumulated gradients when `loss` is finite; always zeroes them after."""
+        stepped = session.finite(loss)
+        if stepped:
+            grad_norm = float(nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_norm))
+            optimizer.step()
+            self.loss += loss
+            self.grad_norm += grad_norm
+            self.finite += 1
+        optimizer.zero_grad(set_to_none=True)
+        return stepped
+
+    def end_step(self, tokens: int, seconds: float, completion_tokens: int = 0) -> None:
+        """Count one optimizer step (taken or skipped): its real tokens, completion tokens and wall seconds."""
+        self.tokens += tokens
+        self.completion_tokens += completion_tokens
+        self.steps += 1
+        self.seconds += seconds
+
+    def figures(self, loss_name: str) -> dict[str, float]:
+        """Mean loss and gradient norm over the steps taken (NaN if none was), and tokens per second."""
+        return {loss_name: self.loss / self.finite if self.finite else math.nan,
+                "losses/grad_norm": self.grad_norm / self.finite if self.finite else math.nan,
+                "charts/tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+
+
+@dataclass
 class LMRun:
     """What a stage's `train` returns: where the run is, its final metrics line and the trained model in memory."""
 

@@ -52,8 +52,8 @@ from torch import Tensor, nn
 
 from advantage.lm.data import load_rows, sft_pairs
 from advantage.lm.logprobs import collate, token_log_probs
-from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, add_lora, fingerprint, learning_rate_at, \
-    load_policy, max_length, pad_id, require, task_files, total_steps, validate_lm
+from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, StepWindow, add_lora, fingerprint, \
+    learning_rate_at, load_policy, max_length, pad_id, require, task_files, total_steps, validate_lm
 from advantage.objectives.masking import aggregate
 from advantage.run.config import param
 
@@ -330,8 +330,7 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
     max_norm = config.max_grad_norm or math.inf
     step = session.start_step
     last: dict = {}
-    window = {"loss": 0.0, "grad_norm": 0.0, "finite": 0, "tokens": 0, "completion_tokens": 0, "steps": 0,
-              "seconds": 0.0}
+    window = StepWindow()
 
     if step == 0 and eval_examples:  # the starting point, for comparison
         last = session.metrics.log(0, session.elapsed(), evaluate(model, tokenizer, eval_examples, micro_size, pad,
@@ -348,35 +347,23 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
             model, examples, config.gradient_accumulation_steps, pad, length if config.packing else 0)
 
         # 4. One optimizer step (skipped, and counted, if the loss is not finite).
-        if session.finite(loss):
-            grad_norm = float(nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_norm))
-            optimizer.step()
-            window["loss"] += loss
-            window["grad_norm"] += grad_norm
-            window["finite"] += 1
-        optimizer.zero_grad(set_to_none=True)
+        window.optimizer_step(session, optimizer, loss, max_norm)
         step += 1
-        window["tokens"] += real_tokens
-        window["completion_tokens"] += num_tokens
-        window["steps"] += 1
-        window["seconds"] += time.perf_counter() - began
+        window.end_step(real_tokens, time.perf_counter() - began, num_tokens)
 
         # 5. Log (averaged over the steps since the last line), with the held-out metrics when they are due.
         evaluation_due = bool(eval_examples) and session.evaluation_due(step)
         if step % config.log_every == 0 or step == steps or evaluation_due:
-            finite = max(window["finite"], 1)
-            logged = {"losses/nll": window["loss"] / finite if window["finite"] else math.nan,
-                      "losses/grad_norm": window["grad_norm"] / finite if window["finite"] else math.nan,
+            logged = {**window.figures("losses/nll"),
                       "charts/learning_rate": learning_rate,
-                      "charts/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
-                      "charts/completion_tokens": window["completion_tokens"] / window["steps"],
+                      "charts/completion_tokens": window.completion_tokens / window.steps,
                       "charts/epoch": order.epochs_done(step),
                       "charts/skipped_updates": session.skipped_updates}
             if evaluation_due:
                 logged.update(evaluate(model, tokenizer, eval_examples, micro_size, pad, config.max_new_tokens))
             last = session.metrics.log(step, session.elapsed(), logged)
             session.show(step, {"loss": logged["losses/nll"], "tok/s": logged["charts/tokens_per_s"]})
-            window = dict.fromkeys(window, 0)
+            window = StepWindow()
 
         # 6. Checkpoint.
         if session.checkpoint_due(step):
