@@ -21,11 +21,11 @@ from advantage.lm.dpo import DPOConfig, accumulate_gradients, preference_loss, r
     reference_log_probs, train
 from advantage.lm.models import build_model
 from advantage.lm.reward import RankedExample, best_and_worst, collate_rankings, tokenize_rankings
-from advantage.lm.session import LMSession
 from advantage.lm.sft import SFTConfig
 from advantage.lm.sft import train as train_sft
 from advantage.lm.tasks import ArithmeticTask
 from advantage.lm.tokenizer import build_char_tokenizer
+from lm_helpers import metrics, small_config, train_and_kill_after_second_checkpoint
 
 torch.set_num_threads(1)
 
@@ -50,12 +50,7 @@ def tokenized(tokenizer, rankings=RANKINGS):
 
 def quiet(**fields):
     """A small DPO config on the built-in nano model that writes no TensorBoard files and shows no progress."""
-    defaults = dict(model="builtin:nano", progress=False, tensorboard=False, seed=1)
-    return DPOConfig(**{**defaults, **fields})
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return small_config(DPOConfig, **fields)
 
 
 def slow_log_prob(model, prompt_ids, answer_ids):
@@ -257,10 +252,6 @@ def test_dpo_raises_the_held_out_preference_of_a_quick_sft_model(tmp_path):
 # -------------------------------------------------------------------------------------------------------- resume
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("lora", [False, True])
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora):
     """Killed right after the second checkpoint and resumed: the same final weights and metrics as an uninterrupted
@@ -271,19 +262,8 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora):
                    **extra)
     reference = train(config, tmp_path / "reference")
 
-    original_save = LMSession.save
-    calls = {"n": 0}
-
-    def save_then_die(self, *args, **kwargs):
-        original_save(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise Interrupt  # as if killed right after the checkpoint of step 4
-
-    monkeypatch.setattr(LMSession, "save", save_then_die)
-    with pytest.raises(Interrupt):
-        train(config, tmp_path / "killed")
-    monkeypatch.setattr(LMSession, "save", original_save)
+    # killed right after the checkpoint of step 4
+    train_and_kill_after_second_checkpoint(monkeypatch, train, config, tmp_path / "killed")
     resumed = lm_session.resume(tmp_path / "killed")
     assert resumed.steps == 7
 

@@ -16,11 +16,12 @@ from advantage.lm.data import write_jsonl
 from advantage.lm.models import ScalarHeadModel, build_model
 from advantage.lm.reward import PairwiseTally, RankedExample, RewardConfig, accumulate_gradients, best_and_worst, \
     collate_rankings, ranking_loss, ranking_rewards, train
-from advantage.lm.session import LMSession, quiet_transformers
+from advantage.lm.session import quiet_transformers
 from advantage.lm.sft import SFTConfig
 from advantage.lm.sft import train as train_sft
 from advantage.lm.tasks import ArithmeticTask
 from advantage.lm.tokenizer import build_char_tokenizer
+from lm_helpers import metrics, small_config, train_and_kill_after_second_checkpoint
 
 torch.set_num_threads(1)
 
@@ -48,12 +49,7 @@ def reward_model(seed=3):
 
 def quiet(**fields):
     """A small reward config on the built-in nano model that writes no TensorBoard files and shows no progress."""
-    defaults = dict(model="builtin:nano", progress=False, tensorboard=False, seed=1)
-    return RewardConfig(**{**defaults, **fields})
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return small_config(RewardConfig, **fields)
 
 
 # ---------------------------------------------------------------------------------------------- rewards and losses
@@ -210,10 +206,6 @@ def test_reward_model_learns_which_arithmetic_answer_is_right(tmp_path):
 # -------------------------------------------------------------------------------------------------------- resume
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("lora", [False, True])
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora):
     """Killed right after the second checkpoint and resumed: the same final weights and metrics as an uninterrupted
@@ -225,19 +217,8 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora):
                    **extra)
     reference = train(config, tmp_path / "reference")
 
-    original_save = LMSession.save
-    calls = {"n": 0}
-
-    def save_then_die(self, *args, **kwargs):
-        original_save(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise Interrupt  # as if killed right after the checkpoint of step 4
-
-    monkeypatch.setattr(LMSession, "save", save_then_die)
-    with pytest.raises(Interrupt):
-        train(config, tmp_path / "killed")
-    monkeypatch.setattr(LMSession, "save", original_save)
+    # killed right after the checkpoint of step 4
+    train_and_kill_after_second_checkpoint(monkeypatch, train, config, tmp_path / "killed")
     resumed = lm_session.resume(tmp_path / "killed")
     assert resumed.steps == 7
 

@@ -20,6 +20,7 @@ from advantage.lm.sft import SFTConfig, accumulate_gradients, collate_examples, 
     pack_examples, tokenize_pairs, train
 from advantage.lm.session import DataOrder, LMSession, learning_rate_at
 from advantage.lm.tokenizer import build_char_tokenizer
+from lm_helpers import metrics, small_config, train_and_kill_after_second_checkpoint
 
 torch.set_num_threads(1)
 
@@ -40,12 +41,7 @@ def examples(tokenizer):
 
 def quiet(**fields):
     """A small SFT config on the built-in nano model that writes no TensorBoard files and shows no progress."""
-    defaults = dict(model="builtin:nano", progress=False, tensorboard=False, seed=1)
-    return SFTConfig(**{**defaults, **fields})
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return small_config(SFTConfig, **fields)
 
 
 # ------------------------------------------------------------------------------------------------ tokens and masks
@@ -206,10 +202,6 @@ def test_sft_learns_arithmetic_and_final_reloads_in_plain_transformers(tmp_path)
 # -------------------------------------------------------------------------------------------------------- resume
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("lora", [False, True])
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora):
     """Killed right after the second checkpoint and resumed: the same final parameters as an uninterrupted run.
@@ -219,19 +211,8 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora):
                    gradient_accumulation_steps=2, max_steps=7, checkpoint_every=2, learning_rate=3e-3, **extra)
     reference = train(config, tmp_path / "reference")
 
-    original_save = LMSession.save
-    calls = {"n": 0}
-
-    def save_then_die(self, *args, **kwargs):
-        original_save(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise Interrupt  # as if killed right after the checkpoint of step 4
-
-    monkeypatch.setattr(LMSession, "save", save_then_die)
-    with pytest.raises(Interrupt):
-        train(config, tmp_path / "killed")
-    monkeypatch.setattr(LMSession, "save", original_save)
+    # killed right after the checkpoint of step 4
+    train_and_kill_after_second_checkpoint(monkeypatch, train, config, tmp_path / "killed")
     assert not (tmp_path / "killed" / "final").exists()
     resumed = lm_session.resume(tmp_path / "killed")
     assert resumed.steps == 7
