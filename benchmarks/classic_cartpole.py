@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-STEPS = {"reinforce": 200_000, "a2c": 300_000, "ppo": 100_000, "trpo": 150_000, "dqn": 100_000}
+STEPS = {"reinforce": 200_000, "a2c": 300_000, "ppo": 100_000, "trpo": 150_000, "dqn": 400_000}
 
 
 def solved_at(run_dir: Path, threshold: float, window: int = 20):

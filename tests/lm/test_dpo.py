@@ -338,3 +338,25 @@ def test_a_bad_preference_row_names_its_line(tmp_path, capsys):
     data.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "2+2=", "chosen": "4"}\n')
     assert cli.main(["dpo", "--model", "builtin:nano", "--data", str(data), "--out", str(tmp_path / "run")]) == 2
     assert f"{data}:2: missing column 'rejected'" in one_line_error(capsys)
+
+
+def test_bf16_mixed_precision_multiplies_in_bfloat16_and_keeps_float32_weights(tmp_path, monkeypatch):
+    """--mixed-precision bf16: the model's linear layers run in bfloat16 (autocast) in the reference, the training
+    steps and the evaluation, while the weights, the optimizer and the logged losses stay float32 and finite."""
+    output_dtypes = set()
+    original_linear = torch.nn.Linear.forward
+
+    def recording_linear(self, x):
+        output = original_linear(self, x)
+        output_dtypes.add(output.dtype)
+        return output
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", recording_linear)
+    config = quiet(task="arithmetic", task_max_operand=9, task_train_size=8, task_eval_size=4, batch_size=4,
+                   max_steps=2, learning_rate=1e-3, mixed_precision="bf16")
+    run = train(config, tmp_path / "bf16")
+    assert output_dtypes == {torch.bfloat16}
+    assert all(parameter.dtype == torch.float32 for parameter in run.model.parameters())
+    rows = metrics(run.run_dir)
+    assert rows[0]["eval/margin"] == 0.0  # the reference ran under the same autocast as the policy
+    assert all(math.isfinite(row["losses/dpo"]) for row in rows[1:])

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from advantage.lm.logprobs import (PromptCompletionBatch, collate, completion_log_probs,
-                                   position_ids_from_attention_mask, sequence_log_probs, token_log_probs)
+from advantage.lm.logprobs import (PromptCompletionBatch, answer_log_probs, answer_sequence_log_probs, collate,
+                                   collate_shared_prompt, completion_log_probs, position_ids_from_attention_mask,
+                                   sequence_log_probs, supports_shared_prompt, token_log_probs)
 from advantage.lm.models import build_model
 
 torch.set_num_threads(1)
@@ -203,3 +204,73 @@ def test_a_peft_model_goes_through_the_same_path():
         expected = completion_log_probs(base, batch)
         lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)).eval()
         assert torch.allclose(completion_log_probs(lora, batch), expected, atol=1e-6)  # LoRA starts as the identity
+
+
+# ------------------------------------------------------------------------------------------- one prompt, K answers
+
+# Three prompts of different lengths; K = 3 answers for the first, 2 for the others (the third one empty-padded),
+# and one empty answer.
+SHARED_PROMPTS = [[5, 17, 23, 9], [40], [11, 12, 13, 14, 15, 16, 18]]
+SHARED_ANSWERS = [[[33, 34], [60, 61, 62], [7]], [[80, 81, 82, 83], [9]], [[], [44, 45]]]
+
+
+def test_collate_shared_prompt_layout():
+    batch = collate_shared_prompt([[1, 2, 3], [4]], [[[5], [6, 7]], [[8, 9, 10]]], pad_id=PAD)
+    assert batch.answers_per_prompt == 2
+    assert batch.prompt_ids.tolist() == [[1, 2, 3], [PAD, PAD, 4]]
+    assert batch.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch.answer_ids.tolist() == [[5, PAD, PAD], [6, 7, PAD], [8, 9, 10], [PAD, PAD, PAD]]
+    assert batch.answer_mask.sum(dim=1).tolist() == [1, 2, 3, 0]
+    assert batch.real_tokens == 4 + 6  # each prompt once
+    concatenated = batch.concatenated()
+    assert concatenated.input_ids[concatenated.attention_mask.bool()].tolist() == \
+        [1, 2, 3, 5, 1, 2, 3, 6, 7, 4, 8, 9, 10, 4]
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama", "gpt2"])
+def test_prompt_once_equals_the_prompt_repeated_before_each_answer(models, architecture):
+    model = models[architecture]
+    batch = collate_shared_prompt(SHARED_PROMPTS, SHARED_ANSWERS, pad_id=PAD)
+    with torch.no_grad():
+        shared = answer_log_probs(model, batch)  # (B * K, A)
+        concatenated = batch.concatenated()
+        repeated = completion_log_probs(model, concatenated)  # (B * K, T)
+    assert shared.shape == batch.answer_ids.shape
+    assert bool((shared[~batch.answer_mask] == 0).all())
+    assert bool((shared[batch.answer_mask] != 0).all())
+    assert torch.allclose(shared[batch.answer_mask], repeated[concatenated.completion_mask], atol=1e-5)
+    assert torch.allclose(answer_sequence_log_probs(model, batch), sequence_log_probs(model, concatenated), atol=1e-5)
+    # ... and each answer alone, with no padding at all (seed 003's sum over the answer's actions).
+    for b, (prompt, group) in enumerate(zip(SHARED_PROMPTS, SHARED_ANSWERS)):
+        for k, answer in enumerate(group):
+            alone = completion_log_probs(model, collate([prompt], [answer], pad_id=PAD))[0, len(prompt):]
+            row = b * batch.answers_per_prompt + k
+            assert torch.allclose(shared[row][batch.answer_mask[row]], alone, atol=1e-5)
+
+
+def test_prompt_once_has_the_gradient_of_the_prompt_repeated(models):
+    model = models["qwen2"]
+    batch = collate_shared_prompt(SHARED_PROMPTS, SHARED_ANSWERS, pad_id=PAD)
+    weights = torch.linspace(-1.0, 2.0, batch.answer_ids.shape[0])  # a loss that weighs answers differently
+
+    def gradient(log_probs):
+        model.zero_grad(set_to_none=True)
+        (log_probs * weights).sum().backward()
+        gradients = [parameter.grad.clone() for parameter in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return gradients
+
+    shared = gradient(answer_sequence_log_probs(model, batch))
+    repeated = gradient(sequence_log_probs(model, batch.concatenated()))
+    for ours, theirs in zip(shared, repeated):
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
+    assert any(bool(g.abs().sum() > 0) for g in shared)
+
+
+def test_a_model_without_a_cache_falls_back_to_the_repeated_prompt(models):
+    model = models["llama"]
+    batch = collate_shared_prompt(SHARED_PROMPTS, SHARED_ANSWERS, pad_id=PAD)
+    without_cache = WithoutLogitsToKeep(model)
+    assert not supports_shared_prompt(without_cache) and supports_shared_prompt(model)
+    with torch.no_grad():
+        assert torch.allclose(answer_log_probs(without_cache, batch), answer_log_probs(model, batch), atol=1e-5)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from advantage import cli
 from advantage.lm import session as lm_session
 from advantage.lm.data import write_jsonl
+from advantage.lm.logprobs import collate_shared_prompt
 from advantage.lm.models import ScalarHeadModel, build_model
 from advantage.lm.reward import PairwiseTally, RankedExample, RewardConfig, accumulate_gradients, best_and_worst, \
     collate_rankings, ranking_loss, ranking_rewards, train
@@ -97,12 +98,37 @@ def test_losses_are_the_seeds_formulas_over_every_pair(tokenizer):
     assert [len(e.completion_ids) for e in best_and_worst(tokenized(tokenizer))] == [2] * len(RANKINGS)
 
 
+def test_scoring_each_prompt_once_equals_scoring_the_prompt_repeated():
+    """score_answers (the prompt through the body once, its K answers on its cache) gives the scores, and the
+    gradients, of score_last_token on each prompt + answer sequence; an empty answer scores the prompt alone."""
+    model = reward_model()
+    batch = collate_shared_prompt([[5, 6, 7, 8], [9], [10, 11, 12]], [[[20, 21], [22], [23, 24, 25]],
+                                                                       [[26, 27, 28, 29], []], [[30], [31, 32]]], 0)
+    sequences = batch.concatenated()
+    weights = torch.linspace(-1.0, 1.0, batch.answer_ids.shape[0])
+    results = []
+    for score in (lambda: model.score_answers(batch),
+                  lambda: model.score_last_token(sequences.input_ids, sequences.attention_mask)):
+        model.zero_grad(set_to_none=True)
+        scores = score()
+        (scores * weights).sum().backward()
+        results.append((scores.detach(), [p.grad.clone() for p in model.parameters()]))
+    (shared, shared_grads), (repeated, repeated_grads) = results
+    assert shared.shape == (9,) and torch.allclose(shared, repeated, atol=1e-5)
+    for ours, theirs in zip(shared_grads, repeated_grads):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- accumulation
 
 
 @pytest.mark.parametrize("loss", ["bt", "kwise", "plackett_luce"])
 def test_batch_8x1_equals_2x4_equals_1x8(tokenizer, loss):
-    """The same loss and gradient (atol 1e-6) for any accumulation: each ranking weighs 1 / B of the batch mean."""
+    """The same loss and gradient for any accumulation: each ranking weighs 1 / B of the batch mean.
+
+    Gradients agree to 5e-6 (largest entry ~0.4): a prompt's K answers add their gradients into the prompt's
+    computation in a different order when the batch is split, which moves the last float32 bits.
+    """
     examples = tokenized(tokenizer)
     if loss == "bt":
         examples = best_and_worst(examples)
@@ -116,7 +142,7 @@ def test_batch_8x1_equals_2x4_equals_1x8(tokenizer, loss):
     for value, tally, grads in results[1:]:
         assert math.isclose(value, reference_loss, abs_tol=1e-6) and tally.correct == reference_tally.correct
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, reference[name], atol=1e-6, rtol=0, msg=name)
+            torch.testing.assert_close(grad, reference[name], atol=5e-6, rtol=0, msg=name)
     assert reference["head.weight"].abs().max() > 1e-3  # a real gradient
 
 

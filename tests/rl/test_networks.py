@@ -87,5 +87,5 @@ def test_every_shipped_preset_is_a_valid_config(algorithm, env_id):
     module.validate(config)
     required = {"CartPole-v1": ALGORITHMS, "Acrobot-v1": ALGORITHMS, "Pendulum-v1": ("ppo", "trpo"),
                 "Hopper-v5": ("ppo",), "HalfCheetah-v5": ("ppo",)}
-    if algorithm in required[env_id] and not (algorithm == "dqn" and env_id == "CartPole-v1"):
+    if algorithm in required[env_id]:
         assert preset, f"no {algorithm} preset for {env_id}"

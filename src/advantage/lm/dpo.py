@@ -11,13 +11,14 @@ With h(y) = log pi(y|x) - log pi_ref(y|x), the log-ratio of the trained policy t
                    L = - mean_b sum_k [beta h_k - log sum_{j>=k} exp(beta h_j)]
 
 For K = 2 the two are the same loss. log pi(y|x) is the sequence log-probability sum_t log pi(a_t|s_t) of the
-completion tokens (EOS included) given the prompt (seed 003), computed by `logprobs.sequence_log_probs` only. The
+completion tokens (EOS included) given the prompt (seed 003), computed by `logprobs.answer_sequence_log_probs`
+(each prompt run once for all its answers, so a pair costs one prompt, not two). The
 losses come from objectives/preference.py (`dpo_loss`, `plackett_luce_dpo_loss`).
 
 The reference. pi_ref is the starting model, and its log-probabilities of the fixed data never change: they are
 computed once, before training, over the whole training set and the held-out set, with the starting model in eval
 mode (no dropout). Then the same model object is trained, so no second copy of the model is ever in memory. With
-LoRA the reference is computed before the adapters are added, which is the base model with the adapters disabled.
+LoRA the reference is computed with the adapters disabled: the base model.
 Every checkpoint stores the reference log-probabilities, so a resumed run uses bit-identical values without
 recomputing them.
 
@@ -46,6 +47,7 @@ final/ is the trained causal LM in Hugging Face format (merged, or the PEFT adap
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -58,11 +60,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advantage.errors import UsageError
-from advantage.lm.logprobs import sequence_log_probs
+from advantage.lm.logprobs import answer_sequence_log_probs
 from advantage.lm.reward import PairwiseTally, PreferenceDataConfig, RankedExample, RankingBatch, best_and_worst, \
     collate_rankings, data_fingerprint, data_kind, load_preference_rows, tokenize_rankings, validate_preference_data
 from advantage.lm.session import DataOrder, LMRun, LMSession, StepWindow, add_lora, learning_rate_at, load_policy, \
-    max_length, pad_id, require, total_steps
+    max_length, mixed_precision, pad_id, require, total_steps
 from advantage.objectives.preference import dpo_loss, plackett_luce_dpo_loss
 from advantage.run.config import param
 
@@ -90,12 +92,12 @@ def validate(config: DPOConfig) -> None:
 
 
 def ranking_log_probs(model: nn.Module, batch: RankingBatch) -> Tensor:
-    """log pi(y_k | x) of every answer of every ranking (`logprobs.sequence_log_probs`).
+    """log pi(y_k | x) of every answer of every ranking, each prompt run once (`logprobs.answer_sequence_log_probs`).
 
     Returns:
         (B, K) float32; 0 where a ranking has no answer k.
     """
-    return sequence_log_probs(model, batch.sequences).view(batch.mask.shape)  # (B * K,) -> (B, K)
+    return answer_sequence_log_probs(model, batch.answers).view(batch.mask.shape)  # (B * K,) -> (B, K)
 
 
 @torch.no_grad()
@@ -156,7 +158,7 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
     loss_total, tally, real_tokens = 0.0, PairwiseTally(), 0
     for start in range(0, len(examples), size):
         micro = examples[start:start + size]
-        batch = collate_rankings(micro, pad)  # collate: (b * K, T)
+        batch = collate_rankings(micro, pad)  # b prompts, b * K answers
         policy = ranking_log_probs(model, batch)  # (b, K): log pi_theta(y_k | x)
         value, rewards = preference_loss(policy, reference[start:start + size], batch.mask, loss, beta)
         # This micro-batch's share of the batch mean: every pair weighs 1 / B, whichever micro-batch holds it.
@@ -217,16 +219,17 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
         train_examples = best_and_worst(train_examples)
     micro_size = config.batch_size // config.gradient_accumulation_steps
 
-    # 2. Reference log-probabilities, once, with the starting model (before any adapter or update); a resumed run
-    #    reads the values its checkpoint stored instead.
-    reference = eval_reference = None
-    if session.checkpoint_path is None:
-        reference = reference_log_probs(model, train_examples, micro_size, pad)  # (N, K)
-        eval_reference = reference_log_probs(model, eval_examples, micro_size, pad) if eval_examples else None
-
-    # 3. The trained model is the same object: with LoRA, only adapters on it.
+    # 2. The trained model is the same object: with LoRA, only adapters on it.
     if config.lora_r:
         model = add_lora(model, config)
+
+    # 3. Reference log-probabilities, once, with the starting model (with LoRA: the adapters disabled); a resumed
+    #    run reads the values its checkpoint stored instead.
+    reference = eval_reference = None
+    if session.checkpoint_path is None:
+        with model.disable_adapter() if config.lora_r else contextlib.nullcontext(), mixed_precision(config):
+            reference = reference_log_probs(model, train_examples, micro_size, pad)  # (N, K)
+            eval_reference = reference_log_probs(model, eval_examples, micro_size, pad) if eval_examples else None
     model.train()
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
@@ -246,7 +249,8 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
     tally = PairwiseTally()
 
     def held_out() -> dict[str, float]:
-        return evaluate(model, eval_examples, eval_reference, micro_size, pad, config.loss, config.beta)
+        with mixed_precision(config):
+            return evaluate(model, eval_examples, eval_reference, micro_size, pad, config.loss, config.beta)
 
     if step == 0 and eval_examples:  # the starting point: every implicit margin is 0, logp_accuracy the reference's
         last = session.metrics.log(0, session.elapsed(), held_out())
@@ -259,8 +263,9 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
         # 4-5. Collate the batch's micro-batches, compute each one's share of the DPO loss, accumulate gradients.
         indices = order.batch(step)
         examples = [train_examples[index] for index in indices]
-        loss, batch_tally, real_tokens = accumulate_gradients(
-            model, examples, reference[indices], config.gradient_accumulation_steps, pad, config.loss, config.beta)
+        with mixed_precision(config):
+            loss, batch_tally, real_tokens = accumulate_gradients(
+                model, examples, reference[indices], config.gradient_accumulation_steps, pad, config.loss, config.beta)
 
         # 6. One optimizer step (skipped, and counted, if the loss is not finite).
         if window.optimizer_step(session, optimizer, loss, max_norm):

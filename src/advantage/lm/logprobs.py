@@ -134,14 +134,26 @@ def token_log_probs(logits: Tensor, input_ids: Tensor) -> Tensor:
     a full (B, T, V) log_softmax. Half-precision logits are handled one row at a time in float32, since logsumexp
     in bfloat16 loses the digits that PPO ratios need (the same observation as TRL's selective_log_softmax).
     """
-    predicting, targets = logits[:, :-1], input_ids[:, 1:]  # (B, T-1, V), (B, T-1): shift by one
+    return F.pad(picked_log_probs(logits[:, :-1], input_ids[:, 1:]), (1, 0))  # shift by one; position 0 gets 0
+
+
+def picked_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(logits[b, t])[targets[b, t]]: the log-probability of each target under the logits beside it.
+
+    Args:
+        logits: (B, T, V).
+        targets: (B, T) long, aligned with `logits` (no shift).
+
+    Returns:
+        (B, T) float32.
+    """
     if logits.dtype in (torch.float16, torch.bfloat16):
         picked = torch.stack([
             torch.log_softmax(row.float(), dim=-1).gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
-            for row, row_targets in zip(predicting, targets)])
+            for row, row_targets in zip(logits, targets)])
     else:
-        picked = predicting.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(predicting, dim=-1)
-    return F.pad(picked.float(), (1, 0))  # (B, T): position 0 gets 0
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return picked.float()
 
 
 def _forward_parameters(model: nn.Module) -> set[str]:
@@ -196,3 +208,160 @@ def sequence_log_probs(model: nn.Module, batch: PromptCompletionBatch, temperatu
         (B,) float32; 0 for a row with an empty completion.
     """
     return completion_log_probs(model, batch, temperature).sum(dim=-1)
+
+
+# ------------------------------------------------------------------------------------------- one prompt, K answers
+
+
+@dataclass
+class SharedPromptBatch:
+    """B prompts, each with K answers, the prompt stored (and run through the model) once.
+
+    Preference data compare answers to the same prompt (seed 004): DPO and the reward model need K sequences
+    prompt + answer_k per prompt. Concatenating each answer to its own copy of the prompt runs the prompt K times;
+    here the prompt goes through the model once, its keys and values are repeated K times, and the K answers
+    attend to them (`shared_prompt_forward`). The outputs are those of the concatenated sequences
+    (`concatenated`), up to float rounding.
+
+    Layout: prompts left padded (so that every prompt ends in the last column, next to its answers), answers right
+    padded; row b * K + k of the answers is answer k of prompt b (an empty answer where prompt b has fewer).
+
+    Attributes:
+        prompt_ids: (B, P) long.
+        prompt_mask: (B, P) long; 1 for real prompt tokens.
+        answer_ids: (B * K, A) long.
+        answer_mask: (B * K, A) bool; True for real answer tokens.
+        answers_per_prompt: K.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    answer_ids: Tensor
+    answer_mask: Tensor
+    answers_per_prompt: int
+
+    @property
+    def real_tokens(self) -> int:
+        """Tokens the model runs on: every prompt token once, every answer token."""
+        return int(self.prompt_mask.sum()) + int(self.answer_mask.sum())
+
+    def concatenated(self) -> PromptCompletionBatch:
+        """The same B * K sequences with the prompt repeated before each answer (right padded)."""
+        repeats = self.answers_per_prompt
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(self.prompt_ids, self.prompt_mask)]
+        answers = [row[mask].tolist() for row, mask in zip(self.answer_ids, self.answer_mask)]
+        # Padded positions are masked out, so id 0 (in every vocabulary) serves as padding.
+        return collate([prompt for prompt in prompts for _ in range(repeats)], answers, 0, "right")
+
+
+def collate_shared_prompt(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]],
+                          pad_id: int) -> SharedPromptBatch:
+    """Pad B prompts (left) and their answers (right) into a SharedPromptBatch.
+
+    Args:
+        prompts: B token-id lists, each non-empty.
+        answers: B lists of answers (token-id lists, possibly empty); K is the longest list, shorter ones get
+            empty answers.
+        pad_id: id written at padded positions.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("every prompt needs at least one token (a completion token at position 0 has no state)")
+    repeats = max((len(group) for group in answers), default=1)
+    prompt_width = max((len(prompt) for prompt in prompts), default=1)
+    answer_width = max((len(answer) for group in answers for answer in group), default=0)
+    answer_width = max(answer_width, 1)  # at least one column, so that every tensor has the same rank
+    prompt_ids = torch.full((len(prompts), prompt_width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), prompt_width), dtype=torch.long)
+    answer_ids = torch.full((len(prompts) * repeats, answer_width), pad_id, dtype=torch.long)
+    answer_mask = torch.zeros((len(prompts) * repeats, answer_width), dtype=torch.bool)
+    for b, (prompt, group) in enumerate(zip(prompts, answers)):
+        prompt_ids[b, prompt_width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
+        prompt_mask[b, prompt_width - len(prompt):] = 1
+        for k, answer in enumerate(group):
+            if answer:
+                answer_ids[b * repeats + k, :len(answer)] = torch.as_tensor(answer, dtype=torch.long)
+                answer_mask[b * repeats + k, :len(answer)] = True
+    return SharedPromptBatch(prompt_ids, prompt_mask, answer_ids, answer_mask, repeats)
+
+
+def supports_shared_prompt(model: nn.Module) -> bool:
+    """Whether `model`'s forward takes a key-value cache (`past_key_values`), which `shared_prompt_forward` needs."""
+    accepted = _forward_parameters(model)
+    return "past_key_values" in accepted and "use_cache" in accepted
+
+
+def shared_prompt_forward(model: nn.Module, batch: SharedPromptBatch, prompt_kwargs: dict | None = None,
+                          answer_kwargs: dict | None = None):
+    """Run the prompts once, then the K answers of each prompt on the prompt's repeated key-value cache.
+
+    Args:
+        model: a transformers model (causal LM or base model, or a PEFT model around one) whose forward takes
+            `past_key_values` and `use_cache` and returns them, as every decoder-only model in transformers does.
+        batch: the prompts and answers.
+        prompt_kwargs, answer_kwargs: extra keyword arguments of the two calls (e.g. `logits_to_keep`).
+
+    Returns:
+        (prompt output, answer output): the model's outputs on the (B, P) prompts and on the (B * K, A) answers.
+        Gradients flow through the cache into the prompt's computation, summed over its K answers.
+
+    Positions count real tokens, as in `collate`: prompt tokens from 0, answer tokens from the prompt's length.
+    """
+    repeats = batch.answers_per_prompt
+    prompt_out = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                       position_ids=position_ids_from_attention_mask(batch.prompt_mask), use_cache=True,
+                       **(prompt_kwargs or {}))
+    cache = prompt_out.past_key_values
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)  # (B, ...) -> (B * K, ...): row b * K + k is prompt b
+    prompt_lengths = batch.prompt_mask.sum(dim=-1).repeat_interleave(repeats)  # (B * K,)
+    answer_positions = prompt_lengths.unsqueeze(1) + torch.arange(batch.answer_ids.shape[1],
+                                                                  device=prompt_lengths.device)
+    attention_mask = torch.cat([batch.prompt_mask.repeat_interleave(repeats, dim=0), batch.answer_mask.long()],
+                               dim=1)  # (B * K, P + A): the cached prompt, then the answer
+    answer_out = model(input_ids=batch.answer_ids, attention_mask=attention_mask, position_ids=answer_positions,
+                       past_key_values=cache, use_cache=True, **(answer_kwargs or {}))
+    return prompt_out, answer_out
+
+
+def answer_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: float = 1.0) -> Tensor:
+    """log pi(a_t | s_t) at every answer token, 0 elsewhere: `completion_log_probs` with the prompt run once.
+
+    Args:
+        model: a causal LM returning `.logits`; one without a key-value cache falls back to the concatenated
+            sequences (`SharedPromptBatch.concatenated`).
+        batch: B prompts with K answers each.
+        temperature: as in `completion_log_probs`.
+
+    Returns:
+        (B * K, A) float32, aligned with `batch.answer_ids`, zero outside `batch.answer_mask`.
+    """
+    if not supports_shared_prompt(model):
+        concatenated = batch.concatenated()
+        log_probs = completion_log_probs(model, concatenated, temperature)  # (B * K, T)
+        return _align_to_answers(log_probs, concatenated.completion_mask, batch.answer_mask)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+    prompt_out, answer_out = shared_prompt_forward(model, batch, prompt_kwargs=keep)
+    # The prompt's last position scores the first answer token; answer position t scores answer token t + 1.
+    first_logits = prompt_out.logits[:, -1:].repeat_interleave(batch.answers_per_prompt, dim=0)  # (B * K, 1, V)
+    logits = torch.cat([first_logits, answer_out.logits[:, :-1]], dim=1)  # (B * K, A, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return fill_padding(picked_log_probs(logits, batch.answer_ids), batch.answer_mask)
+
+
+def _align_to_answers(log_probs: Tensor, completion_mask: Tensor, answer_mask: Tensor) -> Tensor:
+    """Move each row's completion log-probabilities (at `completion_mask`) to the answer columns (`answer_mask`)."""
+    aligned = log_probs.new_zeros(answer_mask.shape)
+    aligned[answer_mask] = log_probs[completion_mask]  # both masks list each row's tokens in order
+    return aligned
+
+
+def answer_sequence_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: float = 1.0) -> Tensor:
+    """log pi(answer | prompt) of each of the B * K answers (seed 003), the prompt run once; 0 for an empty answer.
+
+    Returns:
+        (B * K,) float32.
+    """
+    return answer_log_probs(model, batch, temperature).sum(dim=-1)

@@ -59,10 +59,10 @@ import torch
 from torch import Tensor
 
 from advantage.lm.data import Row, load_rows, preference_triples, rankings
-from advantage.lm.logprobs import PromptCompletionBatch, collate
+from advantage.lm.logprobs import SharedPromptBatch, collate_shared_prompt
 from advantage.lm.models import ScalarHeadModel
 from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, StepWindow, add_lora, fingerprint, \
-    learning_rate_at, load_policy, max_length, pad_id, require, task_files, total_steps, validate_lm
+    learning_rate_at, load_policy, max_length, mixed_precision, pad_id, require, task_files, total_steps, validate_lm
 from advantage.lm.sft import tokenize_pairs
 from advantage.objectives.preference import bradley_terry_loss, kwise_pairwise_loss, plackett_luce_loss
 from advantage.run.config import param
@@ -181,34 +181,32 @@ def data_fingerprint(examples: Sequence[RankedExample]) -> str:
 
 @dataclass
 class RankingBatch:
-    """B rankings as one padded batch of B x K prompt + answer sequences.
+    """B rankings as one batch: each prompt once, its K answers beside it (`logprobs.SharedPromptBatch`).
 
     Attributes:
-        sequences: (B * K, T) rows, right padded; row b * K + k is the prompt of ranking b followed by its answer k
-            (an empty answer where ranking b has fewer than K).
+        answers: B prompts and B x K answers; answer row b * K + k is answer k of ranking b (empty where ranking b
+            has fewer than K).
         mask: (B, K) bool; True where ranking b has an answer k.
     """
 
-    sequences: PromptCompletionBatch
+    answers: SharedPromptBatch
     mask: Tensor
 
     @property
     def real_tokens(self) -> int:
-        """Prompt and answer tokens in the batch (padding excluded; a missing answer's prompt copy included)."""
-        return int(self.sequences.attention_mask.sum())
+        """Tokens the model runs on: each prompt once, every answer (padding excluded)."""
+        return self.answers.real_tokens
 
 
 def collate_rankings(examples: Sequence[RankedExample], pad: int) -> RankingBatch:
-    """One row per (ranking, answer), via `logprobs.collate`; rankings shorter than the longest are masked."""
+    """The rankings as one SharedPromptBatch (`logprobs.collate_shared_prompt`); shorter rankings are masked."""
     k = max(len(example.completion_ids) for example in examples)
-    prompts, completions = [], []
     mask = torch.zeros((len(examples), k), dtype=torch.bool)
     for b, example in enumerate(examples):
-        for j in range(k):
-            prompts.append(example.prompt_ids)
-            completions.append(example.completion_ids[j] if j < len(example.completion_ids) else [])
         mask[b, :len(example.completion_ids)] = True
-    return RankingBatch(collate(prompts, completions, pad, "right"), mask)
+    answers = collate_shared_prompt([example.prompt_ids for example in examples],
+                                    [example.completion_ids for example in examples], pad)
+    return RankingBatch(answers, mask)
 
 
 # ------------------------------------------------------------------------------------------------------ diagnostics
@@ -271,9 +269,7 @@ def ranking_rewards(model: ScalarHeadModel, batch: RankingBatch) -> Tensor:
     Returns:
         (B, K); entries at absent answers are meaningless (mask them with `batch.mask`).
     """
-    sequences = batch.sequences
-    rewards = model.score_last_token(sequences.input_ids, sequences.attention_mask)  # (B * K,)
-    return rewards.view(batch.mask.shape)  # (B, K)
+    return model.score_answers(batch.answers).view(batch.mask.shape)  # (B * K,) -> (B, K)
 
 
 def ranking_loss(rewards: Tensor, mask: Tensor, loss: str) -> Tensor:
@@ -309,7 +305,7 @@ def accumulate_gradients(model: ScalarHeadModel, examples: Sequence[RankedExampl
     loss_total, tally, real_tokens = 0.0, PairwiseTally(), 0
     for start in range(0, len(examples), size):
         micro = examples[start:start + size]
-        batch = collate_rankings(micro, pad)  # collate: (b * K, T)
+        batch = collate_rankings(micro, pad)  # b prompts, b * K answers
         rewards = ranking_rewards(model, batch)  # (b, K)
         # This micro-batch's share of the batch mean: every ranking weighs 1 / B, whichever micro-batch holds it.
         share = ranking_loss(rewards, batch.mask, loss) * (len(micro) / len(examples))
@@ -382,8 +378,12 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
     window = StepWindow()
     tally = PairwiseTally()
 
+    def held_out() -> dict[str, float]:
+        with mixed_precision(config):
+            return evaluate(model, eval_examples, micro_size, pad, config.loss)
+
     if step == 0 and eval_examples:  # the starting point, for comparison
-        last = session.metrics.log(0, session.elapsed(), evaluate(model, eval_examples, micro_size, pad, config.loss))
+        last = session.metrics.log(0, session.elapsed(), held_out())
     while step < steps:
         began = time.perf_counter()
         learning_rate = learning_rate_at(config, step, steps)
@@ -392,8 +392,9 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
 
         # 3-5. Collate the batch's micro-batches, score every answer, accumulate the gradient of the batch mean.
         examples = [train_examples[index] for index in order.batch(step)]
-        loss, batch_tally, real_tokens = accumulate_gradients(model, examples, config.gradient_accumulation_steps,
-                                                              pad, config.loss)
+        with mixed_precision(config):
+            loss, batch_tally, real_tokens = accumulate_gradients(model, examples, config.gradient_accumulation_steps,
+                                                                  pad, config.loss)
 
         # 6. One optimizer step (skipped, and counted, if the loss is not finite).
         if window.optimizer_step(session, optimizer, loss, max_norm):
@@ -410,7 +411,7 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
                       "charts/epoch": order.epochs_done(step),
                       "charts/skipped_updates": session.skipped_updates}
             if evaluation_due:
-                logged.update(evaluate(model, eval_examples, micro_size, pad, config.loss))
+                logged.update(held_out())
             last = session.metrics.log(step, session.elapsed(), logged)
             session.show(step, {"loss": logged["losses/reward"], "acc": logged["rewards/accuracy"]})
             window, tally = StepWindow(), PairwiseTally()

@@ -79,6 +79,9 @@ class LMConfig:
                                "0 = the model's max_position_embeddings, at most 2048")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = param(
         "float32", "dtype of the trained weights (auto: as saved in the model directory)")
+    mixed_precision: Literal["no", "bf16"] = param(
+        "no", "bf16: forward and backward passes under torch.autocast in bfloat16 (weights, optimizer state and "
+              "losses stay in float32); only faster on CPUs with bfloat16 instructions (AVX512-BF16, AMX)")
     lora_r: int = param(0, "LoRA rank; 0 trains every weight")
     lora_alpha: float = param(16.0, "LoRA scale alpha (the update is alpha / r x B A)")
     lora_dropout: float = param(0.0, "dropout on the LoRA input")
@@ -94,6 +97,13 @@ class LMConfig:
     threads: int = param(0, "torch threads; 0 leaves torch's default")
     tensorboard: bool = param(True, "also write TensorBoard event files")
     progress: bool = param(True, "show progress (a live bar on a terminal, periodic lines otherwise)")
+
+
+def mixed_precision(config: LMConfig) -> contextlib.AbstractContextManager:
+    """The autocast context of `config.mixed_precision` ("bf16": matrix products in bfloat16), or a no-op."""
+    if config.mixed_precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def require(condition: bool, field: str, message: str, value: Any) -> None:

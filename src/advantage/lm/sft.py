@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from advantage.lm.data import load_rows, sft_pairs
 from advantage.lm.logprobs import collate, token_log_probs
 from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, StepWindow, add_lora, fingerprint, \
-    learning_rate_at, load_policy, max_length, pad_id, require, task_files, total_steps, validate_lm
+    learning_rate_at, load_policy, max_length, mixed_precision, pad_id, require, task_files, total_steps, validate_lm
 from advantage.objectives.masking import aggregate
 from advantage.run.config import param
 
@@ -332,9 +332,12 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
     last: dict = {}
     window = StepWindow()
 
+    def held_out() -> dict[str, float]:
+        with mixed_precision(config):
+            return evaluate(model, tokenizer, eval_examples, micro_size, pad, config.max_new_tokens)
+
     if step == 0 and eval_examples:  # the starting point, for comparison
-        last = session.metrics.log(0, session.elapsed(), evaluate(model, tokenizer, eval_examples, micro_size, pad,
-                                                                  config.max_new_tokens))
+        last = session.metrics.log(0, session.elapsed(), held_out())
     while step < steps:
         began = time.perf_counter()
         learning_rate = learning_rate_at(config, step, steps)
@@ -343,8 +346,9 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
 
         # 1-3. Collate the batch's micro-batches, compute each one's share of L, accumulate the gradients.
         examples = [train_examples[index] for index in order.batch(step)]
-        loss, num_tokens, real_tokens = accumulate_gradients(
-            model, examples, config.gradient_accumulation_steps, pad, length if config.packing else 0)
+        with mixed_precision(config):
+            loss, num_tokens, real_tokens = accumulate_gradients(
+                model, examples, config.gradient_accumulation_steps, pad, length if config.packing else 0)
 
         # 4. One optimizer step (skipped, and counted, if the loss is not finite).
         window.optimizer_step(session, optimizer, loss, max_norm)
@@ -360,7 +364,7 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
                       "charts/epoch": order.epochs_done(step),
                       "charts/skipped_updates": session.skipped_updates}
             if evaluation_due:
-                logged.update(evaluate(model, tokenizer, eval_examples, micro_size, pad, config.max_new_tokens))
+                logged.update(held_out())
             last = session.metrics.log(step, session.elapsed(), logged)
             session.show(step, {"loss": logged["losses/nll"], "tok/s": logged["charts/tokens_per_s"]})
             window = StepWindow()
