@@ -213,15 +213,17 @@ def arithmetic_preferences(sft_run, out, seeds):
 def test_dpo_raises_the_held_out_preference_of_a_quick_sft_model(tmp_path):
     """One-digit addition: 60 SFT steps, then 150 DPO steps on the task's preference pairs (80 training prompts x 5
     wrong answers). On the 20 held-out prompts (100 pairs) the policy's own preference log pi(right) > log pi(wrong)
-    goes from 0.65 to 0.83 and its mean log-prob margin from 1.2 to 10 nats; the implicit reward margin goes from 0
-    (by definition, at the reference) to 0.9 with 80% of pairs positive (all measured)."""
+    goes from 0.65 to 0.80 and its mean log-prob margin from 1.2 to 11 nats; the implicit reward margin goes from 0
+    (by definition, at the reference) to 1.0 with 79% of pairs positive (all measured). With learning rate 1e-3 the
+    held-out accuracy swung between 0.66 and 0.84 from one evaluation to the next, so float rounding alone decided
+    whether the last one passed; 5e-4 climbs steadily (0.66, 0.72, 0.79, 0.81, 0.80 every 30 steps)."""
     sft = train_sft(SFTConfig(model="builtin:nano", task="arithmetic", task_max_operand=9, task_train_size=80,
                               task_eval_size=20, learning_rate=3e-3, batch_size=16, max_steps=60, warmup_steps=10,
                               lr_schedule="cosine", eval_every=60, progress=False, tensorboard=False, seed=1),
                     tmp_path / "sft")
     train_file, eval_file = arithmetic_preferences(sft, tmp_path, seeds=5)
     run = train(quiet(model=str(sft.run_dir / "final"), data=str(train_file), eval_data=str(eval_file),
-                      learning_rate=1e-3, batch_size=32, max_steps=150, lr_schedule="cosine", warmup_steps=10,
+                      learning_rate=5e-4, batch_size=32, max_steps=150, lr_schedule="cosine", warmup_steps=10,
                       log_every=15), tmp_path / "dpo")
     rows = metrics(run.run_dir)
     evaluations = [row for row in rows if "eval/accuracy" in row]

@@ -10,7 +10,7 @@ from torch import nn
 
 from advantage.lm.logprobs import (PromptCompletionBatch, answer_log_probs, answer_sequence_log_probs, collate,
                                    collate_shared_prompt, completion_log_probs, position_ids_from_attention_mask,
-                                   sequence_log_probs, supports_shared_prompt, token_log_probs)
+                                   sequence_log_probs, token_log_probs)
 from advantage.lm.models import build_model
 
 torch.set_num_threads(1)
@@ -217,10 +217,20 @@ SHARED_ANSWERS = [[[33, 34], [60, 61, 62], [7]], [[80, 81, 82, 83], [9]], [[], [
 def test_collate_shared_prompt_layout():
     batch = collate_shared_prompt([[1, 2, 3], [4]], [[[5], [6, 7]], [[8, 9, 10]]], pad_id=PAD)
     assert batch.answers_per_prompt == 2
-    assert batch.prompt_ids.tolist() == [[1, 2, 3], [PAD, PAD, 4]]
-    assert batch.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 5, 6, 7], [4, 8, 9, 10, PAD, PAD]]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 3, 4] and batch.position_ids[1, :4].tolist() == [0, 1, 2, 3]
     assert batch.answer_ids.tolist() == [[5, PAD, PAD], [6, 7, PAD], [8, 9, 10], [PAD, PAD, PAD]]
     assert batch.answer_mask.sum(dim=1).tolist() == [1, 2, 3, 0]
+    assert batch.answer_columns[:3].tolist() == [[3, 0, 0], [4, 5, 0], [1, 2, 3]]
+    assert batch.predictor_columns[:3].tolist() == [[2, 0, 0], [2, 4, 0], [0, 1, 2]]  # the prompt's end, then t - 1
+    # Row 0: the prompt is causal; answer 6 7 sees the prompt and itself, never answer 5.
+    assert batch.attention[0].int().tolist() == [[1, 0, 0, 0, 0, 0],
+                                                 [1, 1, 0, 0, 0, 0],
+                                                 [1, 1, 1, 0, 0, 0],
+                                                 [1, 1, 1, 1, 0, 0],
+                                                 [1, 1, 1, 0, 1, 0],
+                                                 [1, 1, 1, 0, 1, 1]]
+    assert not batch.attention[1, :4, 4:].any()  # no real token sees padding
     assert batch.real_tokens == 4 + 6  # each prompt once
     concatenated = batch.concatenated()
     assert concatenated.input_ids[concatenated.attention_mask.bool()].tolist() == \
@@ -240,6 +250,9 @@ def test_prompt_once_equals_the_prompt_repeated_before_each_answer(models, archi
     assert bool((shared[batch.answer_mask] != 0).all())
     assert torch.allclose(shared[batch.answer_mask], repeated[concatenated.completion_mask], atol=1e-5)
     assert torch.allclose(answer_sequence_log_probs(model, batch), sequence_log_probs(model, concatenated), atol=1e-5)
+    with torch.no_grad():  # the temperature divides the logits on both paths
+        assert torch.allclose(answer_sequence_log_probs(model, batch, temperature=0.7),
+                              sequence_log_probs(model, concatenated, temperature=0.7), atol=1e-5)
     # ... and each answer alone, with no padding at all (seed 003's sum over the answer's actions).
     for b, (prompt, group) in enumerate(zip(SHARED_PROMPTS, SHARED_ANSWERS)):
         for k, answer in enumerate(group):
@@ -265,12 +278,3 @@ def test_prompt_once_has_the_gradient_of_the_prompt_repeated(models):
     for ours, theirs in zip(shared, repeated):
         assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
     assert any(bool(g.abs().sum() > 0) for g in shared)
-
-
-def test_a_model_without_a_cache_falls_back_to_the_repeated_prompt(models):
-    model = models["llama"]
-    batch = collate_shared_prompt(SHARED_PROMPTS, SHARED_ANSWERS, pad_id=PAD)
-    without_cache = WithoutLogitsToKeep(model)
-    assert not supports_shared_prompt(without_cache) and supports_shared_prompt(model)
-    with torch.no_grad():
-        assert torch.allclose(answer_log_probs(without_cache, batch), answer_log_probs(model, batch), atol=1e-5)

@@ -191,8 +191,9 @@ def test_reward_model_learns_which_arithmetic_answer_is_right(tmp_path):
 
     A quick SFT on two-digit addition (operands 0..19, 360 training prompts, 800 steps), then Bradley-Terry on the
     task's preference pairs with the wrong answers of 4 task seeds (1440 training pairs): on the 40 held-out prompts
-    (160 pairs) the accuracy goes from chance (0.34) to 0.925 (measured). The recipe is seed-sensitive: with seed 3
-    it also reaches 0.925, with seed 2 only 0.76 (training accuracy 0.88: the nano model underfits there).
+    (160 pairs) the accuracy goes from chance (0.39) to 0.94 (measured), above 0.9 at every evaluation from step 160
+    on. The recipe is seed-sensitive: with seeds 2 and 3 the nano model ends near 0.8 (the 4x larger tiny model did
+    no better on seed 2), and learning rate 5e-4 swung between 0.78 and 0.91 from one evaluation to the next.
     """
     sft = train_sft(SFTConfig(model="builtin:nano", task="arithmetic", task_max_operand=19, task_train_size=360,
                               task_eval_size=40, learning_rate=3e-3, batch_size=32, max_steps=800, warmup_steps=10,
@@ -200,7 +201,7 @@ def test_reward_model_learns_which_arithmetic_answer_is_right(tmp_path):
                               tensorboard=False, seed=1), tmp_path / "sft")
     train_file, eval_file = arithmetic_preferences(sft, tmp_path, seeds=4)
     run = train(quiet(model=str(sft.run_dir / "final"), data=str(train_file), eval_data=str(eval_file),
-                      learning_rate=5e-4, batch_size=32, max_steps=400, lr_schedule="cosine", log_every=10,
+                      learning_rate=3e-4, batch_size=32, max_steps=400, lr_schedule="cosine", log_every=10,
                       tensorboard=True), tmp_path / "reward")
     rows = metrics(run.run_dir)
     evaluations = [row for row in rows if "eval/accuracy" in row]

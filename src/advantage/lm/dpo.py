@@ -64,7 +64,7 @@ from advantage.lm.logprobs import answer_sequence_log_probs
 from advantage.lm.reward import PairwiseTally, PreferenceDataConfig, RankedExample, RankingBatch, best_and_worst, \
     collate_rankings, data_fingerprint, data_kind, load_preference_rows, tokenize_rankings, validate_preference_data
 from advantage.lm.session import DataOrder, LMRun, LMSession, StepWindow, add_lora, learning_rate_at, load_policy, \
-    max_length, mixed_precision, pad_id, require, total_steps
+    make_optimizer, max_length, mixed_precision, pad_id, require, total_steps
 from advantage.objectives.preference import dpo_loss, plackett_luce_dpo_loss
 from advantage.run.config import param
 
@@ -232,8 +232,7 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
             eval_reference = reference_log_probs(model, eval_examples, micro_size, pad) if eval_examples else None
     model.train()
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     steps = total_steps(config, len(train_examples))
     order = DataOrder(len(train_examples), config.batch_size, config.seed)
     # The checkpoint's reference log-probabilities cover the held-out set too, so a resume needs it unchanged as well.

@@ -215,48 +215,70 @@ def sequence_log_probs(model: nn.Module, batch: PromptCompletionBatch, temperatu
 
 @dataclass
 class SharedPromptBatch:
-    """B prompts, each with K answers, the prompt stored (and run through the model) once.
+    """B prompts, each with K answers, packed one prompt per row: the prompt's tokens go through the model once.
 
-    Preference data compare answers to the same prompt (seed 004): DPO and the reward model need K sequences
-    prompt + answer_k per prompt. Concatenating each answer to its own copy of the prompt runs the prompt K times;
-    here the prompt goes through the model once, its keys and values are repeated K times, and the K answers
-    attend to them (`shared_prompt_forward`). The outputs are those of the concatenated sequences
-    (`concatenated`), up to float rounding.
+    Preference data compare answers to the same prompt (seed 004): DPO and the reward model need the K sequences
+    prompt + answer_k of each prompt. Concatenating each answer to its own copy of the prompt runs the prompt K
+    times. Here row b holds prompt b followed by its K answers, and the attention mask lets every answer token see
+    the prompt and the earlier tokens of its own answer only; answer tokens are positioned as if they came right
+    after the prompt. Each answer is then computed exactly as in its own prompt + answer sequence (`concatenated`),
+    up to float rounding, and the prompt's work is shared by its K answers (for pairs, 1 prompt instead of 2).
 
-    Layout: prompts left padded (so that every prompt ends in the last column, next to its answers), answers right
-    padded; row b * K + k of the answers is answer k of prompt b (an empty answer where prompt b has fewer).
+    Row layout (right padded), for a prompt p p p and answers a a / b:
+
+        input_ids       p p p a a b .        position_ids    0 1 2 3 4 3 3
+        answer token t of answer k lives in column answer_columns[b * K + k, t] and is scored by the logits of
+        column predictor_columns[b * K + k, t]: the previous token of its answer, or the prompt's last token for t = 0.
 
     Attributes:
-        prompt_ids: (B, P) long.
-        prompt_mask: (B, P) long; 1 for real prompt tokens.
-        answer_ids: (B * K, A) long.
+        input_ids: (B, W) long.
+        attention: (B, W, W) bool; attention[b, i, j] is True where token i may attend to token j.
+        position_ids: (B, W) long.
+        answer_ids: (B * K, A) long; answer k of prompt b in row b * K + k (padded; an empty answer where prompt b
+            has fewer than K).
         answer_mask: (B * K, A) bool; True for real answer tokens.
+        answer_columns: (B * K, A) long; column of each answer token in its packed row (0 at padding).
+        predictor_columns: (B * K, A) long; column whose logits score each answer token (0 at padding).
+        prompt_lengths: (B,) long.
         answers_per_prompt: K.
     """
 
-    prompt_ids: Tensor
-    prompt_mask: Tensor
+    input_ids: Tensor
+    attention: Tensor
+    position_ids: Tensor
     answer_ids: Tensor
     answer_mask: Tensor
+    answer_columns: Tensor
+    predictor_columns: Tensor
+    prompt_lengths: Tensor
     answers_per_prompt: int
 
     @property
     def real_tokens(self) -> int:
         """Tokens the model runs on: every prompt token once, every answer token."""
-        return int(self.prompt_mask.sum()) + int(self.answer_mask.sum())
+        return int(self.prompt_lengths.sum()) + int(self.answer_mask.sum())
+
+    @property
+    def rows(self) -> Tensor:
+        """(B * K,) the packed row of each answer: b for answers b * K .. b * K + K - 1."""
+        return torch.arange(len(self.prompt_lengths)).repeat_interleave(self.answers_per_prompt)
+
+    def additive_mask(self, dtype: torch.dtype) -> Tensor:
+        """The attention pattern as transformers' (B, 1, W, W) additive mask: 0 where allowed, dtype's min elsewhere."""
+        return torch.zeros(self.attention.shape, dtype=dtype).masked_fill(
+            ~self.attention, torch.finfo(dtype).min).unsqueeze(1)
 
     def concatenated(self) -> PromptCompletionBatch:
-        """The same B * K sequences with the prompt repeated before each answer (right padded)."""
-        repeats = self.answers_per_prompt
-        prompts = [row[mask.bool()].tolist() for row, mask in zip(self.prompt_ids, self.prompt_mask)]
+        """The same B * K sequences with the prompt repeated before each answer (right padded, `collate`)."""
+        prompts = [row[:length].tolist() for row, length in zip(self.input_ids, self.prompt_lengths.tolist())]
         answers = [row[mask].tolist() for row, mask in zip(self.answer_ids, self.answer_mask)]
         # Padded positions are masked out, so id 0 (in every vocabulary) serves as padding.
-        return collate([prompt for prompt in prompts for _ in range(repeats)], answers, 0, "right")
+        return collate([prompts[int(b)] for b in self.rows], answers, 0, "right")
 
 
 def collate_shared_prompt(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]],
                           pad_id: int) -> SharedPromptBatch:
-    """Pad B prompts (left) and their answers (right) into a SharedPromptBatch.
+    """Pack B prompts and their answers into a SharedPromptBatch, one prompt per row.
 
     Args:
         prompts: B token-id lists, each non-empty.
@@ -269,97 +291,90 @@ def collate_shared_prompt(prompts: Sequence[Sequence[int]], answers: Sequence[Se
     if any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("every prompt needs at least one token (a completion token at position 0 has no state)")
     repeats = max((len(group) for group in answers), default=1)
-    prompt_width = max((len(prompt) for prompt in prompts), default=1)
-    answer_width = max((len(answer) for group in answers for answer in group), default=0)
-    answer_width = max(answer_width, 1)  # at least one column, so that every tensor has the same rank
-    prompt_ids = torch.full((len(prompts), prompt_width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), prompt_width), dtype=torch.long)
-    answer_ids = torch.full((len(prompts) * repeats, answer_width), pad_id, dtype=torch.long)
-    answer_mask = torch.zeros((len(prompts) * repeats, answer_width), dtype=torch.bool)
+    width = max((len(prompt) + sum(len(answer) for answer in group) for prompt, group in zip(prompts, answers)),
+                default=1)
+    answer_width = max([1] + [len(answer) for group in answers for answer in group])
+    count = len(prompts)
+    input_ids = torch.full((count, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((count, width), dtype=torch.long)
+    segment = torch.full((count, width), -1, dtype=torch.long)  # 0 the prompt, k + 1 answer k, -1 padding
+    answer_ids = torch.full((count * repeats, answer_width), pad_id, dtype=torch.long)
+    answer_mask = torch.zeros((count * repeats, answer_width), dtype=torch.bool)
+    answer_columns = torch.zeros((count * repeats, answer_width), dtype=torch.long)
+    predictor_columns = torch.zeros((count * repeats, answer_width), dtype=torch.long)
     for b, (prompt, group) in enumerate(zip(prompts, answers)):
-        prompt_ids[b, prompt_width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
-        prompt_mask[b, prompt_width - len(prompt):] = 1
+        length = len(prompt)
+        input_ids[b, :length] = torch.as_tensor(prompt, dtype=torch.long)
+        position_ids[b, :length] = torch.arange(length)
+        segment[b, :length] = 0
+        start = length
         for k, answer in enumerate(group):
-            if answer:
-                answer_ids[b * repeats + k, :len(answer)] = torch.as_tensor(answer, dtype=torch.long)
-                answer_mask[b * repeats + k, :len(answer)] = True
-    return SharedPromptBatch(prompt_ids, prompt_mask, answer_ids, answer_mask, repeats)
+            size, row = len(answer), b * repeats + k
+            if size == 0:
+                continue
+            columns = torch.arange(start, start + size)
+            input_ids[b, columns] = torch.as_tensor(answer, dtype=torch.long)
+            position_ids[b, columns] = torch.arange(length, length + size)
+            segment[b, columns] = k + 1
+            answer_ids[row, :size] = input_ids[b, columns]
+            answer_mask[row, :size] = True
+            answer_columns[row, :size] = columns
+            predictor_columns[row, :size] = torch.cat([torch.tensor([length - 1]), columns[:-1]])
+            start += size
+        position_ids[b, start:] = torch.arange(width - start)  # padding: harmless positions, attended by nothing
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same_segment = segment[:, :, None] == segment[:, None, :]  # (B, W, W)
+    sees_prompt = (segment[:, None, :] == 0) & (segment[:, :, None] >= 0)  # answers and prompt see the prompt
+    # Padding (segment -1) attends to earlier padding only (a query row needs one allowed key); nothing real sees it.
+    attention = causal & (same_segment | sees_prompt)
+    return SharedPromptBatch(input_ids, attention, position_ids, answer_ids, answer_mask, answer_columns,
+                             predictor_columns, torch.tensor([len(prompt) for prompt in prompts]), repeats)
 
 
-def supports_shared_prompt(model: nn.Module) -> bool:
-    """Whether `model`'s forward takes a key-value cache (`past_key_values`), which `shared_prompt_forward` needs."""
-    accepted = _forward_parameters(model)
-    return "past_key_values" in accepted and "use_cache" in accepted
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's parameters (that of the additive attention mask it expects)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def shared_prompt_forward(model: nn.Module, batch: SharedPromptBatch, prompt_kwargs: dict | None = None,
-                          answer_kwargs: dict | None = None):
-    """Run the prompts once, then the K answers of each prompt on the prompt's repeated key-value cache.
+def shared_prompt_forward(model: nn.Module, batch: SharedPromptBatch, **kwargs):
+    """The model's output on the packed rows of `batch` (B, W, ...), with its block attention mask and positions.
 
     Args:
-        model: a transformers model (causal LM or base model, or a PEFT model around one) whose forward takes
-            `past_key_values` and `use_cache` and returns them, as every decoder-only model in transformers does.
-        batch: the prompts and answers.
-        prompt_kwargs, answer_kwargs: extra keyword arguments of the two calls (e.g. `logits_to_keep`).
-
-    Returns:
-        (prompt output, answer output): the model's outputs on the (B, P) prompts and on the (B * K, A) answers.
-        Gradients flow through the cache into the prompt's computation, summed over its K answers.
-
-    Positions count real tokens, as in `collate`: prompt tokens from 0, answer tokens from the prompt's length.
+        model: a transformers model (causal LM or base model, or a PEFT model around one) that accepts a 4-D
+            additive attention mask, as transformers' decoder-only models do.
+        kwargs: passed on to the model (e.g. `logits_to_keep`).
     """
-    repeats = batch.answers_per_prompt
-    prompt_out = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                       position_ids=position_ids_from_attention_mask(batch.prompt_mask), use_cache=True,
-                       **(prompt_kwargs or {}))
-    cache = prompt_out.past_key_values
-    if repeats > 1:
-        cache.batch_repeat_interleave(repeats)  # (B, ...) -> (B * K, ...): row b * K + k is prompt b
-    prompt_lengths = batch.prompt_mask.sum(dim=-1).repeat_interleave(repeats)  # (B * K,)
-    answer_positions = prompt_lengths.unsqueeze(1) + torch.arange(batch.answer_ids.shape[1],
-                                                                  device=prompt_lengths.device)
-    attention_mask = torch.cat([batch.prompt_mask.repeat_interleave(repeats, dim=0), batch.answer_mask.long()],
-                               dim=1)  # (B * K, P + A): the cached prompt, then the answer
-    answer_out = model(input_ids=batch.answer_ids, attention_mask=attention_mask, position_ids=answer_positions,
-                       past_key_values=cache, use_cache=True, **(answer_kwargs or {}))
-    return prompt_out, answer_out
+    accepted = _forward_parameters(model)
+    if "use_cache" in accepted:
+        kwargs["use_cache"] = False
+    return model(input_ids=batch.input_ids, attention_mask=batch.additive_mask(_model_dtype(model)),
+                 position_ids=batch.position_ids, **kwargs)
 
 
 def answer_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: float = 1.0) -> Tensor:
-    """log pi(a_t | s_t) at every answer token, 0 elsewhere: `completion_log_probs` with the prompt run once.
+    """log pi(a_t | s_t) at every answer token, 0 elsewhere: `completion_log_probs` with each prompt run once.
 
     Args:
-        model: a causal LM returning `.logits`; one without a key-value cache falls back to the concatenated
-            sequences (`SharedPromptBatch.concatenated`).
-        batch: B prompts with K answers each.
+        model: a causal LM returning `.logits`.
+        batch: B prompts with K answers each (`collate_shared_prompt`).
         temperature: as in `completion_log_probs`.
 
     Returns:
         (B * K, A) float32, aligned with `batch.answer_ids`, zero outside `batch.answer_mask`.
     """
-    if not supports_shared_prompt(model):
-        concatenated = batch.concatenated()
-        log_probs = completion_log_probs(model, concatenated, temperature)  # (B * K, T)
-        return _align_to_answers(log_probs, concatenated.completion_mask, batch.answer_mask)
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
-    prompt_out, answer_out = shared_prompt_forward(model, batch, prompt_kwargs=keep)
-    # The prompt's last position scores the first answer token; answer position t scores answer token t + 1.
-    first_logits = prompt_out.logits[:, -1:].repeat_interleave(batch.answers_per_prompt, dim=0)  # (B * K, 1, V)
-    logits = torch.cat([first_logits, answer_out.logits[:, :-1]], dim=1)  # (B * K, A, V)
+    width = batch.input_ids.shape[1]
+    first = int(batch.prompt_lengths.min()) - 1  # the earliest column whose logits score an answer token
+    kwargs = {"logits_to_keep": width - first} if "logits_to_keep" in _forward_parameters(model) else {}
+    logits = shared_prompt_forward(model, batch, **kwargs).logits  # (B, W', V): columns W - W' .. W - 1
+    offset = width - logits.shape[1]
+    predicting = logits[batch.rows.unsqueeze(1), batch.predictor_columns.clamp(min=offset) - offset]  # (B*K, A, V)
     if temperature != 1.0:
-        logits = logits / temperature
-    return fill_padding(picked_log_probs(logits, batch.answer_ids), batch.answer_mask)
-
-
-def _align_to_answers(log_probs: Tensor, completion_mask: Tensor, answer_mask: Tensor) -> Tensor:
-    """Move each row's completion log-probabilities (at `completion_mask`) to the answer columns (`answer_mask`)."""
-    aligned = log_probs.new_zeros(answer_mask.shape)
-    aligned[answer_mask] = log_probs[completion_mask]  # both masks list each row's tokens in order
-    return aligned
+        predicting = predicting / temperature
+    return fill_padding(picked_log_probs(predicting, batch.answer_ids), batch.answer_mask)
 
 
 def answer_sequence_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: float = 1.0) -> Tensor:
-    """log pi(answer | prompt) of each of the B * K answers (seed 003), the prompt run once; 0 for an empty answer.
+    """log pi(answer | prompt) of each of the B * K answers (seed 003), each prompt run once; 0 for an empty answer.
 
     Returns:
         (B * K,) float32.

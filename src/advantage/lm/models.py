@@ -28,8 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from advantage.errors import UsageError
-from advantage.lm.logprobs import SharedPromptBatch, position_ids_from_attention_mask, shared_prompt_forward, \
-    supports_shared_prompt
+from advantage.lm.logprobs import SharedPromptBatch, position_ids_from_attention_mask, shared_prompt_forward
 from advantage.lm.tokenizer import build_char_tokenizer, load_tokenizer
 
 SIZES: dict[str, dict[str, int]] = {
@@ -256,22 +255,18 @@ class ScalarHeadModel(nn.Module):
         """`score_last_token` of every prompt + answer sequence, with each prompt run through the body once.
 
         Args:
-            batch: B prompts with K answers each (`logprobs.collate_shared_prompt`).
+            batch: B prompts with K answers each, packed (`logprobs.collate_shared_prompt`).
 
         Returns:
             (B * K,) scalars, read at each answer's last token (at the prompt's last token for an empty answer,
             as `score_last_token` does for a prompt alone).
         """
-        if not supports_shared_prompt(self.body):
-            sequences = batch.concatenated()
-            return self.score_last_token(sequences.input_ids, sequences.attention_mask)
-        prompt_out, answer_out = shared_prompt_forward(self.body, batch)
-        prompt_last = prompt_out.last_hidden_state[:, -1].repeat_interleave(batch.answers_per_prompt, dim=0)
-        answer_lengths = batch.answer_mask.sum(dim=-1)  # (B * K,)
-        answer_last = answer_out.last_hidden_state.gather(
-            1, (answer_lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, prompt_last.shape[-1])).squeeze(1)
-        hidden = torch.where((answer_lengths > 0).unsqueeze(1), answer_last, prompt_last)  # (B * K, hidden)
-        return self.head(hidden).squeeze(-1)
+        hidden = shared_prompt_forward(self.body, batch).last_hidden_state  # (B, W, hidden)
+        rows = batch.rows
+        lengths = batch.answer_mask.sum(dim=-1)  # (B * K,)
+        answer_end = batch.answer_columns.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        last = torch.where(lengths > 0, answer_end, batch.prompt_lengths[rows] - 1)  # (B * K,) columns
+        return self.head(hidden[rows, last]).squeeze(-1)
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
         """Write the body in Hugging Face format, the head beside it, and optionally a tokenizer, atomically.

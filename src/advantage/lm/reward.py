@@ -62,7 +62,8 @@ from advantage.lm.data import Row, load_rows, preference_triples, rankings
 from advantage.lm.logprobs import SharedPromptBatch, collate_shared_prompt
 from advantage.lm.models import ScalarHeadModel
 from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, StepWindow, add_lora, fingerprint, \
-    learning_rate_at, load_policy, max_length, mixed_precision, pad_id, require, task_files, total_steps, validate_lm
+    learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, task_files, \
+    total_steps, validate_lm
 from advantage.lm.sft import tokenize_pairs
 from advantage.objectives.preference import bradley_terry_loss, kwise_pairwise_loss, plackett_luce_loss
 from advantage.run.config import param
@@ -366,8 +367,7 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
     # which Adam (g / (|g| + eps)) would turn into a random walk of about lr per step: it stays at 0.
     model.head.bias.requires_grad_(False)
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     steps = total_steps(config, len(train_examples))
     order = DataOrder(len(train_examples), config.batch_size, config.seed)
     session.start(model, optimizer, steps, data_fingerprint(train_examples))

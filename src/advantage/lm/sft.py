@@ -53,7 +53,8 @@ from torch import Tensor, nn
 from advantage.lm.data import load_rows, sft_pairs
 from advantage.lm.logprobs import collate, token_log_probs
 from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, StepWindow, add_lora, fingerprint, \
-    learning_rate_at, load_policy, max_length, mixed_precision, pad_id, require, task_files, total_steps, validate_lm
+    learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, task_files, \
+    total_steps, validate_lm
 from advantage.objectives.masking import aggregate
 from advantage.run.config import param
 
@@ -320,8 +321,7 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
     if config.lora_r:
         model = add_lora(model, config)
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     steps = total_steps(config, len(train_examples))
     order = DataOrder(len(train_examples), config.batch_size, config.seed)
     data_id = fingerprint([[e.prompt_ids, e.completion_ids] for e in train_examples])
