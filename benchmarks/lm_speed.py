@@ -25,7 +25,7 @@ Figures per run:
 
 Usage:
     python benchmarks/lm_speed.py --bench-dir ../shared/bench [--peers-python /tmp/peers/bin/python]
-        [--runs 3] [--stages dpo,reward] [--threads 2] [--bf16] [--pairs 512]
+        [--runs 3] [--stages dpo,reward] [--threads 2] [--processes 1] [--bf16] [--pairs 512]
 Prints one JSON line per run and a markdown table at the end.
 """
 
@@ -68,6 +68,17 @@ def child(stage: str, bench_dir: str, threads: int, pairs: int, bf16: bool) -> d
     began = time.perf_counter()
     run = module.train(config, work / "run")
     wall = time.perf_counter() - began
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:  # torchrun: the memory of every process counts; rank 0 reports
+        import torch.distributed as dist
+
+        total = torch.tensor([peak_rss_mib], dtype=torch.float64)
+        dist.all_reduce(total)
+        peak_rss_mib = float(total)
+        dist.destroy_process_group()
+        if int(os.environ["RANK"]) != 0:
+            return {}
     rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     loss_name = "losses/dpo" if stage == "dpo" else "losses/reward"
     parameters = tiny_lm.n_params(run.model)
@@ -75,17 +86,21 @@ def child(stage: str, bench_dir: str, threads: int, pairs: int, bf16: bool) -> d
     trl_tokens = pairs * (2 * prompt + 2 * answer)
     our_tokens = pairs * (prompt + 2 * answer)
     flops = our_tokens * (8 if stage == "dpo" else 6) * parameters
-    return {"side": "advantage", "stage": stage, "threads": torch.get_num_threads(), "params": parameters,
+    return {"side": "advantage", "stage": stage, "processes": processes, "threads": torch.get_num_threads(),
+            "params": parameters,
             "steps": rows[-1]["step"], "wall_s": round(wall, 3), "pairs_per_s": round(pairs / wall, 2),
             "trl_tokens_per_s": round(trl_tokens / wall, 1), "model_gflops_per_s": round(flops / wall / 1e9, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mib": round(peak_rss_mib, 1),
             "first_loss": rows[0][loss_name], "last_loss": rows[-1][loss_name]}
 
 
 def run_ours(stage: str, args) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--child", stage, "--bench-dir", args.bench_dir,
-               "--threads", str(args.threads), "--pairs", str(args.pairs)] + (["--bf16"] if args.bf16 else [])
-    return last_json_line(command, args.threads, f"advantage {stage}")
+    threads = max(1, args.threads // args.processes)  # the same cores, split between the processes
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}"] \
+        if args.processes > 1 else [sys.executable]
+    command = [*launcher, os.path.abspath(__file__), "--child", stage, "--bench-dir", args.bench_dir,
+               "--threads", str(threads), "--pairs", str(args.pairs)] + (["--bf16"] if args.bf16 else [])
+    return last_json_line(command, threads, f"advantage {stage}")
 
 
 def run_trl(stage: str, args) -> dict:
@@ -122,10 +137,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (TRL: ANCHOR_BF16=1)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="our side under torchrun with this many processes (data parallel, gloo), sharing "
+                             "--threads between them; TRL keeps one process with --threads")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.bench_dir, args.threads, args.pairs, args.bf16)), flush=True)
+        result = child(args.child, args.bench_dir, args.threads, args.pairs, args.bf16)
+        if result:  # rank 0 (or the only process)
+            print(json.dumps(result), flush=True)
         return
 
     results = []

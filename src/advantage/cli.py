@@ -152,13 +152,16 @@ def run_lm_stage(args: argparse.Namespace) -> int:
 
     stage = args.command
     flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    if args.resume:
-        session.resume(args.resume, stage=stage, **flags)
+    try:
+        if args.resume:
+            session.resume(args.resume, stage=stage, **flags)
+            return 0
+        config = session.resolve_config(stage, flags, args.config, source="command line")
+        out = Path(args.out) if args.out else session.default_run_dir(stage, config)
+        session.stage_module(stage).train(config, out)
         return 0
-    config = session.resolve_config(stage, flags, args.config, source="command line")
-    out = Path(args.out) if args.out else session.default_run_dir(stage, config)
-    session.stage_module(stage).train(config, out)
-    return 0
+    finally:
+        session.close_processes()
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -63,8 +63,8 @@ from advantage.errors import UsageError
 from advantage.lm.logprobs import answer_sequence_log_probs
 from advantage.lm.reward import PairwiseTally, PreferenceDataConfig, RankedExample, RankingBatch, best_and_worst, \
     collate_rankings, data_fingerprint, data_kind, load_preference_rows, tokenize_rankings, validate_preference_data
-from advantage.lm.session import DataOrder, LMRun, LMSession, StepWindow, add_lora, learning_rate_at, load_policy, \
-    make_optimizer, max_length, mixed_precision, pad_id, require, total_steps
+from advantage.lm.session import DataOrder, LMRun, LMSession, Processes, StepWindow, add_lora, learning_rate_at, \
+    load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, total_steps
 from advantage.objectives.preference import dpo_loss, plackett_luce_dpo_loss
 from advantage.run.config import param
 
@@ -101,23 +101,29 @@ def ranking_log_probs(model: nn.Module, batch: RankingBatch) -> Tensor:
 
 
 @torch.no_grad()
-def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], batch_size: int, pad: int) -> Tensor:
+def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], batch_size: int, pad: int,
+                        processes: Processes | None = None) -> Tensor:
     """log pi_ref(y_k | x) of every answer of every example, with `model` as the reference, in eval mode.
 
     Args:
         examples: N rankings.
         batch_size: rankings per forward pass (the evaluation uses the same chunks, so that at step 0 the
             held-out policy and reference log-probabilities are bit-identical).
+        processes: with several, each computes every world_size-th example and they exchange the results.
     Returns:
         (N, K_max) float32; 0 where a ranking has fewer answers.
     """
+    rank, world_size = (processes.rank, processes.world_size) if processes else (0, 1)
+    share = examples[rank::world_size]
+    width = max(len(example.completion_ids) for example in examples)
     was_training = model.training
     model.eval()
-    chunks = [ranking_log_probs(model, collate_rankings(examples[start:start + batch_size], pad))
-              for start in range(0, len(examples), batch_size)]
+    chunks = [ranking_log_probs(model, collate_rankings(share[start:start + batch_size], pad))
+              for start in range(0, len(share), batch_size)]
     model.train(was_training)
-    width = max(chunk.shape[1] for chunk in chunks)
-    return torch.cat([F.pad(chunk, (0, width - chunk.shape[1])) for chunk in chunks])  # (N, K_max)
+    local = torch.cat([F.pad(chunk, (0, width - chunk.shape[1])) for chunk in chunks]) if chunks \
+        else torch.zeros((0, width))
+    return processes.gather_rows(local, len(examples)) if processes else local  # (N, K_max)
 
 
 # -------------------------------------------------------------------------------------------------------------- loss
@@ -144,15 +150,17 @@ def preference_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, mask: Tenso
 
 
 def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], reference: Tensor, micro_batches: int,
-                         pad: int, loss: str, beta: float) -> tuple[float, PairwiseTally, int]:
+                         pad: int, loss: str, beta: float, world_size: int = 1) -> tuple[float, PairwiseTally, int]:
     """Add the gradient of the batch's DPO loss to `.grad`, one micro-batch at a time.
 
     Args:
-        examples: the batch of B rankings (this process's share of it).
-        reference: (B, K_max) their reference log-probabilities.
-        micro_batches: how many consecutive micro-batches to split the batch into (must divide B).
+        examples: this process's share of the batch (B / world_size rankings).
+        reference: (B / world_size, K_max) their reference log-probabilities.
+        micro_batches: how many consecutive micro-batches to split the share into (must divide it).
+        world_size: processes sharing the batch (their gradients are summed afterwards).
     Returns:
-        (loss, tally of the implicit rewards, real tokens): the batch mean L, its pairwise diagnostics, the tokens.
+        (loss, tally of the implicit rewards, real tokens): this share's part of the batch mean L, its pairwise
+        diagnostics, the tokens.
     """
     size = len(examples) // micro_batches
     loss_total, tally, real_tokens = 0.0, PairwiseTally(), 0
@@ -161,8 +169,9 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
         batch = collate_rankings(micro, pad)  # b prompts, b * K answers
         policy = ranking_log_probs(model, batch)  # (b, K): log pi_theta(y_k | x)
         value, rewards = preference_loss(policy, reference[start:start + size], batch.mask, loss, beta)
-        # This micro-batch's share of the batch mean: every pair weighs 1 / B, whichever micro-batch holds it.
-        share = value * (len(micro) / len(examples))
+        # This micro-batch's share of the batch mean: every pair weighs 1 / B, whichever micro-batch (and process)
+        # holds it.
+        share = value * (len(micro) / (len(examples) * world_size))
         share.backward()  # accumulate: .grad sums the shares into the gradient of L
         loss_total += float(share.detach())
         tally.add(rewards, batch.mask)
@@ -217,7 +226,9 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
     eval_examples = tokenize_rankings(eval_rows, kind, tokenizer, length, "evaluation") if eval_rows else []
     if config.ranking_answers == "best_worst":
         train_examples = best_and_worst(train_examples)
-    micro_size = config.batch_size // config.gradient_accumulation_steps
+    processes = session.processes
+    micro_size = config.batch_size // (processes.world_size * config.gradient_accumulation_steps)
+    evaluating = bool(eval_examples) and processes.is_main
 
     # 2. The trained model is the same object: with LoRA, only adapters on it.
     if config.lora_r:
@@ -228,13 +239,14 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
     reference = eval_reference = None
     if session.checkpoint_path is None:
         with model.disable_adapter() if config.lora_r else contextlib.nullcontext(), mixed_precision(config):
-            reference = reference_log_probs(model, train_examples, micro_size, pad)  # (N, K)
-            eval_reference = reference_log_probs(model, eval_examples, micro_size, pad) if eval_examples else None
+            reference = reference_log_probs(model, train_examples, micro_size, pad, processes)  # (N, K)
+            # Rank 0 alone evaluates, in the evaluation's own chunks (bit-identical margins of 0 at step 0).
+            eval_reference = reference_log_probs(model, eval_examples, micro_size, pad) if evaluating else None
     model.train()
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
     optimizer = make_optimizer(model, config)
     steps = total_steps(config, len(train_examples))
-    order = DataOrder(len(train_examples), config.batch_size, config.seed)
+    order = DataOrder(len(train_examples), config.batch_size, config.seed, processes.rank, processes.world_size)
     # The checkpoint's reference log-probabilities cover the held-out set too, so a resume needs it unchanged as well.
     state = session.start(model, optimizer, steps, data_fingerprint([*train_examples, *eval_examples]))
     if state is not None:
@@ -251,7 +263,7 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
         with mixed_precision(config):
             return evaluate(model, eval_examples, eval_reference, micro_size, pad, config.loss, config.beta)
 
-    if step == 0 and eval_examples:  # the starting point: every implicit margin is 0, logp_accuracy the reference's
+    if step == 0 and evaluating:  # the starting point: every implicit margin is 0, logp_accuracy the reference's
         last = session.metrics.log(0, session.elapsed(), held_out())
     while step < steps:
         began = time.perf_counter()
@@ -264,7 +276,11 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
         examples = [train_examples[index] for index in indices]
         with mixed_precision(config):
             loss, batch_tally, real_tokens = accumulate_gradients(
-                model, examples, reference[indices], config.gradient_accumulation_steps, pad, config.loss, config.beta)
+                model, examples, reference[indices], config.gradient_accumulation_steps, pad, config.loss, config.beta,
+                processes.world_size)
+        loss, real_tokens = processes.sum(loss, real_tokens)
+        batch_tally = batch_tally.summed(processes)
+        processes.sum_gradients(model)  # the gradient of the whole batch, on every process
 
         # 6. One optimizer step (skipped, and counted, if the loss is not finite).
         if window.optimizer_step(session, optimizer, loss, max_norm):
@@ -273,7 +289,7 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
         window.end_step(real_tokens, time.perf_counter() - began)
 
         # 7. Log (averaged over the steps since the last line), with the held-out metrics when they are due.
-        evaluation_due = bool(eval_examples) and session.evaluation_due(step)
+        evaluation_due = evaluating and session.evaluation_due(step)
         if step % config.log_every == 0 or step == steps or evaluation_due:
             logged = {**window.figures("losses/dpo"),
                       **tally.means("rewards/"),

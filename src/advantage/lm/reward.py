@@ -254,6 +254,12 @@ class PairwiseTally:
         for name in ("pairs", "correct", "margin_sum", "rankings", "best_sum", "worst_sum"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
+    def summed(self, processes) -> PairwiseTally:
+        """This tally summed over the processes (`session.Processes`): the whole batch's diagnostics."""
+        names = ("pairs", "correct", "margin_sum", "rankings", "best_sum", "worst_sum")
+        totals = processes.sum(*(getattr(self, name) for name in names))
+        return PairwiseTally(**{name: type(getattr(self, name))(total) for name, total in zip(names, totals)})
+
     def means(self, prefix: str) -> dict[str, float]:
         """{prefix + "accuracy", "margin", "chosen", "rejected"} (NaN before any pair)."""
         pairs, rankings = self.pairs or math.nan, self.rankings or math.nan
@@ -291,16 +297,17 @@ def ranking_loss(rewards: Tensor, mask: Tensor, loss: str) -> Tensor:
 
 
 def accumulate_gradients(model: ScalarHeadModel, examples: Sequence[RankedExample], micro_batches: int, pad: int,
-                         loss: str) -> tuple[float, PairwiseTally, int]:
+                         loss: str, world_size: int = 1) -> tuple[float, PairwiseTally, int]:
     """Add the gradient of the batch's loss to `.grad`, one micro-batch at a time.
 
     Args:
-        examples: the batch of B rankings (this process's share of it).
-        micro_batches: how many consecutive micro-batches to split it into (must divide B).
+        examples: this process's share of the batch (B / world_size rankings).
+        micro_batches: how many consecutive micro-batches to split the share into (must divide it).
         loss: as in `ranking_loss`.
+        world_size: processes sharing the batch (their gradients are summed afterwards).
     Returns:
-        (loss, tally, real tokens): the batch's loss L (the mean over its B rankings), its pairwise diagnostics,
-        and the tokens it went through.
+        (loss, tally, real tokens): this share's part of the batch's loss L (the mean over its B rankings), its
+        pairwise diagnostics, and the tokens it went through.
     """
     size = len(examples) // micro_batches
     loss_total, tally, real_tokens = 0.0, PairwiseTally(), 0
@@ -308,8 +315,9 @@ def accumulate_gradients(model: ScalarHeadModel, examples: Sequence[RankedExampl
         micro = examples[start:start + size]
         batch = collate_rankings(micro, pad)  # b prompts, b * K answers
         rewards = ranking_rewards(model, batch)  # (b, K)
-        # This micro-batch's share of the batch mean: every ranking weighs 1 / B, whichever micro-batch holds it.
-        share = ranking_loss(rewards, batch.mask, loss) * (len(micro) / len(examples))
+        # This micro-batch's share of the batch mean: every ranking weighs 1 / B, whichever micro-batch (and process)
+        # holds it.
+        share = ranking_loss(rewards, batch.mask, loss) * (len(micro) / (len(examples) * world_size))
         share.backward()  # accumulate: .grad sums the shares into the gradient of L
         loss_total += float(share.detach())
         tally.add(rewards, batch.mask)
@@ -369,9 +377,11 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
     optimizer = make_optimizer(model, config)
     steps = total_steps(config, len(train_examples))
-    order = DataOrder(len(train_examples), config.batch_size, config.seed)
+    processes = session.processes
+    order = DataOrder(len(train_examples), config.batch_size, config.seed, processes.rank, processes.world_size)
     session.start(model, optimizer, steps, data_fingerprint(train_examples))
-    micro_size = config.batch_size // config.gradient_accumulation_steps
+    micro_size = config.batch_size // (processes.world_size * config.gradient_accumulation_steps)
+    evaluating = bool(eval_examples) and processes.is_main  # rank 0 alone evaluates
     max_norm = config.max_grad_norm or math.inf
     step = session.start_step
     last: dict = {}
@@ -382,7 +392,7 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
         with mixed_precision(config):
             return evaluate(model, eval_examples, micro_size, pad, config.loss)
 
-    if step == 0 and eval_examples:  # the starting point, for comparison
+    if step == 0 and evaluating:  # the starting point, for comparison
         last = session.metrics.log(0, session.elapsed(), held_out())
     while step < steps:
         began = time.perf_counter()
@@ -394,7 +404,10 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
         examples = [train_examples[index] for index in order.batch(step)]
         with mixed_precision(config):
             loss, batch_tally, real_tokens = accumulate_gradients(model, examples, config.gradient_accumulation_steps,
-                                                                  pad, config.loss)
+                                                                  pad, config.loss, processes.world_size)
+        loss, real_tokens = processes.sum(loss, real_tokens)
+        batch_tally = batch_tally.summed(processes)
+        processes.sum_gradients(model)  # the gradient of the whole batch, on every process
 
         # 6. One optimizer step (skipped, and counted, if the loss is not finite).
         if window.optimizer_step(session, optimizer, loss, max_norm):
@@ -403,7 +416,7 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
         window.end_step(real_tokens, time.perf_counter() - began)
 
         # 7. Log (averaged over the steps since the last line), with the held-out metrics when they are due.
-        evaluation_due = bool(eval_examples) and session.evaluation_due(step)
+        evaluation_due = evaluating and session.evaluation_due(step)
         if step % config.log_every == 0 or step == steps or evaluation_due:
             logged = {**window.figures("losses/reward"),
                       **tally.means("rewards/"),

@@ -25,6 +25,7 @@ import hashlib
 import importlib
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -34,7 +35,8 @@ from types import ModuleType
 from typing import Any, Literal
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from advantage.errors import NonFiniteLossError, UsageError
 from advantage.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -251,6 +253,80 @@ def fingerprint(items: Sequence[Any]) -> str:
     return hashlib.sha256(json.dumps(items, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+class Processes:
+    """The processes training together, or just this one.
+
+    Launched by torchrun (or `accelerate launch`), which sets WORLD_SIZE, RANK and the rendezvous address, every
+    stage trains with data parallelism over torch.distributed: each process takes its share of every batch
+    (`DataOrder`), the gradients are summed over the processes before the optimizer step, and every process then
+    takes the same step, so the weights stay identical everywhere. Losses are normalised by counts over the whole
+    batch of all processes, so N processes compute the gradient of one process with the same batch. Only rank 0
+    writes the run directory and shows progress. Without WORLD_SIZE > 1 nothing of torch.distributed is touched.
+    """
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if self.world_size > 1 else 0
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes the run directory (rank 0)."""
+        return self.rank == 0
+
+    def sum(self, *values: float) -> list[float]:
+        """Each value summed over the processes (float64, so token counts stay exact)."""
+        if self.world_size == 1:
+            return [float(value) for value in values]
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def sum_gradients(self, model: nn.Module) -> None:
+        """Replace every trainable parameter's .grad by its sum over the processes, in one all-reduce."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for parameter, grad in zip([p for p in model.parameters() if p.requires_grad], grads):
+            parameter.grad = flat[offset:offset + grad.numel()].view_as(grad).clone()
+            offset += grad.numel()
+
+    def gather_rows(self, local: Tensor, total: int) -> Tensor:
+        """Interleave the rows each process computed for its share `range(rank, total, world_size)` of `total` items.
+
+        Args:
+            local: (ceil((total - rank) / world_size), ...) this process's rows, in the order of its share.
+        Returns:
+            (total, ...) every item's row, in the original order.
+        """
+        if self.world_size == 1:
+            return local
+        most = -(-total // self.world_size)
+        padded = torch.zeros((most, *local.shape[1:]), dtype=local.dtype)
+        padded[:len(local)] = local
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        result = torch.empty((total, *local.shape[1:]), dtype=local.dtype)
+        for rank, rows in enumerate(gathered):
+            result[rank::self.world_size] = rows[:len(range(rank, total, self.world_size))]
+        return result
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def close_processes() -> None:
+    """Leave torch.distributed's process group if a stage joined one (at the end of a torchrun-launched command)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class DataOrder:
     """Which examples each optimizer step learns from, as a pure function of (seed, step).
 
@@ -259,8 +335,8 @@ class DataOrder:
     positions k * batch_size .. (k + 1) * batch_size - 1 of that stream (a batch may span two epochs). Nothing needs
     saving to resume: the step says where the stream is.
 
-    This is also the one place the data is sharded: with `world_size` processes (torch.distributed, later), rank r
-    takes every world_size-th example of each batch, so the ranks together see exactly the single-process batch.
+    This is also the one place the data is sharded: with `world_size` processes (`Processes`), rank r takes every
+    world_size-th example of each batch, so the ranks together see exactly the single-process batch.
     """
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
@@ -426,6 +502,13 @@ class LMSession:
         elif (self.run_dir / "config.yaml").exists():
             raise UsageError(f"run directory '{self.run_dir}' already holds a run; pass --resume {self.run_dir} "
                              f"to continue it, or choose another --out")
+        self.processes = Processes()
+        shards = self.processes.world_size * config.gradient_accumulation_steps
+        if config.batch_size % shards:
+            raise UsageError(f"field 'batch_size' must be a multiple of processes x gradient_accumulation_steps "
+                             f"({self.processes.world_size} x {config.gradient_accumulation_steps}), "
+                             f"got {config.batch_size}")
+        self.processes.barrier()  # every process has checked the directory before rank 0 writes into it
         self.start_step = 0
         self.steps = 0
         self.checkpoint_every = self.eval_every = 1
@@ -452,8 +535,10 @@ class LMSession:
         self.steps = steps
         self.checkpoint_every = interval(self.config.checkpoint_every, steps)
         self.eval_every = interval(self.config.eval_every, steps)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir / "config.yaml", self.stage)
+        main = self.processes.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.run_dir / "config.yaml", self.stage)
         state = None
         if self.checkpoint_path is not None:
             state = load_checkpoint(self.checkpoint_path, {"model": self._trainable})
@@ -465,12 +550,12 @@ class LMSession:
             self.skipped_updates = int(state["skipped_updates"])
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"])
-        elif self.resume:  # killed before its first checkpoint: start over, without the old lines
+        elif self.resume and main:  # killed before its first checkpoint: start over, without the old lines
             truncate_jsonl(self.run_dir / "metrics.jsonl", -1)
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.start_step if self.resume else None,
-                                     tensorboard=self.config.tensorboard, episodes=False)
+                                     tensorboard=self.config.tensorboard, episodes=False) if main else _Unwritten()
         self.progress = Progress(steps, self.start_step, f"{self.stage} {self.config.model}",
-                                 enabled=self.config.progress)
+                                 enabled=self.config.progress and main)
         self._clock_start = time.perf_counter()
         return state
 
@@ -505,6 +590,8 @@ class LMSession:
     def save(self, step: int, extra: dict[str, Any] | None = None) -> None:
         """Flush the logs; checkpoint the trainable parameters, optimizer, RNG and counters after `step` steps."""
         assert self.metrics is not None
+        if not self.processes.is_main:  # the other processes hold the same weights and state
+            return
         self.metrics.flush()
         state = {"step": step, "elapsed_s": self.elapsed(), "skipped_updates": self.skipped_updates,
                  "optimizer": self._optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -527,6 +614,9 @@ class LMSession:
         """
         from advantage.lm.models import ScalarHeadModel, save_pretrained
 
+        if not self.processes.is_main:  # rank 0 writes final/; the weights are the same everywhere
+            self.processes.barrier()
+            return model
         with quiet_transformers():
             if isinstance(model, ScalarHeadModel):
                 model.save_pretrained(self.run_dir / "final", tokenizer)
@@ -548,7 +638,21 @@ class LMSession:
         if self.progress is not None:
             self.progress.close(f"{self.stage} {self.config.model}: {step} steps in {self.elapsed():.1f} s "
                                 f"-> {self.run_dir}")
+        self.processes.barrier()  # final/ is complete before any process returns
         return model
+
+
+class _Unwritten:
+    """The metrics writer of the processes other than rank 0: builds the same lines, writes nothing."""
+
+    def log(self, step: int, time_s: float, values: dict[str, Any]) -> dict[str, Any]:
+        return {"step": int(step), "time_s": round(float(time_s), 4), **values}
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ------------------------------------------------------------------------------------------- configs and resuming

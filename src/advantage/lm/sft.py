@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from advantage.lm.data import load_rows, sft_pairs
 from advantage.lm.logprobs import collate, token_log_probs
-from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, StepWindow, add_lora, fingerprint, \
+from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, Processes, StepWindow, add_lora, fingerprint, \
     learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, task_files, \
     total_steps, validate_lm
 from advantage.objectives.masking import aggregate
@@ -212,19 +212,24 @@ def _embedding_dtype(model: nn.Module) -> torch.dtype:
 
 
 def accumulate_gradients(model: nn.Module, examples: Sequence[SFTExample], micro_batches: int, pad: int,
-                         pack_length: int = 0) -> tuple[float, int, int]:
+                         pack_length: int = 0, processes: Processes | None = None) -> tuple[float, int, int]:
     """Add the gradient of the batch's SFT loss to `.grad`, one micro-batch at a time.
 
     Args:
-        examples: the batch (this process's share of it).
+        examples: this process's share of the batch.
         micro_batches: how many consecutive micro-batches to split it into (must divide len(examples)).
         pad: the pad id.
         pack_length: 0 for one example per row, else pack each micro-batch into rows of this many tokens.
+        processes: the processes sharing the batch (their gradients are summed afterwards); None for this one.
 
     Returns:
-        (loss, completion tokens, real tokens): the batch's loss L, its normaliser N_tokens, and the tokens seen.
+        (loss, completion tokens, real tokens): this share's part of the batch's loss L, the normaliser N_tokens
+        (of the whole batch), and the tokens seen.
     """
-    num_tokens = completion_tokens(examples)  # counted over the whole batch, before any micro-batch: exact accumulation
+    # Counted over the whole batch (every process's share) before any micro-batch: exact accumulation.
+    num_tokens = completion_tokens(examples)
+    if processes is not None:
+        num_tokens = int(processes.sum(num_tokens)[0])
     size = len(examples) // micro_batches
     loss_total, real_tokens = 0.0, 0
     for start in range(0, len(examples), size):
@@ -323,10 +328,12 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
     optimizer = make_optimizer(model, config)
     steps = total_steps(config, len(train_examples))
-    order = DataOrder(len(train_examples), config.batch_size, config.seed)
+    processes = session.processes
+    order = DataOrder(len(train_examples), config.batch_size, config.seed, processes.rank, processes.world_size)
     data_id = fingerprint([[e.prompt_ids, e.completion_ids] for e in train_examples])
     session.start(model, optimizer, steps, data_id)
-    micro_size = config.batch_size // config.gradient_accumulation_steps
+    micro_size = config.batch_size // (processes.world_size * config.gradient_accumulation_steps)
+    evaluating = bool(eval_examples) and processes.is_main  # rank 0 alone evaluates
     max_norm = config.max_grad_norm or math.inf
     step = session.start_step
     last: dict = {}
@@ -336,7 +343,7 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
         with mixed_precision(config):
             return evaluate(model, tokenizer, eval_examples, micro_size, pad, config.max_new_tokens)
 
-    if step == 0 and eval_examples:  # the starting point, for comparison
+    if step == 0 and evaluating:  # the starting point, for comparison
         last = session.metrics.log(0, session.elapsed(), held_out())
     while step < steps:
         began = time.perf_counter()
@@ -348,7 +355,9 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
         examples = [train_examples[index] for index in order.batch(step)]
         with mixed_precision(config):
             loss, num_tokens, real_tokens = accumulate_gradients(
-                model, examples, config.gradient_accumulation_steps, pad, length if config.packing else 0)
+                model, examples, config.gradient_accumulation_steps, pad, length if config.packing else 0, processes)
+        loss, real_tokens = processes.sum(loss, real_tokens)
+        processes.sum_gradients(model)  # the gradient of the whole batch, on every process
 
         # 4. One optimizer step (skipped, and counted, if the loss is not finite).
         window.optimizer_step(session, optimizer, loss, max_norm)
@@ -356,7 +365,7 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
         window.end_step(real_tokens, time.perf_counter() - began, num_tokens)
 
         # 5. Log (averaged over the steps since the last line), with the held-out metrics when they are due.
-        evaluation_due = bool(eval_examples) and session.evaluation_due(step)
+        evaluation_due = evaluating and session.evaluation_due(step)
         if step % config.log_every == 0 or step == steps or evaluation_due:
             logged = {**window.figures("losses/nll"),
                       "charts/learning_rate": learning_rate,

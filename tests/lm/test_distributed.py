@@ -1,0 +1,89 @@
+"""Data parallelism over torch.distributed: `torchrun --nproc-per-node 2 -m advantage.cli STAGE ...` (gloo, CPU) ends
+with the parameters of one process with the same global batch, and writes the run directory once."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from advantage.lm.session import DataOrder, Processes
+
+COMMON = ["--model", "builtin:nano", "--task", "arithmetic", "--task-max-operand", "9", "--task-train-size", "32",
+          "--task-eval-size", "8", "--batch-size", "8", "--max-steps", "4", "--learning-rate", "1e-3",
+          "--progress", "false", "--tensorboard", "false", "--threads", "1"]
+STAGES = {"sft": [], "reward": ["--loss", "bt"], "dpo": ["--beta", "0.1"]}
+
+
+def run(command, processes):
+    """Run `advantage STAGE ...` in 1 process, or in `processes` processes under torchrun (gloo on CPU)."""
+    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    environment.pop("WORLD_SIZE", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] \
+        if processes > 1 else [sys.executable]
+    done = subprocess.run([*launcher, "-m", "advantage.cli", *command], env=environment, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def final_weights(run_dir):
+    names = ["model.safetensors"] if (run_dir / "final" / "model.safetensors").exists() else []
+    assert names, list((run_dir / "final").iterdir())
+    weights = load_file(str(run_dir / "final" / names[0]))
+    if (run_dir / "final" / "scalar_head.safetensors").exists():
+        weights.update({f"head.{k}": v for k, v in load_file(str(run_dir / "final" / "scalar_head.safetensors")).items()})
+    return weights
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_two_processes_end_with_the_parameters_of_one(tmp_path, stage):
+    """2 processes x 4 examples each = 1 process x 8: the same weights after 4 AdamW steps (up to float rounding: the
+    micro-batches differ), the same logged losses, and one metrics.jsonl written by rank 0 only."""
+    command = [stage, *COMMON, *STAGES[stage]]
+    run([*command, "--out", str(tmp_path / "one")], 1)
+    run([*command, "--out", str(tmp_path / "two")], 2)
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, atol=2e-5, rtol=1e-4, msg=name)
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "two")}
+    assert [row["step"] for row in rows["two"]] == [row["step"] for row in rows["one"]]  # written once
+    loss = {"sft": "losses/nll", "reward": "losses/reward", "dpo": "losses/dpo"}[stage]
+    for single, double in zip(rows["one"], rows["two"]):
+        if loss in single:
+            assert abs(single[loss] - double[loss]) < 1e-4
+            assert single["charts/tokens_per_s"] > 0 and double["charts/tokens_per_s"] > 0
+        for key in single:
+            if key.startswith("eval/"):  # rank 0 evaluated the whole held-out set
+                assert abs(single[key] - double[key]) < 1e-4, key
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_a_usage_error(tmp_path):
+    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "advantage.cli", "sft", *COMMON, "--batch-size", "6", "--gradient-accumulation-steps",
+                           "2", "--out", str(tmp_path / "bad")], env=environment, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "field 'batch_size' must be a multiple of processes x gradient_accumulation_steps (2 x 2), got 6" \
+        in done.stderr
+    assert not (tmp_path / "bad" / "config.yaml").exists()
+
+
+def test_data_order_shards_each_batch_and_one_process_touches_no_process_group():
+    whole = DataOrder(20, 8, seed=3)
+    shards = [DataOrder(20, 8, seed=3, rank=rank, world_size=2) for rank in (0, 1)]
+    for step in range(5):
+        assert sorted(shards[0].batch(step) + shards[1].batch(step)) == sorted(whole.batch(step))
+        assert shards[0].batch(step) == whole.batch(step)[0::2]
+    single = Processes()
+    assert (single.rank, single.world_size, single.is_main) == (0, 1, True)
+    assert single.sum(2, 3.5) == [2.0, 3.5]
+    assert not torch.distributed.is_initialized()
+    local = torch.arange(6.0).view(3, 2)
+    assert torch.equal(single.gather_rows(local, 3), local)
