@@ -48,6 +48,13 @@ LM_STAGES = {
             "--beta the strength of the implicit KL to the starting model, whose log-probabilities are computed "
             "once before training. Logs implicit rewards, margins and preference accuracy, on training batches "
             "and held-out data."),
+    "grpo": ("group relative policy optimization of a causal language model (online RL)",
+             "Fine-tune a causal LM with GRPO: --batch-size prompts per step, --group-size completions sampled for "
+             "each (the prompt computed once), rewards from --reward-functions module:function (weighted by "
+             "--reward-weights) or --reward-model, advantages normalised within each group, PPO's clipped ratio "
+             "over --num-iterations steps, and a KL to the starting model (--beta, --kl-estimator, "
+             "--kl-placement; --beta 0 loads no reference). Prompts come from the `prompt` column of --data or a "
+             "built-in --task (whose exact-match reward is the default)."),
 }
 LM_RUN_DIRECTORY = (" Writes a run directory: config.yaml, metrics.jsonl (step = optimizer steps), TensorBoard "
                     "events, checkpoints/, final/ (Hugging Face format). Values come from the defaults, then "

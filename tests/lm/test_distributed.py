@@ -2,6 +2,7 @@
 with the parameters of one process with the same global batch, and writes the run directory once."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,3 +88,21 @@ def test_data_order_shards_each_batch_and_one_process_touches_no_process_group()
     assert not torch.distributed.is_initialized()
     local = torch.arange(6.0).view(3, 2)
     assert torch.equal(single.gather_rows(local, 3), local)
+
+
+def test_grpo_under_torchrun_shares_the_prompts_and_writes_once(tmp_path):
+    """GRPO with 2 processes: each samples the groups of its half of the prompts (so the completions, unlike the
+    offline stages' batches, differ from one process's); the loss normalisation over processes is proven exact in
+    tests/lm/test_grpo.py. Here: it runs, logs every step once, and rank 0's final/ loads and differs from the
+    start."""
+    command = ["grpo", *COMMON, "--group-size", "4", "--max-new-tokens", "4", "--beta", "0.04",
+               "--out", str(tmp_path / "two")]
+    run(command, 2)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
+    assert all(math.isfinite(row["losses/grpo"]) for row in rows[1:])
+    from advantage.lm.models import build_model
+
+    start = build_model("nano", seed=1).state_dict()
+    moved = final_weights(tmp_path / "two")
+    assert any(not torch.equal(moved[name], start[name]) for name in moved if name in start)

@@ -99,9 +99,7 @@ def tokenize_pairs(pairs: Sequence[tuple[str, str]], tokenizer, length: int) -> 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     examples, cut = [], 0
     for prompt, completion in pairs:
-        prompt_ids = list(tokenizer.encode(prompt, add_special_tokens=True)) if prompt else []
-        if bos is not None and prompt_ids[:2] == [bos, bos]:
-            prompt_ids = prompt_ids[1:]
+        prompt_ids = encode_prompt(tokenizer, prompt) if prompt else []
         completion_ids = list(tokenizer.encode(completion, add_special_tokens=False))
         if not completion_ids or completion_ids[-1] != eos:
             completion_ids.append(eos)
@@ -113,6 +111,13 @@ def tokenize_pairs(pairs: Sequence[tuple[str, str]], tokenizer, length: int) -> 
             completion_ids = completion_ids[:length - len(prompt_ids)]
         examples.append(SFTExample(prompt_ids, completion_ids))
     return examples, cut
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """A prompt's token ids, with the tokenizer's special tokens (its BOS, not doubled after a chat template's)."""
+    ids = list(tokenizer.encode(prompt, add_special_tokens=True))
+    bos = tokenizer.bos_token_id
+    return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
 
 
 def completion_tokens(examples: Sequence[SFTExample]) -> int:

@@ -1,0 +1,425 @@
+"""GRPO, Group Relative Policy Optimization (seed 000): PPO on the token MDP with the group mean as the baseline.
+
+For each prompt q, sample a group of G completions o_1..o_G from pi_old, score them r_1..r_G, and give every token of
+answer i the advantage of its answer within the group (seed 000):
+
+    A_i = (r_i - mean(r)) / std(r)
+
+No value model: the other answers to the same prompt are the baseline. The policy then maximises PPO's clipped
+objective per token with a KL penalty to the frozen reference pi_ref (the starting model), estimated per token by k3:
+
+    J(theta) = E 1/G sum_i 1/|o_i| sum_t { min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i) - beta D_KL },
+    rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t),
+    D_KL = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1.
+
+The loss is `objectives.grpo.grpo_loss` (minus J), whose `aggregation` chooses between the seed's per-answer mean
+("sequence"), every token of the batch alike ("token"), and a constant normaliser ("constant"); the advantage is
+`objectives.grpo.group_normalized_advantages`. Counts are taken over the whole batch of every process before any
+micro-batch, so splitting the batch (gradient accumulation, processes) never changes the gradient.
+
+One optimizer step, read top to bottom in `train`:
+    1. take `batch_size` prompts; 2. sample G completions of each (the prompt is run once for its G samples,
+    `generation.generate`); 3. score them (`rewards.combined_rewards`, or a reward model); 4. group-normalised
+    advantages; 5. log pi_old (a fresh forward pass: the ratio is exactly 1 at the first inner iteration) and
+    log pi_ref; 6. `num_iterations` optimizer steps on these completions, each over every micro-batch.
+
+KL placement (`kl_placement`): "loss_weighted" (default) puts beta k(a) in the loss multiplied by the ratio
+pi / pi_old, whose gradient is the unbiased grad KL(pi || pi_ref) for k3 and k1 (docs/math.md, "KL placement");
+"loss" differentiates beta k(a) as the seed writes it; "reward" subtracts beta sum_t k(a_t) (detached) from each
+completion's reward before the group normalisation, as RLHF does per token. beta = 0 loads no reference model.
+
+metrics.jsonl (`step` = optimizer steps):
+    rewards/mean, rewards/std_in_group    the batch's mean reward and the mean within-group standard deviation
+    rewards/FUNCTION                      each reward function's mean (unweighted)
+    completions/mean_length, completions/truncated   mean tokens per completion; share that hit max_new_tokens
+    losses/grpo, losses/grad_norm         the loss and the gradient norm before clipping
+    policy/clip_fraction, policy/approx_kl   share of clipped tokens; KL(pi_old || pi_theta) estimate (k3)
+    policy/kl_ref                          mean per-token k3 to the reference (0 with beta = 0 and no reference)
+    time/generation_s, time/training_s     wall seconds of the step's sampling and of its forward/backward passes
+    charts/learning_rate, charts/tokens_per_s, charts/skipped_updates
+    eval/reward, eval/mean_length          greedy completions of the held-out prompts (rank 0)
+
+final/ is the trained causal LM in Hugging Face format, as sft writes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from advantage.lm.data import load_rows, prompts as prompt_texts
+from advantage.lm.generation import Generated, generate
+from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt
+from advantage.lm.rewards import RewardFunction, combined_rewards, reward_functions
+from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, Processes, StepWindow, add_lora, \
+    fingerprint, learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, \
+    task_files, validate_lm
+from advantage.lm.sft import encode_prompt
+from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
+from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate
+from advantage.objectives.masking import AGGREGATIONS
+from advantage.run.config import param
+
+BUILTIN_TASK_REWARD = "advantage.lm.tasks.arithmetic:reward"
+
+
+@dataclass
+class GRPOConfig(LMConfig):
+    """GRPO's hyperparameters: every LMConfig field (batch_size = prompts per step) and the sampling and loss ones."""
+
+    reward_functions: str = param("", "comma-separated module:function (or path/file.py:function) reward functions "
+                                      "f(prompts, completions) -> floats; default with --task: the task's "
+                                      "exact-match reward")
+    reward_weights: str = param("", "comma-separated weights of the reward functions (default 1 each)")
+    reward_model: str = param("", "a reward model directory (written by `advantage reward`) instead of functions")
+    group_size: int = param(8, "G: completions sampled per prompt")
+    max_new_tokens: int = param(32, "longest completion in tokens")
+    min_new_tokens: int = param(0, "EOS cannot be sampled before this many tokens (fixed-length benchmarks)")
+    temperature: float = param(1.0, "sampling temperature (the log-probabilities are those of the same tempered "
+                                    "distribution)")
+    top_k: int = param(0, "sample among the k most likely tokens (0: all)")
+    top_p: float = param(1.0, "nucleus sampling: the smallest set of tokens with this much probability")
+    num_iterations: int = param(1, "optimizer steps on each batch of completions (mu; the ratio is 1 at the first)")
+    clip_range: float = param(0.2, "epsilon of the clipped ratio")
+    clip_range_high: float = param(0.0, "upper epsilon if different (0: the same as clip_range)")
+    beta: float = param(0.04, "KL coefficient; 0 loads no reference model")
+    kl_estimator: Literal["k1", "k2", "k3"] = param("k3", "per-token KL estimator (seed 000: k3)")
+    kl_placement: Literal["loss_weighted", "loss", "reward"] = param(
+        "loss_weighted", "where the KL goes: in the loss weighted by the ratio (unbiased gradient), in the loss as "
+                         "the seed writes it, or subtracted from the reward")
+    aggregation: Literal["sequence", "token", "constant"] = param(
+        "sequence", "loss normaliser: sequence (the seed's 1/|o_i| per answer), token (every token alike), "
+                    "constant (G x max_new_tokens)")
+    scale_rewards: bool = param(True, "divide the group-centred rewards by the group's std (false: Dr. GRPO)")
+    learning_rate: float = param(1e-5, "AdamW peak learning rate")
+    batch_size: int = param(8, "prompts per optimizer step (each with group_size completions)")
+    eval_max_prompts: int = param(200, "held-out prompts evaluated (greedy) at each evaluation")
+
+
+CONFIG = GRPOConfig
+
+
+def validate(config: GRPOConfig) -> None:
+    """Reject invalid hyperparameters with a one-line error naming the field."""
+    validate_lm(config)
+    require(config.group_size >= 2, "group_size", "must be >= 2 (the group is the baseline)", config.group_size)
+    require(config.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", config.max_new_tokens)
+    require(0 <= config.min_new_tokens <= config.max_new_tokens, "min_new_tokens", "must be in [0, max_new_tokens]",
+            config.min_new_tokens)
+    require(config.temperature > 0 and math.isfinite(config.temperature), "temperature", "must be > 0",
+            config.temperature)
+    require(config.top_k >= 0, "top_k", "must be >= 0", config.top_k)
+    require(0 < config.top_p <= 1, "top_p", "must be in (0, 1]", config.top_p)
+    require(config.num_iterations >= 1, "num_iterations", "must be >= 1", config.num_iterations)
+    require(config.clip_range > 0, "clip_range", "must be > 0", config.clip_range)
+    require(config.clip_range_high >= 0, "clip_range_high", "must be >= 0", config.clip_range_high)
+    require(config.beta >= 0 and math.isfinite(config.beta), "beta", "must be >= 0", config.beta)
+    require(config.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}",
+            config.kl_estimator)
+    require(config.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}", config.aggregation)
+    require(config.eval_max_prompts >= 0, "eval_max_prompts", "must be >= 0", config.eval_max_prompts)
+    require(not (config.reward_model and config.reward_functions), "reward_model",
+            "and reward_functions exclude each other", config.reward_model)
+    require(bool(config.reward_model or config.reward_functions or config.task != "none"), "reward_functions",
+            "is required (or --reward-model, or a built-in --task)", config.reward_functions)
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class PromptExample:
+    """One prompt: its text (what reward functions see) and its token ids (the initial state, seed 003)."""
+
+    text: str
+    ids: list[int]
+
+
+def load_prompts(config: GRPOConfig, run_dir: Path, tokenizer, length: int) -> tuple[list[PromptExample],
+                                                                                     list[PromptExample]]:
+    """Training and held-out prompts: the `prompt` column of --data / --eval-data, or the built-in task's."""
+    if config.task != "none":
+        files = task_files(config, run_dir)
+        train_path, eval_path = files["sft_train"], files["sft_eval"]
+    else:
+        train_path, eval_path = config.data, config.eval_data
+    train_rows = load_rows(train_path, "prompt")
+    eval_rows = load_rows(eval_path, "prompt") if eval_path else []
+    room = length - config.max_new_tokens  # a prompt leaves room for the longest completion
+
+    def examples(rows) -> list[PromptExample]:
+        texts = prompt_texts(rows, tokenizer)
+        return [PromptExample(text, encode_prompt(tokenizer, text)[-max(room, 1):]) for text in texts]
+
+    return examples(train_rows), examples(eval_rows)[:config.eval_max_prompts]
+
+
+# --------------------------------------------------------------------------------------------------------- rewards
+
+
+class Scorer:
+    """The reward of each completion: the weighted reward functions, or a reward model's score at the last token."""
+
+    def __init__(self, config: GRPOConfig, tokenizer):
+        self.tokenizer = tokenizer
+        self.model = None
+        self.functions: list[RewardFunction] = []
+        if config.reward_model:
+            from advantage.lm.models import ScalarHeadModel
+
+            self.model = ScalarHeadModel.from_pretrained(config.reward_model)
+        else:
+            self.functions = reward_functions(config.reward_functions or BUILTIN_TASK_REWARD, config.reward_weights)
+
+    def __call__(self, prompts: Sequence[PromptExample], generated: Generated) -> tuple[Tensor, dict[str, float]]:
+        """((B * G,) rewards, {metric name: mean}) for the completions of `generated` (row b * G + g: prompt b)."""
+        group = generated.samples_per_prompt
+        if self.model is not None:
+            with torch.no_grad():
+                batch = collate_shared_prompt(generated.prompts, _groups(generated.completions, group),
+                                              pad_id(self.tokenizer))
+                scores = self.model.score_answers(batch).float()
+            return scores, {}
+        eos = self.tokenizer.eos_token_id
+        texts = [self.tokenizer.decode([t for t in completion if t != eos], skip_special_tokens=True)
+                 for completion in generated.completions]
+        prompt_list = [prompt.text for prompt in prompts for _ in range(group)]
+        total, each = combined_rewards(self.functions, prompt_list, texts)
+        return total, {f"rewards/{name}": float(values.mean()) for name, values in each.items()}
+
+
+def _groups(completions: Sequence[list[int]], group: int) -> list[list[list[int]]]:
+    """[c_0..c_{G-1}], [c_G..c_{2G-1}], ...: the completions of each prompt."""
+    return [list(completions[start:start + group]) for start in range(0, len(completions), group)]
+
+
+# ------------------------------------------------------------------------------------------------------ the update
+
+
+@dataclass
+class Rollout:
+    """One micro-batch of prompts with their G completions, and what the update needs of them."""
+
+    batch: SharedPromptBatch
+    advantages: Tensor  # (b * G,)
+    old_log_probs: Tensor | None  # (b * G, A); None when num_iterations = 1 (then pi_old = pi_theta, detached)
+    ref_log_probs: Tensor | None  # (b * G, A); None without a reference
+
+
+@torch.no_grad()
+def _log_probs_without_grad(model: nn.Module, batch: SharedPromptBatch, temperature: float) -> Tensor:
+    """`answer_log_probs` in eval mode, without a graph (pi_old, pi_ref)."""
+    was_training = model.training
+    model.eval()
+    log_probs = answer_log_probs(model, batch, temperature)
+    model.train(was_training)
+    return log_probs
+
+
+def micro_batch_loss(model: nn.Module, rollout: Rollout, config: GRPOConfig, num_tokens: float,
+                     num_sequences: float) -> tuple[Tensor, dict[str, float]]:
+    """This micro-batch's share of minus J_GRPO (`objectives.grpo.grpo_loss`), normalised by whole-batch counts."""
+    log_probs = answer_log_probs(model, rollout.batch, config.temperature)  # (b * G, A): log pi_theta
+    old = rollout.old_log_probs if rollout.old_log_probs is not None else log_probs.detach()
+    in_loss = config.beta > 0 and config.kl_placement != "reward"
+    loss, stats, kl_ref = grpo_loss(
+        log_probs, old, rollout.advantages, rollout.batch.answer_mask, config.clip_range,
+        config.clip_range_high or None, beta=config.beta if in_loss else 0.0,
+        ref_log_probs=rollout.ref_log_probs if in_loss else None, kl_estimator=config.kl_estimator,
+        kl_placement="loss" if config.kl_placement == "loss" else "loss_weighted", aggregation=config.aggregation,
+        constant_length=config.max_new_tokens, num_tokens=num_tokens, num_sequences=num_sequences)
+    tokens = float(rollout.batch.answer_mask.sum())
+    with torch.no_grad():
+        mask = rollout.batch.answer_mask
+        approx_kl = float(kl_estimate(old, log_probs.detach(), "k3")[mask].sum())
+        if rollout.ref_log_probs is not None and not in_loss:
+            kl_ref = kl_estimate(log_probs.detach(), rollout.ref_log_probs, config.kl_estimator)[mask].mean()
+    # Token-weighted sums, so that micro-batches and processes combine into the batch's means.
+    return loss, {"clip_tokens": float(stats.clip_fraction) * tokens, "approx_kl_sum": approx_kl,
+                  "kl_ref_sum": float(kl_ref) * tokens, "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+
+
+def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun:
+    """Fine-tune `config.model` with GRPO on the prompts of `config.data` (or the built-in task).
+
+    Returns:
+        The LMRun, whose `.model` is the trained causal LM as saved in final/.
+    """
+    validate(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    session = LMSession("grpo", config, run_dir, resume)
+    processes = session.processes
+
+    # The data (prompts), the policy, the reward, and the reference (a frozen copy of the start, or the base model
+    # with the adapters disabled under LoRA; none with beta = 0).
+    model, tokenizer = load_policy(config)
+    pad, eos, length = pad_id(tokenizer), tokenizer.eos_token_id, max_length(config, model)
+    train_prompts, eval_prompts = load_prompts(config, session.run_dir, tokenizer, length)
+    scorer = Scorer(config, tokenizer)
+    reference = None
+    if config.beta > 0 and not config.lora_r:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if config.lora_r:
+        model = add_lora(model, config)
+    model.train()
+    torch.manual_seed(config.seed)
+    optimizer = make_optimizer(model, config)
+    rounds = config.max_steps // config.num_iterations if config.max_steps else \
+        max(1, math.ceil(config.epochs * len(train_prompts) / config.batch_size))
+    steps = rounds * config.num_iterations
+    order = DataOrder(len(train_prompts), config.batch_size, config.seed, processes.rank, processes.world_size)
+    session.start(model, optimizer, steps, fingerprint([prompt.ids for prompt in train_prompts]))
+    micro_batches = config.gradient_accumulation_steps
+    evaluating = bool(eval_prompts) and processes.is_main
+    max_norm = config.max_grad_norm or math.inf
+    step = session.start_step
+    last: dict = {}
+    window = StepWindow()
+
+    def reference_log_probs(batch: SharedPromptBatch) -> Tensor | None:
+        if config.beta == 0:
+            return None
+        if reference is not None:
+            return _log_probs_without_grad(reference, batch, config.temperature)
+        with model.disable_adapter():
+            return _log_probs_without_grad(model, batch, config.temperature)
+
+    def held_out() -> dict[str, float]:
+        with mixed_precision(config):
+            return evaluate(model, eval_prompts, scorer, config, eos, pad)
+
+    if step == 0 and evaluating:
+        last = session.metrics.log(0, session.elapsed(), held_out())
+    while step < steps:
+        began = time.perf_counter()
+        round_index = step // config.num_iterations
+
+        # 1-2. This process's prompts, and G completions of each, sampled from pi_old (= the current policy).
+        prompts = [train_prompts[index] for index in order.batch(round_index)]
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round_index * 7_919 + processes.rank)
+        with mixed_precision(config):
+            generated = generate(model, [prompt.ids for prompt in prompts], samples_per_prompt=config.group_size,
+                                 max_new_tokens=config.max_new_tokens, eos_id=eos, pad_id=pad,
+                                 temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                                 generator=generator, min_new_tokens=config.min_new_tokens)
+        generation_s = time.perf_counter() - began
+
+        # 3. Rewards r_i of every completion.
+        rewards, reward_logs = scorer(prompts, generated)
+
+        # 5 (before 4 when the KL is a reward term). Micro-batches of whole groups, with log pi_old and log pi_ref.
+        size = len(prompts) // micro_batches
+        rollouts = []
+        groups = _groups(generated.completions, config.group_size)
+        with mixed_precision(config):
+            for start in range(0, len(prompts), size):
+                batch = collate_shared_prompt([prompt.ids for prompt in prompts[start:start + size]],
+                                              groups[start:start + size], pad)
+                old = _log_probs_without_grad(model, batch, config.temperature) if config.num_iterations > 1 \
+                    else None
+                rollouts.append(Rollout(batch, torch.empty(0), old, reference_log_probs(batch)))
+        if config.kl_placement == "reward" and config.beta > 0:
+            penalties = []
+            for rollout in rollouts:
+                current = rollout.old_log_probs if rollout.old_log_probs is not None else \
+                    _log_probs_without_grad(model, rollout.batch, config.temperature)
+                per_token = kl_estimate(current, rollout.ref_log_probs, config.kl_estimator)
+                penalties.append((per_token * rollout.batch.answer_mask).sum(dim=-1))  # sum_t k(a_t)
+            rewards = rewards - config.beta * torch.cat(penalties)
+
+        # 4. A_i = (r_i - mean(r)) / std(r) within each group (seed 000).
+        advantages = group_normalized_advantages(rewards, config.group_size, scale_by_std=config.scale_rewards)
+        for index, rollout in enumerate(rollouts):
+            rows = rollout.batch.answer_ids.shape[0]
+            rollout.advantages = advantages[index * size * config.group_size:][:rows]
+        # Whole-batch counts (every process) for an exact aggregation over micro-batches and processes.
+        num_tokens, num_sequences = processes.sum(sum(float(r.batch.answer_mask.sum()) for r in rollouts),
+                                                  len(generated.completions))
+
+        # 6. num_iterations optimizer steps on these completions.
+        for _ in range(config.num_iterations):
+            if step >= steps:
+                break
+            trained = time.perf_counter()
+            learning_rate = learning_rate_at(config, step, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+            loss_total, sums = 0.0, {"clip_tokens": 0.0, "approx_kl_sum": 0.0, "kl_ref_sum": 0.0, "tokens": 0.0}
+            with mixed_precision(config):
+                for rollout in rollouts:
+                    loss, stats = micro_batch_loss(model, rollout, config, num_tokens, num_sequences)
+                    loss.backward()  # accumulate: the shares add up to the whole batch's loss
+                    loss_total += float(loss.detach())
+                    for key in sums:
+                        sums[key] += stats[key]
+            loss_total, *summed = processes.sum(loss_total, *sums.values())
+            sums = dict(zip(sums, summed))
+            processes.sum_gradients(model)
+            window.optimizer_step(session, optimizer, loss_total, max_norm)
+            step += 1
+            training_s = time.perf_counter() - trained
+            window.end_step(int(sums["tokens"]), generation_s + training_s)
+            logs = _step_logs(config, processes, rewards, generated, eos, reward_logs, sums)
+            evaluation_due = evaluating and session.evaluation_due(step)
+            if step % config.log_every == 0 or step == steps or evaluation_due:
+                logged = {**window.figures("losses/grpo"), **logs,
+                          "time/generation_s": generation_s, "time/training_s": training_s,
+                          "charts/learning_rate": learning_rate, "charts/skipped_updates": session.skipped_updates}
+                if evaluation_due:
+                    logged.update(held_out())
+                last = session.metrics.log(step, session.elapsed(), logged)
+                session.show(step, {"reward": logged["rewards/mean"], "kl": logged["policy/kl_ref"]})
+                window = StepWindow()
+            if session.checkpoint_due(step):
+                session.save(step, {"data_order": order.state(round_index + 1)})
+            generation_s = 0.0
+
+    model = session.finish(model, tokenizer, step)
+    return LMRun(session.run_dir, "grpo", config, last, step, model, tokenizer)
+
+
+def _step_logs(config: GRPOConfig, processes: Processes, rewards: Tensor, generated: Generated, eos: int,
+               reward_logs: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
+    """The step's reward, completion and policy figures, over the whole batch of every process."""
+    grouped = rewards.view(-1, config.group_size)
+    lengths = torch.tensor([len(completion) for completion in generated.completions], dtype=torch.float32)
+    truncated = sum(1 for completion in generated.completions if completion[-1:] != [eos])  # no EOS: cut off
+    count = float(len(generated.completions))
+    totals = processes.sum(float(rewards.sum()), float(grouped.std(dim=-1, correction=0).sum()),
+                           float(lengths.sum()), float(truncated), count, float(grouped.shape[0]),
+                           *[value * count for value in reward_logs.values()])
+    reward_sum, std_sum, length_sum, truncated_sum, count, groups, *function_sums = totals
+    tokens = max(sums["tokens"], 1.0)
+    return {"rewards/mean": reward_sum / count, "rewards/std_in_group": std_sum / groups,
+            **{name: value / count for name, value in zip(reward_logs, function_sums)},
+            "completions/mean_length": length_sum / count, "completions/truncated": truncated_sum / count,
+            "policy/clip_fraction": sums["clip_tokens"] / tokens, "policy/approx_kl": sums["approx_kl_sum"] / tokens,
+            "policy/kl_ref": sums["kl_ref_sum"] / tokens}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, prompts: Sequence[PromptExample], scorer: Scorer, config: GRPOConfig, eos: int,
+             pad: int) -> dict[str, float]:
+    """eval/reward and eval/mean_length of greedy completions of the held-out prompts."""
+    rewards, lengths = [], []
+    for start in range(0, len(prompts), 64):
+        chunk = prompts[start:start + 64]
+        generated = generate(model, [prompt.ids for prompt in chunk], samples_per_prompt=1,
+                             max_new_tokens=config.max_new_tokens, eos_id=eos, pad_id=pad, greedy=True)
+        scores, _ = scorer(chunk, generated)
+        rewards.extend(scores.tolist())
+        lengths.extend(len(completion) for completion in generated.completions)
+    return {"eval/reward": sum(rewards) / len(rewards), "eval/mean_length": sum(lengths) / len(lengths)}

@@ -1,0 +1,330 @@
+"""Batched sampling (`advantage.lm.generation.generate`) against a slow reference loop and a fresh forward pass.
+
+The reference is the MDP of seed 003 run one prompt at a time: at every step the whole prefix (prompt + tokens so
+far) goes through the model with no cache and no padding, and the next token is read from the last position.
+"""
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+from advantage.lm.generation import Generated, generate, key_value_cache
+from advantage.lm.logprobs import collate, completion_log_probs
+from advantage.lm.models import build_model
+
+torch.set_num_threads(1)
+PAD, EOS = 0, 3
+# Different lengths, a one-token prompt among them: left padding must leave every row as it would be alone.
+PROMPTS = [[5, 17, 23, 9], [40], [11, 12, 13, 14, 15, 16, 18], [70, 71]]
+ARCHITECTURES = ["qwen2", "llama", "gpt2"]
+
+
+def build_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=2,
+                        eos_token_id=EOS, pad_token_id=PAD)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return GPT2LMHeadModel(config)
+
+
+@pytest.fixture(scope="module")
+def models():
+    built = {architecture: build_model("nano", architecture, seed=1).eval() for architecture in ("qwen2", "llama")}
+    # GPT-2's learned absolute positions show whether position ids count real tokens only (rotary ones would not).
+    built["gpt2"] = build_gpt2().eval()
+    return built
+
+
+@torch.no_grad()
+def slow_next_token_logits(model, prefix):
+    """(V,) next-token logits of `prefix` alone: the whole prefix through the model, no cache, no padding."""
+    return model(input_ids=torch.tensor([prefix])).logits[0, -1].float()
+
+
+def slow_greedy(model, prompt, max_new_tokens):
+    """argmax at every step, the prefix recomputed from scratch each time (no EOS: always max_new_tokens tokens)."""
+    completion = []
+    for _ in range(max_new_tokens):
+        completion.append(int(slow_next_token_logits(model, prompt + completion).argmax()))
+    return completion
+
+
+def truncated(completion, eos_id=None, stop_sequences=()):
+    """`completion` cut right after its first EOS or its first complete stop sequence."""
+    for end in range(1, len(completion) + 1):
+        if completion[end - 1] == eos_id or any(completion[:end][-len(stop):] == stop for stop in stop_sequences):
+            return completion[:end]
+    return completion
+
+
+def repeated(prompts, times):
+    """Each prompt `times` times in a row, as the rows of a `Generated` with samples_per_prompt=times."""
+    return [prompt for prompt in prompts for _ in range(times)]
+
+
+def fresh_log_probs(model, generated, temperature):
+    """The sampled tokens' log-probabilities recomputed by one forward pass over prompt + completion."""
+    prompts = repeated(generated.prompts, generated.samples_per_prompt)
+    batch = collate(prompts, generated.completions, pad_id=PAD)
+    with torch.no_grad():
+        per_position = completion_log_probs(model, batch, temperature=temperature)
+    return [row[mask] for row, mask in zip(per_position, batch.completion_mask)]
+
+
+# ------------------------------------------------------------------------------------------------ greedy decoding
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("samples_per_prompt", [1, 3])
+def test_greedy_equals_the_slow_loop_for_every_prompt(models, architecture, samples_per_prompt):
+    model = models[architecture]
+    generated = generate(model, PROMPTS, samples_per_prompt=samples_per_prompt, max_new_tokens=8, eos_id=-1,
+                         pad_id=PAD, greedy=True)
+    assert isinstance(generated, Generated) and generated.samples_per_prompt == samples_per_prompt
+    assert generated.prompts == PROMPTS
+    assert len(generated.completions) == len(PROMPTS) * samples_per_prompt
+    expected = [slow_greedy(model, prompt, 8) for prompt in PROMPTS]
+    assert generated.completions == repeated(expected, samples_per_prompt)  # row b * G + g is sample g of b
+    assert generated.sampled_log_probs.shape == (len(PROMPTS) * samples_per_prompt, 8)
+    assert generated.sampled_log_probs.dtype == torch.float32
+
+
+def test_the_cache_grows_beyond_its_capacity(models):
+    model = models["qwen2"]
+    prefix = PROMPTS[2] + [30, 31, 32]
+    cache = key_value_cache(model, capacity=2)  # smaller than the prompt: the buffers have to grow
+    with torch.no_grad():
+        model(input_ids=torch.tensor([PROMPTS[2]]), past_key_values=cache, use_cache=True)
+        for length in range(len(PROMPTS[2]), len(prefix)):
+            logits = model(input_ids=torch.tensor([[prefix[length]]]), past_key_values=cache,
+                           use_cache=True).logits[0, -1]
+            assert torch.allclose(logits, slow_next_token_logits(model, prefix[:length + 1]), atol=1e-5)
+    assert cache.get_seq_length() == len(prefix)
+
+
+# -------------------------------------------------------------------------------- log-probabilities of the samples
+
+
+def most_common_token(completions):
+    """The token sampled most often: as EOS it makes rows stop at different steps."""
+    return Counter(token for completion in completions for token in completion).most_common(1)[0][0]
+
+
+@pytest.fixture
+def dropped_rows(monkeypatch):
+    """Counts the finished rows that leave the decoding batch (through `DynamicCache.batch_select_indices`)."""
+    from transformers import DynamicCache
+
+    counts = {"calls": 0, "dropped": 0}
+    original = DynamicCache.batch_select_indices
+
+    def counting(cache, indices):
+        counts["calls"] += 1
+        counts["dropped"] += cache.layers[0].keys.shape[0] - len(indices)
+        return original(cache, indices)
+
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", counting)
+    return counts
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_log_probs_equal_a_fresh_forward_pass(models, architecture, temperature, dropped_rows):
+    model = models[architecture]
+    sampling = dict(samples_per_prompt=4, max_new_tokens=10, pad_id=PAD, temperature=temperature)
+    first = generate(model, PROMPTS, eos_id=-1, generator=torch.Generator().manual_seed(0), **sampling)
+    # A common token as EOS, so that rows stop at different steps and leave the batch while others go on.
+    generated = generate(model, PROMPTS, eos_id=most_common_token(first.completions),
+                         generator=torch.Generator().manual_seed(0), **sampling)
+    assert min(len(completion) for completion in generated.completions) < 10 and dropped_rows["dropped"] > 0
+    fresh = fresh_log_probs(model, generated, temperature)
+    for row, completion in enumerate(generated.completions):
+        sampled = generated.sampled_log_probs[row]
+        assert torch.allclose(sampled[:len(completion)], fresh[row], atol=1e-4)
+        assert bool((sampled[len(completion):] == 0).all())
+
+
+# ------------------------------------------------------------------------------------------------ top-k and top-p
+
+
+def test_top_k_1_and_a_tiny_top_p_are_greedy(models):
+    model = models["llama"]
+    greedy = generate(model, PROMPTS, samples_per_prompt=2, max_new_tokens=6, eos_id=-1, pad_id=PAD, greedy=True)
+    for filtering in (dict(top_k=1), dict(top_p=1e-6)):
+        sampled = generate(model, PROMPTS, samples_per_prompt=2, max_new_tokens=6, eos_id=-1, pad_id=PAD,
+                           generator=torch.Generator().manual_seed(1), **filtering)
+        assert sampled.completions == greedy.completions
+        assert bool((sampled.sampled_log_probs == 0).all())  # one token left: probability 1
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "gpt2"])
+def test_top_k_samples_only_among_the_k_most_likely_tokens(models, architecture):
+    model = models[architecture]
+    temperature, k = 1.5, 5  # a high temperature spreads the samples over all k tokens
+    generated = generate(model, PROMPTS, samples_per_prompt=4, max_new_tokens=6, eos_id=-1, pad_id=PAD,
+                         temperature=temperature, top_k=k, generator=torch.Generator().manual_seed(2))
+    outside_greedy = 0
+    for prompt, completion, log_probs in zip(repeated(PROMPTS, 4), generated.completions,
+                                             generated.sampled_log_probs):
+        for t, token in enumerate(completion):
+            logits = slow_next_token_logits(model, prompt + completion[:t]) / temperature
+            top = logits.topk(k)
+            assert token in top.indices.tolist()
+            # The log-probability is the one of the renormalised top-k distribution.
+            expected = logits[token] - torch.logsumexp(top.values, dim=0)
+            assert torch.isclose(log_probs[t], expected, atol=1e-4)
+            outside_greedy += token != int(top.indices[0])
+    assert outside_greedy > 0  # it did sample, not just take the argmax
+
+
+def test_top_p_renormalises_over_the_nucleus(models):
+    model = models["qwen2"]
+    top_p = 0.5
+    generated = generate(model, PROMPTS[:2], samples_per_prompt=3, max_new_tokens=4, eos_id=-1, pad_id=PAD,
+                         top_p=top_p, generator=torch.Generator().manual_seed(3))
+    for prompt, completion, log_probs in zip(repeated(PROMPTS[:2], 3), generated.completions,
+                                             generated.sampled_log_probs):
+        for t, token in enumerate(completion):
+            probs = torch.softmax(slow_next_token_logits(model, prompt + completion[:t]), dim=-1)
+            sorted_probs, order = probs.sort(descending=True)
+            nucleus = order[(sorted_probs.cumsum(0) - sorted_probs) < top_p]  # smallest set reaching top_p
+            assert token in nucleus.tolist()
+            assert torch.isclose(log_probs[t], torch.log(probs[token] / probs[nucleus].sum()), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------- stopping
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_eos_stops_its_row_and_the_others_go_on(models, architecture, dropped_rows):
+    model = models[architecture]
+    unstopped = [slow_greedy(model, prompt, 8) for prompt in PROMPTS]
+    eos_id = unstopped[0][2]  # row 0 emits it at step 2; some other row never does
+    assert any(eos_id not in completion for completion in unstopped[1:])
+    generated = generate(model, PROMPTS, samples_per_prompt=2, max_new_tokens=8, eos_id=eos_id, pad_id=PAD,
+                         greedy=True)
+    expected = [truncated(completion, eos_id=eos_id) for completion in unstopped]
+    assert generated.completions == repeated(expected, 2)
+    assert generated.completions[0][-1] == eos_id and len(generated.completions[0]) <= 3
+    lengths = [len(completion) for completion in generated.completions]
+    assert max(lengths) == 8  # max_new_tokens caps the rows that never emit EOS
+    assert dropped_rows["dropped"] >= 2  # the two samples of prompt 0 left the batch early
+    for row, length in enumerate(lengths):
+        assert bool((generated.sampled_log_probs[row, length:] == 0).all())
+        assert bool((generated.sampled_log_probs[row, :length] <= 0).all())
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "gpt2"])
+def test_stop_sequences_stop_a_row_and_stay_in_its_completion(models, architecture):
+    model = models[architecture]
+    unstopped = [slow_greedy(model, prompt, 8) for prompt in PROMPTS]
+    stop_sequences = [unstopped[0][1:3], [unstopped[2][4]], [PAD, PAD, PAD]]  # two tokens, one token, never
+    generated = generate(model, PROMPTS, max_new_tokens=8, eos_id=-1, pad_id=PAD, greedy=True,
+                         stop_sequences=stop_sequences)
+    expected = [truncated(completion, stop_sequences=stop_sequences) for completion in unstopped]
+    assert generated.completions == expected
+    assert generated.completions[0][-2:] == stop_sequences[0] and len(generated.completions[0]) <= 3
+    assert generated.completions[2][-1:] == stop_sequences[1]
+
+
+def test_sampled_rows_stop_at_eos_and_max_new_tokens_caps_the_rest(models):
+    model = models["llama"]
+    generated = generate(model, PROMPTS, samples_per_prompt=8, max_new_tokens=12, eos_id=EOS, pad_id=PAD,
+                         temperature=2.0, generator=torch.Generator().manual_seed(4))
+    lengths = [len(completion) for completion in generated.completions]
+    for completion in generated.completions:
+        assert EOS not in completion[:-1]  # nothing after EOS
+        assert completion[-1] == EOS or len(completion) == 12
+    assert min(lengths) < 12 and max(lengths) == 12  # some rows stopped, others ran to the cap
+    assert generated.sampled_log_probs.shape == (len(PROMPTS) * 8, 12)
+
+
+def test_the_loop_ends_when_every_row_has_finished(models):
+    model = models["qwen2"]
+    first_tokens = generate(model, PROMPTS, max_new_tokens=1, eos_id=-1, pad_id=PAD, greedy=True).completions
+    stop_sequences = first_tokens  # every row's first greedy token stops it
+    generated = generate(model, PROMPTS, max_new_tokens=50, eos_id=-1, pad_id=PAD, greedy=True,
+                         stop_sequences=stop_sequences)
+    assert all(len(completion) == 1 for completion in generated.completions)
+    assert generated.sampled_log_probs.shape == (len(PROMPTS), 50)
+    assert bool((generated.sampled_log_probs[:, 1:] == 0).all())
+
+
+# --------------------------------------------------------------------------------------------------- determinism
+
+
+def test_the_same_seed_gives_the_same_completions(models):
+    model = models["gpt2"]
+
+    def sample(seed):
+        return generate(model, PROMPTS, samples_per_prompt=3, max_new_tokens=10, eos_id=EOS, pad_id=PAD,
+                        generator=torch.Generator().manual_seed(seed))
+
+    first, again, other = sample(7), sample(7), sample(8)
+    assert first.completions == again.completions
+    assert torch.equal(first.sampled_log_probs, again.sampled_log_probs)
+    assert first.completions != other.completions
+
+
+# ------------------------------------------------------------------------------------------ model modes and PEFT
+
+
+def test_the_model_samples_in_eval_mode_and_keeps_its_own_mode(models):
+    model = copy.deepcopy(models["gpt2"]).train()  # GPT-2 has dropout: in train mode its outputs would be random
+    model.transformer.h[0].eval()  # a submodule with its own mode keeps it too
+    generated = generate(model, PROMPTS, max_new_tokens=6, eos_id=-1, pad_id=PAD, greedy=True)
+    assert generated.completions == [slow_greedy(models["gpt2"], prompt, 6) for prompt in PROMPTS]
+    assert model.training and model.transformer.h[1].training and not model.transformer.h[0].training
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft vs transformers 5
+def test_a_peft_lora_model_generates(models):
+    from peft import LoraConfig, get_peft_model
+
+    base = build_model("nano", "qwen2", seed=1)
+    # Random (not zero) LoRA B matrices, so the adapter changes the outputs and must be used.
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+    lora = get_peft_model(base, config)
+    generated = generate(lora, PROMPTS, samples_per_prompt=2, max_new_tokens=6, eos_id=-1, pad_id=PAD, greedy=True)
+    lora.eval()
+    expected = [slow_greedy(lora, prompt, 6) for prompt in PROMPTS]
+    assert generated.completions == repeated(expected, 2)
+    assert expected != [slow_greedy(models["qwen2"], prompt, 6) for prompt in PROMPTS]  # the adapter mattered
+    sampled = generate(lora, PROMPTS, samples_per_prompt=2, max_new_tokens=6, eos_id=EOS, pad_id=PAD,
+                       temperature=0.8, generator=torch.Generator().manual_seed(5))
+    fresh = fresh_log_probs(lora, sampled, 0.8)
+    for row, completion in enumerate(sampled.completions):
+        assert torch.allclose(sampled.sampled_log_probs[row, :len(completion)], fresh[row], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- invalid arguments
+
+
+@pytest.mark.parametrize("arguments, name", [
+    (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(samples_per_prompt=0), "samples_per_prompt"),
+    (dict(prompts=[]), "prompts"), (dict(prompts=[[1], []]), "prompts"), (dict(stop_sequences=[[]]), "stop_sequences"),
+])
+def test_invalid_arguments_raise_a_value_error_naming_the_argument(models, arguments, name):
+    call = dict(prompts=PROMPTS, max_new_tokens=4, eos_id=EOS, pad_id=PAD, samples_per_prompt=1)
+    call.update(arguments)
+    with pytest.raises(ValueError, match=name):
+        generate(models["qwen2"], call.pop("prompts"), **call)
+
+
+def test_min_new_tokens_forbids_eos_until_then():
+    model = build_model("nano", "qwen2", seed=1)
+    prompts = [[5, 6, 7], [8, 9]]
+    plain = generate(model, prompts, samples_per_prompt=4, max_new_tokens=6, eos_id=3, pad_id=0, greedy=True)
+    eos = plain.completions[0][0]  # the token greedy decoding emits first: make it EOS
+    early = generate(model, prompts, samples_per_prompt=4, max_new_tokens=6, eos_id=eos, pad_id=0, greedy=True)
+    assert all(len(completion) == 1 for completion in early.completions[:4])
+    held = generate(model, prompts, samples_per_prompt=4, max_new_tokens=6, eos_id=eos, pad_id=0, greedy=True,
+                    min_new_tokens=3)
+    for completion in held.completions:
+        assert eos not in completion[:3] and len(completion) >= 3
