@@ -157,7 +157,7 @@ def main() -> None:
                 print(json.dumps(result), flush=True)
                 results.append(result)
 
-    print(f"\n| stage | side | pairs/s (runs) | median | model GFLOP/s | peak RSS MiB | loss first -> last |")
+    print("\n| stage | side | pairs/s (runs) | median | model GFLOP/s | peak RSS MiB | loss first -> last |")
     print("|---|---|---|---|---|---|---|")
     medians = {}
     for stage in args.stages.split(","):

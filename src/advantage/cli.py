@@ -55,6 +55,13 @@ LM_STAGES = {
              "over --num-iterations steps, and a KL to the starting model (--beta, --kl-estimator, "
              "--kl-placement; --beta 0 loads no reference). Prompts come from the `prompt` column of --data or a "
              "built-in --task (whose exact-match reward is the default)."),
+    "rlhf": ("RLHF: PPO against a reward model with a KL penalty to the starting model (online RL)",
+             "Fine-tune a causal LM with PPO on the token MDP: answers sampled for --batch-size prompts, scored by "
+             "--reward-model (from `advantage reward`) or --reward-functions, per-token rewards -beta k(a_t) plus "
+             "the score at the last token (--kl-coef, adaptive towards --target-kl), GAE over tokens with a "
+             "separate value model (initialised from the reward model when given), clipped policy and value "
+             "losses over --ppo-epochs x --num-minibatches steps, and optionally PPO-ptx (--ptx-coef, --ptx-data). "
+             "Prompts come from the `prompt` column of --data or a built-in --task."),
 }
 LM_RUN_DIRECTORY = (" Writes a run directory: config.yaml, metrics.jsonl (step = optimizer steps), TensorBoard "
                     "events, checkpoints/, final/ (Hugging Face format). Values come from the defaults, then "

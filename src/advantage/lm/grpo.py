@@ -44,11 +44,9 @@ final/ is the trained causal LM in Hugging Face format, as sft writes it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -56,38 +54,21 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from advantage.lm.data import load_rows, prompts as prompt_texts
 from advantage.lm.generation import Generated, generate
 from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt
-from advantage.lm.rewards import RewardFunction, combined_rewards, reward_functions
-from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, Processes, StepWindow, add_lora, \
-    fingerprint, learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, \
-    task_files, validate_lm
-from advantage.lm.sft import encode_prompt
+from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_prompts, validate_online
+from advantage.lm.session import DataOrder, LMRun, LMSession, Processes, StepWindow, add_lora, fingerprint, \
+    learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require
 from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate
 from advantage.objectives.masking import AGGREGATIONS
 from advantage.run.config import param
 
-BUILTIN_TASK_REWARD = "advantage.lm.tasks.arithmetic:reward"
-
-
 @dataclass
-class GRPOConfig(LMConfig):
-    """GRPO's hyperparameters: every LMConfig field (batch_size = prompts per step) and the sampling and loss ones."""
+class GRPOConfig(OnlineConfig):
+    """GRPO's hyperparameters: the online fields (batch_size = prompts per step), the group and the loss."""
 
-    reward_functions: str = param("", "comma-separated module:function (or path/file.py:function) reward functions "
-                                      "f(prompts, completions) -> floats; default with --task: the task's "
-                                      "exact-match reward")
-    reward_weights: str = param("", "comma-separated weights of the reward functions (default 1 each)")
-    reward_model: str = param("", "a reward model directory (written by `advantage reward`) instead of functions")
     group_size: int = param(8, "G: completions sampled per prompt")
-    max_new_tokens: int = param(32, "longest completion in tokens")
-    min_new_tokens: int = param(0, "EOS cannot be sampled before this many tokens (fixed-length benchmarks)")
-    temperature: float = param(1.0, "sampling temperature (the log-probabilities are those of the same tempered "
-                                    "distribution)")
-    top_k: int = param(0, "sample among the k most likely tokens (0: all)")
-    top_p: float = param(1.0, "nucleus sampling: the smallest set of tokens with this much probability")
     num_iterations: int = param(1, "optimizer steps on each batch of completions (mu; the ratio is 1 at the first)")
     clip_range: float = param(0.2, "epsilon of the clipped ratio")
     clip_range_high: float = param(0.0, "upper epsilon if different (0: the same as clip_range)")
@@ -102,7 +83,6 @@ class GRPOConfig(LMConfig):
     scale_rewards: bool = param(True, "divide the group-centred rewards by the group's std (false: Dr. GRPO)")
     learning_rate: float = param(1e-5, "AdamW peak learning rate")
     batch_size: int = param(8, "prompts per optimizer step (each with group_size completions)")
-    eval_max_prompts: int = param(200, "held-out prompts evaluated (greedy) at each evaluation")
 
 
 CONFIG = GRPOConfig
@@ -110,15 +90,8 @@ CONFIG = GRPOConfig
 
 def validate(config: GRPOConfig) -> None:
     """Reject invalid hyperparameters with a one-line error naming the field."""
-    validate_lm(config)
+    validate_online(config)
     require(config.group_size >= 2, "group_size", "must be >= 2 (the group is the baseline)", config.group_size)
-    require(config.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", config.max_new_tokens)
-    require(0 <= config.min_new_tokens <= config.max_new_tokens, "min_new_tokens", "must be in [0, max_new_tokens]",
-            config.min_new_tokens)
-    require(config.temperature > 0 and math.isfinite(config.temperature), "temperature", "must be > 0",
-            config.temperature)
-    require(config.top_k >= 0, "top_k", "must be >= 0", config.top_k)
-    require(0 < config.top_p <= 1, "top_p", "must be in (0, 1]", config.top_p)
     require(config.num_iterations >= 1, "num_iterations", "must be >= 1", config.num_iterations)
     require(config.clip_range > 0, "clip_range", "must be > 0", config.clip_range)
     require(config.clip_range_high >= 0, "clip_range_high", "must be >= 0", config.clip_range_high)
@@ -126,80 +99,6 @@ def validate(config: GRPOConfig) -> None:
     require(config.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}",
             config.kl_estimator)
     require(config.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}", config.aggregation)
-    require(config.eval_max_prompts >= 0, "eval_max_prompts", "must be >= 0", config.eval_max_prompts)
-    require(not (config.reward_model and config.reward_functions), "reward_model",
-            "and reward_functions exclude each other", config.reward_model)
-    require(bool(config.reward_model or config.reward_functions or config.task != "none"), "reward_functions",
-            "is required (or --reward-model, or a built-in --task)", config.reward_functions)
-
-
-# ------------------------------------------------------------------------------------------------------------ data
-
-
-@dataclass
-class PromptExample:
-    """One prompt: its text (what reward functions see) and its token ids (the initial state, seed 003)."""
-
-    text: str
-    ids: list[int]
-
-
-def load_prompts(config: GRPOConfig, run_dir: Path, tokenizer, length: int) -> tuple[list[PromptExample],
-                                                                                     list[PromptExample]]:
-    """Training and held-out prompts: the `prompt` column of --data / --eval-data, or the built-in task's."""
-    if config.task != "none":
-        files = task_files(config, run_dir)
-        train_path, eval_path = files["sft_train"], files["sft_eval"]
-    else:
-        train_path, eval_path = config.data, config.eval_data
-    train_rows = load_rows(train_path, "prompt")
-    eval_rows = load_rows(eval_path, "prompt") if eval_path else []
-    room = length - config.max_new_tokens  # a prompt leaves room for the longest completion
-
-    def examples(rows) -> list[PromptExample]:
-        texts = prompt_texts(rows, tokenizer)
-        return [PromptExample(text, encode_prompt(tokenizer, text)[-max(room, 1):]) for text in texts]
-
-    return examples(train_rows), examples(eval_rows)[:config.eval_max_prompts]
-
-
-# --------------------------------------------------------------------------------------------------------- rewards
-
-
-class Scorer:
-    """The reward of each completion: the weighted reward functions, or a reward model's score at the last token."""
-
-    def __init__(self, config: GRPOConfig, tokenizer):
-        self.tokenizer = tokenizer
-        self.model = None
-        self.functions: list[RewardFunction] = []
-        if config.reward_model:
-            from advantage.lm.models import ScalarHeadModel
-
-            self.model = ScalarHeadModel.from_pretrained(config.reward_model)
-        else:
-            self.functions = reward_functions(config.reward_functions or BUILTIN_TASK_REWARD, config.reward_weights)
-
-    def __call__(self, prompts: Sequence[PromptExample], generated: Generated) -> tuple[Tensor, dict[str, float]]:
-        """((B * G,) rewards, {metric name: mean}) for the completions of `generated` (row b * G + g: prompt b)."""
-        group = generated.samples_per_prompt
-        if self.model is not None:
-            with torch.no_grad():
-                batch = collate_shared_prompt(generated.prompts, _groups(generated.completions, group),
-                                              pad_id(self.tokenizer))
-                scores = self.model.score_answers(batch).float()
-            return scores, {}
-        eos = self.tokenizer.eos_token_id
-        texts = [self.tokenizer.decode([t for t in completion if t != eos], skip_special_tokens=True)
-                 for completion in generated.completions]
-        prompt_list = [prompt.text for prompt in prompts for _ in range(group)]
-        total, each = combined_rewards(self.functions, prompt_list, texts)
-        return total, {f"rewards/{name}": float(values.mean()) for name, values in each.items()}
-
-
-def _groups(completions: Sequence[list[int]], group: int) -> list[list[list[int]]]:
-    """[c_0..c_{G-1}], [c_G..c_{2G-1}], ...: the completions of each prompt."""
-    return [list(completions[start:start + group]) for start in range(0, len(completions), group)]
 
 
 # ------------------------------------------------------------------------------------------------------ the update
@@ -288,6 +187,7 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRu
     step = session.start_step
     last: dict = {}
     window = StepWindow()
+    checkpoint_pending = False
 
     def reference_log_probs(batch: SharedPromptBatch) -> Tensor | None:
         if config.beta == 0:
@@ -323,7 +223,7 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRu
         # 5 (before 4 when the KL is a reward term). Micro-batches of whole groups, with log pi_old and log pi_ref.
         size = len(prompts) // micro_batches
         rollouts = []
-        groups = _groups(generated.completions, config.group_size)
+        groups = groups_of(generated.completions, config.group_size)
         with mixed_precision(config):
             for start in range(0, len(prompts), size):
                 batch = collate_shared_prompt([prompt.ids for prompt in prompts[start:start + size]],
@@ -383,8 +283,11 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRu
                 last = session.metrics.log(step, session.elapsed(), logged)
                 session.show(step, {"reward": logged["rewards/mean"], "kl": logged["policy/kl_ref"]})
                 window = StepWindow()
-            if session.checkpoint_due(step):
+            # A checkpoint waits for the end of the batch's iterations: a resumed run starts with fresh samples.
+            checkpoint_pending = checkpoint_pending or session.checkpoint_due(step)
+            if checkpoint_pending and (step % config.num_iterations == 0 or step == steps):
                 session.save(step, {"data_order": order.state(round_index + 1)})
+                checkpoint_pending = False
             generation_s = 0.0
 
     model = session.finish(model, tokenizer, step)
@@ -408,18 +311,3 @@ def _step_logs(config: GRPOConfig, processes: Processes, rewards: Tensor, genera
             "completions/mean_length": length_sum / count, "completions/truncated": truncated_sum / count,
             "policy/clip_fraction": sums["clip_tokens"] / tokens, "policy/approx_kl": sums["approx_kl_sum"] / tokens,
             "policy/kl_ref": sums["kl_ref_sum"] / tokens}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, prompts: Sequence[PromptExample], scorer: Scorer, config: GRPOConfig, eos: int,
-             pad: int) -> dict[str, float]:
-    """eval/reward and eval/mean_length of greedy completions of the held-out prompts."""
-    rewards, lengths = [], []
-    for start in range(0, len(prompts), 64):
-        chunk = prompts[start:start + 64]
-        generated = generate(model, [prompt.ids for prompt in chunk], samples_per_prompt=1,
-                             max_new_tokens=config.max_new_tokens, eos_id=eos, pad_id=pad, greedy=True)
-        scores, _ = scorer(chunk, generated)
-        rewards.extend(scores.tolist())
-        lengths.extend(len(completion) for completion in generated.completions)
-    return {"eval/reward": sum(rewards) / len(rewards), "eval/mean_length": sum(lengths) / len(lengths)}

@@ -268,6 +268,19 @@ class ScalarHeadModel(nn.Module):
         last = torch.where(lengths > 0, answer_end, batch.prompt_lengths[rows] - 1)  # (B * K,) columns
         return self.head(hidden[rows, last]).squeeze(-1)
 
+    def answer_values(self, batch: SharedPromptBatch) -> Tensor:
+        """V(s_t) for every answer token t: the scalar of the state that chooses token t (seed 003's MDP).
+
+        The state before answer token t is the prefix up to the previous token, so its value is read at the column
+        whose output predicts token t (`batch.predictor_columns`): the prompt's last token for t = 0.
+
+        Returns:
+            (B * K, A) in the head's dtype, 0 at padding.
+        """
+        hidden = shared_prompt_forward(self.body, batch).last_hidden_state  # (B, W, hidden)
+        states = hidden[batch.rows.unsqueeze(1), batch.predictor_columns]  # (B * K, A, hidden)
+        return self.head(states).squeeze(-1).masked_fill(~batch.answer_mask, 0.0)
+
     def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
         """Write the body in Hugging Face format, the head beside it, and optionally a tokenizer, atomically.
 

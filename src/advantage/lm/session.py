@@ -44,7 +44,7 @@ from advantage.run.config import apply_overrides, load_yaml_mapping, param, save
 from advantage.run.metrics import MetricsWriter, truncate_jsonl
 from advantage.run.progress import Progress
 
-STAGES = ("sft", "reward", "dpo", "grpo")
+STAGES = ("sft", "reward", "dpo", "grpo", "rlhf")
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 

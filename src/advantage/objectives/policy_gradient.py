@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from advantage.objectives.masking import Aggregation, aggregate, masked_mean, masked_var, masked_whiten
+from advantage.objectives.masking import Aggregation, aggregate, fill_padding, masked_mean, masked_var, masked_whiten
 from advantage.objectives.returns import discounted_returns, episode_return_per_step, td_residual
 
 PsiForm = Literal["total_return", "reward_to_go", "reward_to_go_baseline", "q_value", "advantage", "td_residual"]
@@ -114,11 +114,12 @@ def value_loss(values: Tensor, targets: Tensor, mask: Tensor | None = None) -> T
 
 
 def clipped_value_loss(values: Tensor, old_values: Tensor, targets: Tensor, clip_range: float,
-                       mask: Tensor | None = None) -> Tensor:
+                       mask: Tensor | None = None, num_tokens: float | Tensor | None = None) -> Tensor:
     """PPO's clipped critic loss, 1/2 max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2).
 
     Seed 004 notes that in practice the critic "may add clip tricks": the new value may not move further
-    than `clip_range` from the value at collection time, unless that makes the error smaller.
+    than `clip_range` from the value at collection time, unless that makes the error smaller. With `num_tokens`
+    the sum over real elements is divided by it (a micro-batch's share of the whole batch's mean).
     """
     if clip_range < 0:
         raise ValueError(f"clip_range must be >= 0, got {clip_range}")
@@ -126,6 +127,8 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, targets: Tensor, clip
     old_values = old_values.detach()
     clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
     worst = torch.maximum((values - targets) ** 2, (clipped - targets) ** 2)
+    if num_tokens is not None:
+        return 0.5 * fill_padding(worst, mask).sum() / num_tokens
     return 0.5 * masked_mean(worst, mask)
 
 

@@ -105,14 +105,16 @@ def surrogate_stats(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor
 def clipped_surrogate_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_range: float,
                            mask: Tensor | None = None, clip_range_high: float | None = None,
                            aggregation: Aggregation = "token",
-                           constant_length: float | None = None) -> tuple[Tensor, SurrogateStats]:
+                           constant_length: float | None = None,
+                           num_tokens: float | Tensor | None = None) -> tuple[Tensor, SurrogateStats]:
     """PPO-clip loss, -L^CLIP = -E_t[min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t)] (seed 000, 003, 004).
 
+    `num_tokens`: the real elements of the whole batch when this is one micro-batch of it (see `aggregate`).
     Returns the scalar loss and its SurrogateStats.
     """
     ratio = importance_ratio(log_probs, old_log_probs, mask)
     terms = clipped_surrogate_terms(ratio, fill_padding(advantages, mask), clip_range, clip_range_high)
-    loss = aggregate(terms, mask, aggregation, constant_length)
+    loss = aggregate(terms, mask, aggregation, constant_length, num_tokens)
     return loss, surrogate_stats(log_probs, old_log_probs, advantages, clip_range, clip_range_high, mask)
 
 

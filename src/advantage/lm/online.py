@@ -1,0 +1,163 @@
+"""What the online stages (grpo; rlhf) share: sampling and reward settings, the prompts, the scorer of completions
+(reward functions or a reward model), and the held-out evaluation by greedy decoding.
+
+Seed 003's token MDP, sampled: a prompt is the initial state, the policy writes the completion token by token
+(`generation.generate`), and the episode's return is the reward of the whole completion.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from advantage.errors import UsageError
+from advantage.lm.data import load_rows, prompts as prompt_texts
+from advantage.lm.generation import Generated, generate
+from advantage.lm.logprobs import collate_shared_prompt
+from advantage.lm.rewards import RewardFunction, combined_rewards, reward_functions
+from advantage.lm.session import LMConfig, pad_id, require, task_files, validate_lm
+from advantage.lm.sft import encode_prompt
+from advantage.run.config import param
+
+BUILTIN_TASK_REWARD = "advantage.lm.tasks.arithmetic:reward"
+
+
+@dataclass
+class OnlineConfig(LMConfig):
+    """Every LMConfig field, and the sampling and reward fields of the online stages."""
+
+    reward_functions: str = param("", "comma-separated module:function (or path/file.py:function) reward functions "
+                                      "f(prompts, completions) -> floats; default with --task: the task's "
+                                      "exact-match reward")
+    reward_weights: str = param("", "comma-separated weights of the reward functions (default 1 each)")
+    reward_model: str = param("", "a reward model directory (written by `advantage reward`) instead of functions")
+    max_new_tokens: int = param(32, "longest completion in tokens")
+    min_new_tokens: int = param(0, "EOS cannot be sampled before this many tokens (fixed-length benchmarks)")
+    temperature: float = param(1.0, "sampling temperature (the log-probabilities are those of the same tempered "
+                                    "distribution)")
+    top_k: int = param(0, "sample among the k most likely tokens (0: all)")
+    top_p: float = param(1.0, "nucleus sampling: the smallest set of tokens with this much probability")
+    eval_max_prompts: int = param(200, "held-out prompts evaluated (greedy) at each evaluation")
+
+
+def validate_online(config: OnlineConfig) -> None:
+    """Checks of the shared fields (each stage adds its own)."""
+    validate_lm(config)
+    require(config.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", config.max_new_tokens)
+    require(0 <= config.min_new_tokens <= config.max_new_tokens, "min_new_tokens", "must be in [0, max_new_tokens]",
+            config.min_new_tokens)
+    require(config.temperature > 0 and math.isfinite(config.temperature), "temperature", "must be > 0",
+            config.temperature)
+    require(config.top_k >= 0, "top_k", "must be >= 0", config.top_k)
+    require(0 < config.top_p <= 1, "top_p", "must be in (0, 1]", config.top_p)
+    require(config.eval_max_prompts >= 0, "eval_max_prompts", "must be >= 0", config.eval_max_prompts)
+    require(not (config.reward_model and config.reward_functions), "reward_model",
+            "and reward_functions exclude each other", config.reward_model)
+    require(bool(config.reward_model or config.reward_functions or config.task != "none"), "reward_functions",
+            "is required (or --reward-model, or a built-in --task)", config.reward_functions)
+
+
+
+
+@dataclass
+class PromptExample:
+    """One prompt: its text (what reward functions see) and its token ids (the initial state, seed 003)."""
+
+    text: str
+    ids: list[int]
+
+
+def load_prompts(config: OnlineConfig, run_dir: Path, tokenizer, length: int) -> tuple[list[PromptExample],
+                                                                                     list[PromptExample]]:
+    """Training and held-out prompts: the `prompt` column of --data / --eval-data, or the built-in task's."""
+    if config.task != "none":
+        files = task_files(config, run_dir)
+        train_path, eval_path = files["sft_train"], files["sft_eval"]
+    else:
+        train_path, eval_path = config.data, config.eval_data
+    train_rows = load_rows(train_path, "prompt")
+    eval_rows = load_rows(eval_path, "prompt") if eval_path else []
+    room = length - config.max_new_tokens  # a prompt leaves room for the longest completion
+
+    def examples(rows) -> list[PromptExample]:
+        texts = prompt_texts(rows, tokenizer)
+        return [PromptExample(text, encode_prompt(tokenizer, text)[-max(room, 1):]) for text in texts]
+
+    return examples(train_rows), examples(eval_rows)[:config.eval_max_prompts]
+
+
+# --------------------------------------------------------------------------------------------------------- rewards
+
+
+class Scorer:
+    """The reward of each completion: the weighted reward functions, or a reward model's score at the last token.
+
+    With a built-in task, the task's exact-match reward is also computed for the logs whenever it is not the
+    training reward itself (rewards/exact_match, eval/exact_match): what the policy learns is then checked against
+    the truth, not only against the reward model's opinion.
+    """
+
+    def __init__(self, config: OnlineConfig, tokenizer):
+        self.tokenizer = tokenizer
+        self.model = None
+        self.functions: list[RewardFunction] = []
+        self.monitor: list[RewardFunction] = []
+        if config.reward_model:
+            from advantage.lm.models import ScalarHeadModel
+
+            if not Path(config.reward_model).is_dir():
+                raise UsageError(f"field 'reward_model': no directory '{config.reward_model}'")
+            self.model = ScalarHeadModel.from_pretrained(config.reward_model)
+        else:
+            self.functions = reward_functions(config.reward_functions or BUILTIN_TASK_REWARD, config.reward_weights)
+        if config.task != "none" and (config.reward_model or config.reward_functions):
+            self.monitor = reward_functions(BUILTIN_TASK_REWARD)
+
+    def __call__(self, prompts: Sequence[PromptExample], generated: Generated) -> tuple[Tensor, dict[str, float]]:
+        """((B * G,) rewards, {metric name: mean}) for the completions of `generated` (row b * G + g: prompt b)."""
+        group = generated.samples_per_prompt
+        eos = self.tokenizer.eos_token_id
+        texts = [self.tokenizer.decode([t for t in completion if t != eos], skip_special_tokens=True)
+                 for completion in generated.completions]
+        prompt_list = [prompt.text for prompt in prompts for _ in range(group)]
+        logs = {}
+        if self.monitor:
+            logs["rewards/exact_match"] = float(combined_rewards(self.monitor, prompt_list, texts)[0].mean())
+        if self.model is not None:
+            with torch.no_grad():
+                batch = collate_shared_prompt(generated.prompts, groups_of(generated.completions, group),
+                                              pad_id(self.tokenizer))
+                return self.model.score_answers(batch).float(), logs
+        total, each = combined_rewards(self.functions, prompt_list, texts)
+        return total, {**logs, **{f"rewards/{name}": float(values.mean()) for name, values in each.items()}}
+
+
+def groups_of(completions: Sequence[list[int]], group: int) -> list[list[list[int]]]:
+    """[c_0..c_{G-1}], [c_G..c_{2G-1}], ...: the completions of each prompt."""
+    return [list(completions[start:start + group]) for start in range(0, len(completions), group)]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, prompts: Sequence[PromptExample], scorer: Scorer, config: OnlineConfig, eos: int,
+             pad: int) -> dict[str, float]:
+    """eval/reward and eval/mean_length of greedy completions of the held-out prompts (and eval/exact_match with a
+    built-in task scored by another reward)."""
+    rewards, lengths, exact = [], [], []
+    for start in range(0, len(prompts), 64):
+        chunk = prompts[start:start + 64]
+        generated = generate(model, [prompt.ids for prompt in chunk], samples_per_prompt=1,
+                             max_new_tokens=config.max_new_tokens, eos_id=eos, pad_id=pad, greedy=True)
+        scores, logs = scorer(chunk, generated)
+        rewards.extend(scores.tolist())
+        if "rewards/exact_match" in logs:
+            exact.append(logs["rewards/exact_match"] * len(chunk))
+        lengths.extend(len(completion) for completion in generated.completions)
+    figures = {"eval/reward": sum(rewards) / len(rewards), "eval/mean_length": sum(lengths) / len(lengths)}
+    if exact:
+        figures["eval/exact_match"] = sum(exact) / len(prompts)
+    return figures

@@ -1,0 +1,399 @@
+"""RLHF with PPO (seeds 000, 001, 003): the policy maximises a reward model's score minus a KL to the SFT model.
+
+Seed 000's objective, for the policy pi^RL starting from the SFT model pi^SFT (the frozen reference):
+
+    objective(phi) = E_{(x, y) ~ pi^RL}[ r_theta(x, y) - beta log(pi^RL(y|x) / pi^SFT(y|x)) ]
+                     + gamma E_{x ~ D_pretrain}[ log pi^RL(x) ]                                  (PPO-ptx)
+
+On the token MDP (seed 003: state = prefix, action = next token, deterministic transition) the KL term splits over
+the tokens, and the reward model scores only the finished answer, so each answer token t gets the reward
+
+    r_t = -beta k(a_t)  (+ r_theta(x, y) at the last token),     k = log pi^RL / pi^SFT (k1) by default
+
+(`objectives.rlhf.shaped_token_rewards`). A value model V(s_t) estimates the return from each prefix; GAE over the
+answer's tokens (seed 003: A_t = sum_l (gamma lambda)^l delta_{t+l}, delta_t = r_t + gamma V(s_{t+1}) - V(s_t),
+`objectives.returns.gae`) gives the advantages, whitened over the batch; PPO's clipped surrogate (seed 004,
+`objectives.ppo.clipped_surrogate_loss`) updates the policy and the clipped squared error
+(`objectives.policy_gradient.clipped_value_loss`) the value model, over several epochs of minibatches. The KL
+coefficient is fixed, or adapted towards `target_kl` by seed 004's rule (`objectives.ppo.adaptive_kl_beta`: halve
+it below target / 1.5, double it above target x 1.5). With `ptx_coef` > 0 the PPO-ptx term -gamma E[log pi(x)] on
+`ptx_data` joins the policy's loss (`objectives.rlhf.ptx_loss`).
+
+The value model is separate by default: a scalar head on its own copy of a transformer body, initialised from the
+reward model when one is given (InstructGPT's choice: the reward model already knows what a good answer looks like)
+and otherwise from the policy. Keeping it separate means the value loss never pulls on the policy's weights, so no
+coefficient has to balance the two; it costs a second body in memory.
+
+The KL may instead go in the loss (`kl_placement loss`: beta k(a) added per token, differentiated), with k1, k2 or k3;
+the default (reward, k1) is the combination whose policy gradient is unbiased (docs/math.md, "KL placement").
+
+metrics.jsonl (`step` = optimizer steps):
+    rewards/score, rewards/FUNCTION   mean reward-model score (or weighted function reward), each function's mean
+    rewards/total                     mean per-answer sum of the shaped token rewards (score - beta sum_t k)
+    kl/sequence, kl/coef              mean sum over an answer's tokens of k(a_t) (KL to the reference); beta
+    losses/policy, losses/value, losses/ptx, losses/grad_norm
+    policy/clip_fraction, policy/approx_kl, value/explained_variance, value/clip_fraction
+    completions/mean_length, time/generation_s, time/training_s, charts/learning_rate, charts/tokens_per_s
+    eval/reward, eval/mean_length     greedy completions of the held-out prompts (rank 0)
+
+final/ is the trained policy in Hugging Face format; final/value_model/ the value model (ScalarHeadModel format).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from advantage.lm.data import load_rows, sft_pairs
+from advantage.lm.generation import generate
+from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt
+from advantage.lm.models import ScalarHeadModel
+from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_prompts, validate_online
+from advantage.lm.session import DataOrder, LMRun, LMSession, StepWindow, add_lora, fingerprint, \
+    learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require
+from advantage.lm.sft import collate_examples, completion_nll, tokenize_pairs
+from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate, kl_loss_term
+from advantage.objectives.masking import masked_whiten
+from advantage.objectives.policy_gradient import clipped_value_loss, explained_variance
+from advantage.objectives.ppo import adaptive_kl_beta, clipped_surrogate_loss
+from advantage.objectives.returns import gae, shift_to_next
+from advantage.objectives.rlhf import shaped_token_rewards, terminal_at_last_token
+from advantage.run.config import param
+
+
+@dataclass
+class RLHFConfig(OnlineConfig):
+    """RLHF-PPO's hyperparameters: the online fields (batch_size = prompts per rollout) and PPO's."""
+
+    samples_per_prompt: int = param(1, "answers sampled per prompt in a rollout")
+    ppo_epochs: int = param(4, "passes over each rollout")
+    num_minibatches: int = param(1, "optimizer steps per pass (the rollout's prompts split evenly)")
+    clip_range: float = param(0.2, "epsilon of the clipped policy ratio")
+    value_clip_range: float = param(0.2, "how far a value may move from its rollout value before clipping")
+    gamma: float = param(1.0, "discount over the answer's tokens")
+    lam: float = param(0.95, "GAE lambda")
+    kl_coef: float = param(0.05, "beta: the KL coefficient (initial value when target_kl > 0)")
+    target_kl: float = param(0.0, "adapt beta towards this KL per answer with the 1.5x rule (0: fixed beta)")
+    kl_estimator: Literal["k1", "k2", "k3"] = param("k1", "per-token KL estimator (k1 = log pi / pi_ref, seed 000)")
+    kl_placement: Literal["reward", "loss"] = param("reward", "KL folded into the token rewards (seed 000), or a "
+                                                              "loss term")
+    whiten_advantages: bool = param(True, "normalise the advantages over the rollout")
+    value_learning_rate: float = param(0.0, "AdamW learning rate of the value model (0: learning_rate)")
+    ptx_coef: float = param(0.0, "gamma of PPO-ptx: weight of the pretraining log-likelihood (0: off)")
+    ptx_data: str = param("", "pretraining data for PPO-ptx (sft rows: prompt/completion, text or messages)")
+    ptx_batch_size: int = param(8, "pretraining examples per optimizer step")
+    learning_rate: float = param(1e-5, "AdamW peak learning rate of the policy")
+    batch_size: int = param(16, "prompts per rollout")
+
+
+CONFIG = RLHFConfig
+
+
+def validate(config: RLHFConfig) -> None:
+    """Reject invalid hyperparameters with a one-line error naming the field."""
+    validate_online(config)
+    require(config.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", config.samples_per_prompt)
+    require(config.ppo_epochs >= 1, "ppo_epochs", "must be >= 1", config.ppo_epochs)
+    require(config.num_minibatches >= 1, "num_minibatches", "must be >= 1", config.num_minibatches)
+    require(config.batch_size % config.num_minibatches == 0, "num_minibatches",
+            f"must divide batch_size ({config.batch_size})", config.num_minibatches)
+    require(config.clip_range > 0, "clip_range", "must be > 0", config.clip_range)
+    require(config.value_clip_range >= 0, "value_clip_range", "must be >= 0", config.value_clip_range)
+    require(0 <= config.gamma <= 1, "gamma", "must be in [0, 1]", config.gamma)
+    require(0 <= config.lam <= 1, "lam", "must be in [0, 1]", config.lam)
+    require(config.kl_coef >= 0 and math.isfinite(config.kl_coef), "kl_coef", "must be >= 0", config.kl_coef)
+    require(config.target_kl >= 0, "target_kl", "must be >= 0", config.target_kl)
+    require(not (config.target_kl > 0 and config.kl_coef == 0), "kl_coef", "must be > 0 to adapt towards target_kl",
+            config.kl_coef)
+    require(config.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}",
+            config.kl_estimator)
+    require(config.value_learning_rate >= 0, "value_learning_rate", "must be >= 0", config.value_learning_rate)
+    require(config.ptx_coef >= 0, "ptx_coef", "must be >= 0", config.ptx_coef)
+    require(not (config.ptx_coef > 0 and not config.ptx_data), "ptx_data", "is required when ptx_coef > 0",
+            config.ptx_data)
+    require(config.ptx_batch_size >= 1, "ptx_batch_size", "must be >= 1", config.ptx_batch_size)
+
+
+# --------------------------------------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled answers and everything PPO needs of it, per answer token (B * K rows, A columns)."""
+
+    prompt_ids: list[list[int]]
+    groups: list[list[list[int]]]
+    old_log_probs: Tensor
+    old_values: Tensor
+    advantages: Tensor
+    returns: Tensor
+    mask: Tensor
+
+    def rows_of(self, prompts: list[int], per_prompt: int) -> Tensor:
+        """The answer rows of the given prompts (row b * K + k is answer k of prompt b)."""
+        return torch.tensor([b * per_prompt + k for b in prompts for k in range(per_prompt)], dtype=torch.long)
+
+
+@torch.no_grad()
+def _without_grad(model: nn.Module, compute):
+    """compute(model) in eval mode without a graph, the model's mode restored after."""
+    was_training = model.training
+    model.eval()
+    result = compute(model)
+    model.train(was_training)
+    return result
+
+
+def advantages_and_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
+                           whiten: bool) -> tuple[Tensor, Tensor]:
+    """GAE over each answer's tokens (seed 003), the answer's end a terminal state; returns = A + V (the critic's
+    lambda-return target); the advantages optionally whitened over the batch.
+
+    Args:
+        rewards, values, mask: (N, A) per answer token.
+    """
+    ends = terminal_at_last_token(mask)
+    next_values = shift_to_next(values, dim=1)  # V(s_{t+1}); ignored after the terminal token
+    advantages = gae(rewards, values, next_values, gamma, lam, terminated=ends, mask=mask, dim=1)
+    returns = advantages + values
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+
+
+def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRun:
+    """Fine-tune `config.model` with RLHF-PPO on the prompts of `config.data` (or the built-in task).
+
+    Returns:
+        The LMRun, whose `.model` is the trained causal LM as saved in final/.
+    """
+    validate(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    session = LMSession("rlhf", config, run_dir, resume)
+    processes = session.processes
+
+    # The policy and its frozen reference (the SFT model: a copy, or the base model with LoRA's adapters off), the
+    # reward (a frozen reward model or functions) and the value model (from the reward model, else the policy).
+    model, tokenizer = load_policy(config)
+    pad, eos, length = pad_id(tokenizer), tokenizer.eos_token_id, max_length(config, model)
+    train_prompts, eval_prompts = load_prompts(config, session.run_dir, tokenizer, length)
+    scorer = Scorer(config, tokenizer)
+    if scorer.model is not None:
+        scorer.model.requires_grad_(False)
+        value_model = copy.deepcopy(scorer.model)
+    else:
+        value_model = ScalarHeadModel.from_causal_lm(model, seed=config.seed)
+    value_model.requires_grad_(True).train()
+    ptx_examples = []
+    if config.ptx_coef > 0:
+        ptx_examples, _ = tokenize_pairs(sft_pairs(load_rows(config.ptx_data, "sft"), tokenizer), tokenizer, length)
+    reference = None if config.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
+    if config.lora_r:
+        model = add_lora(model, config)
+    model.train()
+    torch.manual_seed(config.seed)
+    optimizer = make_optimizer(model, config)
+    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=config.value_learning_rate or config.learning_rate,
+                                        weight_decay=config.weight_decay)
+    per_rollout = config.ppo_epochs * config.num_minibatches
+    rounds = -(-config.max_steps // per_rollout) if config.max_steps else \
+        max(1, math.ceil(config.epochs * len(train_prompts) / config.batch_size))
+    steps = config.max_steps or rounds * per_rollout
+    order = DataOrder(len(train_prompts), config.batch_size, config.seed, processes.rank, processes.world_size)
+    state = session.start(model, optimizer, steps, fingerprint([prompt.ids for prompt in train_prompts]))
+    kl_coef = config.kl_coef
+    if state is not None:
+        value_model.load_state_dict(state["value_model"])
+        value_optimizer.load_state_dict(state["value_optimizer"])
+        kl_coef = float(state["kl_coef"])
+    evaluating = bool(eval_prompts) and processes.is_main
+    max_norm = config.max_grad_norm or math.inf
+    step = session.start_step
+    last: dict = {}
+    window = StepWindow()
+    per_prompt = config.samples_per_prompt
+    checkpoint_pending = False
+
+    def reference_log_probs(batch: SharedPromptBatch) -> Tensor:
+        if reference is not None:
+            return _without_grad(reference, lambda m: answer_log_probs(m, batch, config.temperature))
+        with model.disable_adapter():
+            return _without_grad(model, lambda m: answer_log_probs(m, batch, config.temperature))
+
+    def held_out() -> dict[str, float]:
+        with mixed_precision(config):
+            return evaluate(model, eval_prompts, scorer, config, eos, pad)
+
+    if step == 0 and evaluating:
+        last = session.metrics.log(0, session.elapsed(), held_out())
+    while step < steps:
+        began = time.perf_counter()
+        round_index = step // per_rollout
+
+        # 1. Sample answers to this process's prompts from the current policy.
+        prompts = [train_prompts[index] for index in order.batch(round_index)]
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round_index * 7_919 + processes.rank)
+        with mixed_precision(config):
+            generated = generate(model, [prompt.ids for prompt in prompts], samples_per_prompt=per_prompt,
+                                 max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                                 eos_id=eos, pad_id=pad, temperature=config.temperature, top_k=config.top_k,
+                                 top_p=config.top_p, generator=generator)
+        generation_s = time.perf_counter() - began
+        trained = time.perf_counter()
+
+        # 2. Score them; log pi_old, log pi_ref and V_old per answer token.
+        scores, reward_logs = scorer(prompts, generated)
+        groups = groups_of(generated.completions, per_prompt)
+        prompt_ids = [prompt.ids for prompt in prompts]
+        batch = collate_shared_prompt(prompt_ids, groups, pad)
+        mask = batch.answer_mask
+        with mixed_precision(config):
+            old_log_probs = _without_grad(model, lambda m: answer_log_probs(m, batch, config.temperature))
+            ref_log_probs = reference_log_probs(batch)
+            old_values = _without_grad(value_model, lambda m: m.answer_values(batch)).float()
+
+        # 3. Per-token rewards: -beta k(a_t) on every token (in the reward placement), the score at the last one.
+        rewards, kl = shaped_token_rewards(scores, old_log_probs, ref_log_probs, mask,
+                                           kl_coef if config.kl_placement == "reward" else 0.0, config.kl_estimator)
+        if config.kl_placement != "reward" or kl_coef == 0:
+            kl = kl_estimate(old_log_probs, ref_log_probs, config.kl_estimator) * mask
+        sequence_kl = float(kl.sum(dim=1).mean())
+        # 6 (decided now, applied to the next rollout). The adaptive KL coefficient: seed 004's 1.5x rule.
+        next_kl_coef = adaptive_kl_beta(kl_coef, processes.sum(sequence_kl)[0] / processes.world_size,
+                                        config.target_kl) if config.target_kl > 0 else kl_coef
+
+        # 4. GAE over tokens; the returns are the value model's targets.
+        advantages, returns = advantages_and_returns(rewards, old_values, mask, config.gamma, config.lam,
+                                                     config.whiten_advantages)
+        rollout = Rollout(prompt_ids, groups, old_log_probs, old_values, advantages, returns, mask)
+        training_s = time.perf_counter() - trained
+
+        # 5. PPO: ppo_epochs passes, each over num_minibatches minibatches of prompts, one optimizer step each.
+        shuffle = torch.Generator().manual_seed(config.seed * 7_919 + round_index)
+        for _ in range(config.ppo_epochs):
+            permutation = torch.randperm(len(prompts), generator=shuffle).tolist()
+            size = len(prompts) // config.num_minibatches
+            for start in range(0, len(prompts), size):
+                if step >= steps:
+                    break
+                trained = time.perf_counter()
+                learning_rate = learning_rate_at(config, step, steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate
+                with mixed_precision(config):
+                    figures = ppo_step(model, value_model, rollout, permutation[start:start + size], config, kl_coef,
+                                       ref_log_probs, ptx_examples, step, pad, processes)
+                loss = figures["losses/policy"] + figures["losses/ptx"]
+                if window.optimizer_step(session, optimizer, loss, max_norm):  # both skip a non-finite step
+                    nn.utils.clip_grad_norm_(value_model.parameters(), max_norm)
+                    value_optimizer.step()
+                value_optimizer.zero_grad(set_to_none=True)
+                step += 1
+                training_s += time.perf_counter() - trained
+                window.end_step(int(figures.pop("tokens")), generation_s + training_s)
+                if step % config.log_every == 0 or step == steps or (evaluating and session.evaluation_due(step)):
+                    logged = {**window.figures("losses/total"), **figures,
+                              **_rollout_logs(scores, rewards, reward_logs, sequence_kl, kl_coef, generated,
+                                              processes),
+                              "time/generation_s": generation_s, "time/training_s": training_s,
+                              "charts/learning_rate": learning_rate,
+                              "charts/skipped_updates": session.skipped_updates}
+                    if evaluating and session.evaluation_due(step):
+                        logged.update(held_out())
+                    last = session.metrics.log(step, session.elapsed(), logged)
+                    session.show(step, {"score": logged["rewards/score"], "kl": sequence_kl})
+                    window = StepWindow()
+                # A checkpoint waits for the end of the rollout: a resumed run starts with a fresh rollout.
+                checkpoint_pending = checkpoint_pending or session.checkpoint_due(step)
+                if checkpoint_pending and (step % per_rollout == 0 or step == steps):
+                    session.save(step, {"data_order": order.state(round_index + 1),
+                                        "value_model": value_model.state_dict(),
+                                        "value_optimizer": value_optimizer.state_dict(), "kl_coef": next_kl_coef})
+                    checkpoint_pending = False
+                generation_s, training_s = 0.0, 0.0
+        kl_coef = next_kl_coef
+
+    model = session.finish(model, tokenizer, step)
+    if processes.is_main:
+        value_model.save_pretrained(session.run_dir / "final" / "value_model")
+    return LMRun(session.run_dir, "rlhf", config, last, step, model, tokenizer)
+
+
+def ppo_step(model: nn.Module, value_model: ScalarHeadModel, rollout: Rollout, prompts: list[int],
+             config: RLHFConfig, kl_coef: float, ref_log_probs: Tensor, ptx_examples: list, step: int, pad: int,
+             processes) -> dict[str, float]:
+    """Accumulate the gradients of one minibatch (the rollout's `prompts`) in the policy and the value model.
+
+    Losses are token means over the minibatch of every process (its real tokens counted first), so that the
+    gradients summed over processes are those of one process with the whole minibatch.
+    """
+    rows = rollout.rows_of(prompts, config.samples_per_prompt)
+    batch = collate_shared_prompt([rollout.prompt_ids[b] for b in prompts],
+                                  [rollout.groups[b] for b in prompts], pad)
+    mask = batch.answer_mask
+    width = mask.shape[1]
+
+    def picked(tensor: Tensor) -> Tensor:  # the minibatch's rows, cut to its own answer width
+        return tensor[rows][:, :width]
+
+    num_tokens = processes.sum(float(mask.sum()))[0]
+    log_probs = answer_log_probs(model, batch, config.temperature)
+    old_log_probs = picked(rollout.old_log_probs)
+    policy_loss, stats = clipped_surrogate_loss(log_probs, old_log_probs, picked(rollout.advantages),
+                                                config.clip_range, mask, num_tokens=num_tokens)
+    if config.kl_placement == "loss" and kl_coef > 0:
+        kl_terms = kl_loss_term(log_probs, picked(ref_log_probs), kl_coef, config.kl_estimator)
+        policy_loss = policy_loss + (kl_terms * mask).sum() / num_tokens
+    ptx = torch.zeros(())
+    if config.ptx_coef > 0:
+        # PPO-ptx (seed 000): + gamma E_{x ~ D_pretrain}[log pi(x)], as a loss, on a batch that cycles the data.
+        start = (step * config.ptx_batch_size) % len(ptx_examples)
+        chosen = [ptx_examples[(start + i) % len(ptx_examples)] for i in range(config.ptx_batch_size)]
+        pretraining = collate_examples(chosen, pad)
+        nll = completion_nll(model, pretraining, int(pretraining.loss_mask.sum()))
+        ptx = config.ptx_coef * nll / processes.world_size
+    (policy_loss + ptx).backward()
+
+    values = value_model.answer_values(batch).float()
+    value_loss = clipped_value_loss(values, picked(rollout.old_values), picked(rollout.returns),
+                                    config.value_clip_range, mask, num_tokens=num_tokens)
+    value_loss.backward()
+    processes.sum_gradients(model)
+    processes.sum_gradients(value_model)
+
+    with torch.no_grad():
+        moved = (values - picked(rollout.old_values)).abs() > config.value_clip_range
+        real = float(mask.sum())
+        sums = processes.sum(float(policy_loss.detach()), float(value_loss.detach()), float(ptx.detach()),
+                             float(stats.clip_fraction) * real,
+                             float(stats.approx_kl) * real, float((moved & mask).sum()), real)
+    policy_sum, value_sum, ptx_sum, clipped, approx_kl, value_clipped, tokens = sums
+    return {"losses/policy": policy_sum, "losses/value": value_sum, "losses/ptx": ptx_sum,
+            "policy/clip_fraction": clipped / tokens, "policy/approx_kl": approx_kl / tokens,
+            "value/clip_fraction": value_clipped / tokens,
+            "value/explained_variance": float(explained_variance(values.detach(), picked(rollout.returns), mask)),
+            "tokens": tokens}
+
+
+def _rollout_logs(scores: Tensor, rewards: Tensor, reward_logs: dict[str, float], sequence_kl: float,
+                  kl_coef: float, generated, processes) -> dict[str, float]:
+    """The rollout's reward, KL and length figures, averaged over the answers of every process."""
+    count = float(len(generated.completions))
+    lengths = float(sum(len(completion) for completion in generated.completions))
+    totals = processes.sum(float(scores.sum()), float(rewards.sum()), sequence_kl * count, lengths, count,
+                           *[value * count for value in reward_logs.values()])
+    score_sum, total_sum, kl_sum, length_sum, count, *function_sums = totals
+    return {"rewards/score": score_sum / count, "rewards/total": total_sum / count,
+            **{name: value / count for name, value in zip(reward_logs, function_sums)},
+            "kl/sequence": kl_sum / count, "kl/coef": kl_coef, "completions/mean_length": length_sum / count}
