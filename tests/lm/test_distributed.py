@@ -35,8 +35,9 @@ def final_weights(run_dir):
     names = ["model.safetensors"] if (run_dir / "final" / "model.safetensors").exists() else []
     assert names, list((run_dir / "final").iterdir())
     weights = load_file(str(run_dir / "final" / names[0]))
-    if (run_dir / "final" / "scalar_head.safetensors").exists():
-        weights.update({f"head.{k}": v for k, v in load_file(str(run_dir / "final" / "scalar_head.safetensors")).items()})
+    head = run_dir / "final" / "scalar_head.safetensors"
+    if head.exists():
+        weights.update({f"head.{name}": tensor for name, tensor in load_file(str(head)).items()})
     return weights
 
 
@@ -106,3 +107,14 @@ def test_grpo_under_torchrun_shares_the_prompts_and_writes_once(tmp_path):
     start = build_model("nano", seed=1).state_dict()
     moved = final_weights(tmp_path / "two")
     assert any(not torch.equal(moved[name], start[name]) for name in moved if name in start)
+
+
+def test_rlhf_under_torchrun_runs_and_writes_once(tmp_path):
+    """RLHF-PPO with 2 processes (policy, reference and value model on each; gradients of both models summed)."""
+    command = ["rlhf", *COMMON, "--samples-per-prompt", "2", "--max-new-tokens", "4", "--ppo-epochs", "2",
+               "--num-minibatches", "2", "--out", str(tmp_path / "two")]
+    run(command, 2)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
+    assert all(math.isfinite(row["losses/policy"]) and math.isfinite(row["losses/value"]) for row in rows[1:])
+    assert (tmp_path / "two" / "final" / "value_model" / "scalar_head.safetensors").exists()

@@ -182,6 +182,10 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
         torch.set_num_threads(config.threads)
     session = LMSession("rlhf", config, run_dir, resume)
     processes = session.processes
+    share = config.batch_size // processes.world_size
+    require(share % config.num_minibatches == 0, "num_minibatches",
+            f"must divide each process's prompts ({share} = batch_size / {processes.world_size} processes)",
+            config.num_minibatches)
 
     # The policy and its frozen reference (the SFT model: a copy, or the base model with LoRA's adapters off), the
     # reward (a frozen reward model or functions) and the value model (from the reward model, else the policy).
