@@ -207,3 +207,23 @@ def test_grpo_raises_the_reward_of_a_quick_sft_model(tmp_path):
     assert {"rewards/advantage.lm.tasks.arithmetic:reward", "completions/mean_length", "policy/clip_fraction",
             "policy/approx_kl", "time/generation_s", "time/training_s", "losses/grpo"} <= set(trained[-1])
     assert {"config.json", "model.safetensors"} <= {p.name for p in (run.run_dir / "final").iterdir()}
+
+
+def test_cli_on_a_model_directory_with_data_and_a_reward_function_by_path(tmp_path, capsys):
+    """`advantage grpo` on what a user brings: a Hugging Face model directory, a JSONL file of prompts and a reward
+    function in a .py file, all given by path (nothing built in)."""
+    from advantage.lm.data import write_jsonl
+    from advantage.lm.models import save_pretrained
+    from advantage.lm.tokenizer import build_char_tokenizer
+
+    model_dir = save_pretrained(build_model("nano", seed=3), build_char_tokenizer(), tmp_path / "my_model")
+    write_jsonl([{"prompt": f"say {word}: "} for word in ("cat", "dog", "sun", "moon")], tmp_path / "prompts.jsonl")
+    (tmp_path / "scores.py").write_text("def vowels(prompts, completions):\n"
+                                        "    return [sum(c in 'aeiou' for c in text) / 4 for text in completions]\n")
+    assert cli.main(["grpo", "--model", str(model_dir), "--data", str(tmp_path / "prompts.jsonl"),
+                     "--reward-functions", f"{tmp_path / 'scores.py'}:vowels", "--batch-size", "2", "--group-size",
+                     "3", "--max-new-tokens", "4", "--max-steps", "2", "--progress", "false", "--tensorboard",
+                     "false", "--out", str(tmp_path / "run")]) == 0
+    rows = metrics(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2] and f"rewards/{tmp_path / 'scores.py'}:vowels" in rows[-1]
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()

@@ -134,3 +134,22 @@ def test_rlhf_with_a_trained_reward_model_raises_the_accuracy_of_a_quick_sft_mod
     assert mean("rewards/exact_match", last) > mean("rewards/exact_match", first) + 0.1
     assert evaluations[-1]["eval/exact_match"] >= evaluations[0]["eval/exact_match"]
     assert 0 < mean("kl/sequence", last) < 2.0
+
+
+def test_cli_on_a_model_directory_with_data_and_a_reward_model_by_path(tmp_path):
+    """`advantage rlhf` on a Hugging Face model directory, a JSONL file of prompts and a reward model directory (as
+    `advantage reward` writes it), all given by path."""
+    from advantage.lm.models import build_model, save_pretrained
+    from advantage.lm.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    model_dir = save_pretrained(build_model("nano", seed=3), tokenizer, tmp_path / "my_model")
+    ScalarHeadModel.from_causal_lm(build_model("nano", seed=4), seed=4).save_pretrained(tmp_path / "my_rm", tokenizer)
+    write_jsonl([{"prompt": f"say {word}: "} for word in ("cat", "dog", "sun", "moon")], tmp_path / "prompts.jsonl")
+    assert cli.main(["rlhf", "--model", str(model_dir), "--data", str(tmp_path / "prompts.jsonl"), "--reward-model",
+                     str(tmp_path / "my_rm"), "--batch-size", "2", "--samples-per-prompt", "2", "--max-new-tokens",
+                     "4", "--max-steps", "2", "--ppo-epochs", "2", "--progress", "false", "--tensorboard", "false",
+                     "--out", str(tmp_path / "run")]) == 0
+    rows = metrics(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2] and "rewards/score" in rows[-1]
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
