@@ -62,10 +62,11 @@ def test_a_run_logs_kl_value_and_ptx_and_adapts_beta(tmp_path):
     ScalarHeadModel.from_pretrained(run.run_dir / "final" / "value_model")
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora):
+@pytest.mark.parametrize("lora, value_model", [(False, "separate"), (True, "separate"), (True, "shared")])
+def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora, value_model):
     extra = dict(lora_r=4) if lora else {}
-    config = quiet(max_steps=8, checkpoint_every=2, learning_rate=1e-3, target_kl=0.01, **extra)
+    config = quiet(max_steps=8, checkpoint_every=2, learning_rate=1e-3, target_kl=0.01, value_model=value_model,
+                   **extra)
     whole = train(config, tmp_path / "whole")
     train_and_kill_after_second_checkpoint(monkeypatch, train, config, tmp_path / "killed")
     resumed = lm_session.resume(tmp_path / "killed")
@@ -153,3 +154,19 @@ def test_cli_on_a_model_directory_with_data_and_a_reward_model_by_path(tmp_path)
     rows = metrics(tmp_path / "run")
     assert [row["step"] for row in rows] == [1, 2] and "rewards/score" in rows[-1]
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_a_shared_value_head_trains_the_policy_body_with_the_value_loss(tmp_path):
+    """value_model shared: the head sits on the policy's body, so the value loss changes the policy (unlike a
+    separate value model, with which vf_coef has no effect on the policy at all)."""
+    weights = {}
+    for name, fields in {"shared": dict(value_model="shared", vf_coef=1.0),
+                         "shared_no_value": dict(value_model="shared", vf_coef=0.0),
+                         "separate": dict(value_model="separate", vf_coef=1.0),
+                         "separate_other_coef": dict(value_model="separate", vf_coef=0.0)}.items():
+        run = train(quiet(max_steps=2, learning_rate=1e-3, **fields), tmp_path / name)
+        weights[name] = {k: v.clone() for k, v in run.model.state_dict().items()}
+    differs = any(not torch.equal(weights["shared"][k], weights["shared_no_value"][k]) for k in weights["shared"])
+    assert differs
+    for key, tensor in weights["separate"].items():
+        assert torch.equal(tensor, weights["separate_other_coef"][key]), key

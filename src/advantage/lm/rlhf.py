@@ -22,7 +22,9 @@ it below target / 1.5, double it above target x 1.5). With `ptx_coef` > 0 the PP
 The value model is separate by default: a scalar head on its own copy of a transformer body, initialised from the
 reward model when one is given (InstructGPT's choice: the reward model already knows what a good answer looks like)
 and otherwise from the policy. Keeping it separate means the value loss never pulls on the policy's weights, so no
-coefficient has to balance the two; it costs a second body in memory.
+coefficient has to balance the two; it costs a second body in memory and in compute. `value_model shared` puts a
+value head on the policy's own body instead (one body in memory; the value loss, weighted by `vf_coef`, then
+shapes the policy's features too).
 
 The KL may instead go in the loss (`kl_placement loss`: beta k(a) added per token, differentiated), with k1, k2 or k3;
 the default (reward, k1) is the combination whose policy gradient is unbiased (docs/math.md, "KL placement").
@@ -85,6 +87,11 @@ class RLHFConfig(OnlineConfig):
     kl_placement: Literal["reward", "loss"] = param("reward", "KL folded into the token rewards (seed 000), or a "
                                                               "loss term")
     whiten_advantages: bool = param(True, "normalise the advantages over the rollout")
+    value_model: Literal["separate", "shared"] = param(
+        "separate", "separate: a value model of its own (from the reward model if given, else a copy of the "
+                    "policy); shared: a value head on the policy's body, the value loss (x vf_coef) added to its "
+                    "gradient")
+    vf_coef: float = param(0.1, "weight of the value loss in the shared body's gradient (value_model shared)")
     value_learning_rate: float = param(0.0, "AdamW learning rate of the value model (0: learning_rate)")
     ptx_coef: float = param(0.0, "gamma of PPO-ptx: weight of the pretraining log-likelihood (0: off)")
     ptx_data: str = param("", "pretraining data for PPO-ptx (sft rows: prompt/completion, text or messages)")
@@ -119,6 +126,7 @@ def validate(config: RLHFConfig) -> None:
     require(not (config.ptx_coef > 0 and not config.ptx_data), "ptx_data", "is required when ptx_coef > 0",
             config.ptx_data)
     require(config.ptx_batch_size >= 1, "ptx_batch_size", "must be >= 1", config.ptx_batch_size)
+    require(config.vf_coef >= 0, "vf_coef", "must be >= 0", config.vf_coef)
 
 
 # --------------------------------------------------------------------------------------------------------- rollout
@@ -195,20 +203,28 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
     scorer = Scorer(config, tokenizer)
     if scorer.model is not None:
         scorer.model.requires_grad_(False)
-        value_model = copy.deepcopy(scorer.model)
-    else:
-        value_model = ScalarHeadModel.from_causal_lm(model, seed=config.seed)
-    value_model.requires_grad_(True).train()
     ptx_examples = []
     if config.ptx_coef > 0:
         ptx_examples, _ = tokenize_pairs(sft_pairs(load_rows(config.ptx_data, "sft"), tokenizer), tokenizer, length)
     reference = None if config.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
+    if config.value_model == "separate":  # its own body, copied before any adapter
+        value_model = copy.deepcopy(scorer.model) if scorer.model is not None else \
+            ScalarHeadModel.from_causal_lm(model, seed=config.seed)
+        value_model.requires_grad_(True)
     if config.lora_r:
         model = add_lora(model, config)
+    if config.value_model == "shared":  # a head on the policy's own body (its adapters, with LoRA)
+        body = (model.get_base_model() if config.lora_r else model).base_model
+        value_model = ScalarHeadModel(body, seed=config.seed)
+    value_model.train()
+    # What the value optimizer steps: the whole separate model, or only the head on the shared body (whose
+    # gradients, the value loss's included, the policy's optimizer steps).
+    value_parameters = list(value_model.head.parameters() if config.value_model == "shared" else
+                            value_model.parameters())
     model.train()
     torch.manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
-    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=config.value_learning_rate or config.learning_rate,
+    value_optimizer = torch.optim.AdamW(value_parameters, lr=config.value_learning_rate or config.learning_rate,
                                         weight_decay=config.weight_decay)
     per_rollout = config.ppo_epochs * config.num_minibatches
     rounds = -(-config.max_steps // per_rollout) if config.max_steps else \
@@ -300,7 +316,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
                                        ref_log_probs, ptx_examples, step, pad, processes)
                 loss = figures["losses/policy"] + figures["losses/ptx"]
                 if window.optimizer_step(session, optimizer, loss, max_norm):  # both skip a non-finite step
-                    nn.utils.clip_grad_norm_(value_model.parameters(), max_norm)
+                    nn.utils.clip_grad_norm_(value_parameters, max_norm)
                     value_optimizer.step()
                 value_optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -372,9 +388,10 @@ def ppo_step(model: nn.Module, value_model: ScalarHeadModel, rollout: Rollout, p
     values = value_model.answer_values(batch).float()
     value_loss = clipped_value_loss(values, picked(rollout.old_values), picked(rollout.returns),
                                     config.value_clip_range, mask, num_tokens=num_tokens)
-    value_loss.backward()
+    shared = config.value_model == "shared"
+    (value_loss * (config.vf_coef if shared else 1.0)).backward()  # shared: into the policy's body too
     processes.sum_gradients(model)
-    processes.sum_gradients(value_model)
+    processes.sum_gradients(value_model.head if shared else value_model)
 
     with torch.no_grad():
         moved = (values - picked(rollout.old_values)).abs() > config.value_clip_range
