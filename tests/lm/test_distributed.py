@@ -94,7 +94,7 @@ def test_data_order_shards_each_batch_and_one_process_touches_no_process_group()
 def test_grpo_under_torchrun_shares_the_prompts_and_writes_once(tmp_path):
     """GRPO with 2 processes: each samples the groups of its half of the prompts (so the completions, unlike the
     offline stages' batches, differ from one process's); the loss normalisation over processes is proven exact in
-    tests/lm/test_grpo.py. Here: it runs, logs every step once, and rank 0's final/ loads and differs from the
+    tests/lm/test_grpo_stage.py. Here: it runs, logs every step once, and rank 0's final/ loads and differs from the
     start."""
     command = ["grpo", *COMMON, "--group-size", "4", "--max-new-tokens", "4", "--beta", "0.04",
                "--out", str(tmp_path / "two")]
