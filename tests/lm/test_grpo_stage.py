@@ -137,7 +137,7 @@ def test_beta_zero_loads_no_reference_and_a_positive_beta_one(tmp_path, monkeypa
 
     def count_models(*args, **kwargs):
         gc.collect()
-        alive.append(sum(isinstance(o, PreTrainedModel) and type(o).__name__.endswith("ForCausalLM")
+        alive.append(sum(issubclass(type(o), PreTrainedModel) and type(o).__name__.endswith("ForCausalLM")
                          for o in gc.get_objects()))
         return original(*args, **kwargs)
 
