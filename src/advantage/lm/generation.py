@@ -293,9 +293,12 @@ def key_value_cache(model: nn.Module, capacity: int):
     (sliding-window or linear-attention layers keep their own bookkeeping).
     """
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
-    cache = DynamicCache(config=model.config)
+    try:
+        from transformers.cache_utils import DynamicLayer
+        cache = DynamicCache(config=model.config)
+    except (ImportError, TypeError):  # transformers before per-layer caches: its plain cache, copying at each step
+        return DynamicCache()
     if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
         layer_class = _preallocated_layer_class()
         cache.layers = [layer_class(capacity) for _ in cache.layers]
