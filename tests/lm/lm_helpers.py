@@ -4,7 +4,9 @@ import json
 
 import pytest
 
+from advantage.lm.data import write_jsonl
 from advantage.lm.session import LMSession
+from advantage.lm.tasks import ArithmeticTask
 
 
 def small_config(config_class, **fields):
@@ -37,3 +39,20 @@ def train_and_kill_after_second_checkpoint(monkeypatch, train, config, run_dir):
     with pytest.raises(Interrupt):
         train(config, run_dir)
     monkeypatch.setattr(LMSession, "save", original_save)
+
+
+def arithmetic_preferences(sft_run, out, seeds):
+    """The arithmetic task's preference pairs for the SFT run's train and held-out prompts, with the wrong answers of
+    `seeds` task seeds (several pairs per prompt; the held-out prompts stay disjoint from the training ones)."""
+    split = {json.loads(line)["prompt"]: name for name in ("train", "eval")
+             for line in (sft_run.run_dir / "data" / f"sft_{name}.jsonl").read_text().splitlines()}
+    task = ArithmeticTask(max_operand=sft_run.config.task_max_operand, operations=sft_run.config.task_operations)
+    rows = {"train": [], "eval": []}
+    for seed in range(seeds):
+        for row in task.preference_rows(task.n_questions, seed=seed):
+            if row["prompt"] in split:
+                rows[split[row["prompt"]]].append(row)
+    paths = {name: out / f"preference_{name}.jsonl" for name in rows}
+    for name, path in paths.items():
+        write_jsonl(rows[name], path)
+    return paths["train"], paths["eval"]

@@ -3,7 +3,6 @@ computed once, before training, with no second model kept; accumulation never ch
 held-out preference of a quickly SFT-trained model; resume is exact (with and without LoRA); the CLI's contract."""
 
 import gc
-import json
 import math
 
 import pytest
@@ -23,9 +22,8 @@ from advantage.lm.models import build_model
 from advantage.lm.reward import RankedExample, best_and_worst, collate_rankings, tokenize_rankings
 from advantage.lm.sft import SFTConfig
 from advantage.lm.sft import train as train_sft
-from advantage.lm.tasks import ArithmeticTask
 from advantage.lm.tokenizer import build_char_tokenizer
-from lm_helpers import metrics, small_config, train_and_kill_after_second_checkpoint
+from lm_helpers import arithmetic_preferences, metrics, small_config, train_and_kill_after_second_checkpoint
 
 torch.set_num_threads(1)
 
@@ -191,23 +189,6 @@ def test_reference_is_computed_once_and_no_second_model_is_kept(tmp_path, monkey
 
 
 # ------------------------------------------------------------------------------------------------------- learning
-
-
-def arithmetic_preferences(sft_run, out, seeds):
-    """The arithmetic task's preference pairs for the SFT run's train and held-out prompts, with the wrong answers of
-    `seeds` task seeds (several pairs per prompt; the held-out prompts stay disjoint from the training ones)."""
-    split = {json.loads(line)["prompt"]: name for name in ("train", "eval")
-             for line in (sft_run.run_dir / "data" / f"sft_{name}.jsonl").read_text().splitlines()}
-    task = ArithmeticTask(max_operand=sft_run.config.task_max_operand, operations=sft_run.config.task_operations)
-    rows = {"train": [], "eval": []}
-    for seed in range(seeds):
-        for row in task.preference_rows(task.n_questions, seed=seed):
-            if row["prompt"] in split:
-                rows[split[row["prompt"]]].append(row)
-    paths = {name: out / f"preference_{name}.jsonl" for name in rows}
-    for name, path in paths.items():
-        write_jsonl(rows[name], path)
-    return paths["train"], paths["eval"]
 
 
 def test_dpo_raises_the_held_out_preference_of_a_quick_sft_model(tmp_path):

@@ -2,7 +2,6 @@
 every pair of every ranking; accumulation never changes the gradient; it learns which arithmetic answer is right;
 final/ reloads with ScalarHeadModel.from_pretrained; resume is exact (with and without LoRA); the CLI's contract."""
 
-import json
 import math
 
 import pytest
@@ -20,9 +19,8 @@ from advantage.lm.reward import PairwiseTally, RankedExample, RewardConfig, accu
 from advantage.lm.session import quiet_transformers
 from advantage.lm.sft import SFTConfig
 from advantage.lm.sft import train as train_sft
-from advantage.lm.tasks import ArithmeticTask
 from advantage.lm.tokenizer import build_char_tokenizer
-from lm_helpers import metrics, small_config, train_and_kill_after_second_checkpoint
+from lm_helpers import arithmetic_preferences, metrics, small_config, train_and_kill_after_second_checkpoint
 
 torch.set_num_threads(1)
 
@@ -167,23 +165,6 @@ def test_one_training_step_is_the_same_for_any_accumulation(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ learning
-
-
-def arithmetic_preferences(sft_run, out, seeds):
-    """The arithmetic task's preference pairs for the SFT run's train and held-out prompts, with the wrong answers of
-    `seeds` task seeds (so several pairs per prompt; the held-out prompts stay disjoint from the training ones)."""
-    split = {json.loads(line)["prompt"]: name for name in ("train", "eval")
-             for line in (sft_run.run_dir / "data" / f"sft_{name}.jsonl").read_text().splitlines()}
-    task = ArithmeticTask(max_operand=sft_run.config.task_max_operand, operations=sft_run.config.task_operations)
-    rows = {"train": [], "eval": []}
-    for seed in range(seeds):
-        for row in task.preference_rows(task.n_questions, seed=seed):
-            if row["prompt"] in split:
-                rows[split[row["prompt"]]].append(row)
-    paths = {name: out / f"preference_{name}.jsonl" for name in rows}
-    for name, path in paths.items():
-        write_jsonl(rows[name], path)
-    return paths["train"], paths["eval"]
 
 
 def test_reward_model_learns_which_arithmetic_answer_is_right(tmp_path):

@@ -1,7 +1,6 @@
 """RLHF-PPO (seeds 000, 001, 003): GAE over tokens, per-token KL rewards, the value model, PPO-ptx, the adaptive KL,
 exact resume, and learning on the arithmetic task with a reward model trained by `advantage reward`."""
 
-import json
 
 import pytest
 import torch
@@ -15,8 +14,7 @@ from advantage.lm.reward import train as train_reward
 from advantage.lm.rlhf import RLHFConfig, advantages_and_returns, train
 from advantage.lm.sft import SFTConfig
 from advantage.lm.sft import train as train_sft
-from advantage.lm.tasks import ArithmeticTask
-from lm_helpers import metrics, small_config, train_and_kill_after_second_checkpoint
+from lm_helpers import arithmetic_preferences, metrics, small_config, train_and_kill_after_second_checkpoint
 
 torch.set_num_threads(1)
 
@@ -106,13 +104,8 @@ def test_rlhf_with_a_trained_reward_model_raises_the_accuracy_of_a_quick_sft_mod
                               task_eval_size=20, learning_rate=3e-3, batch_size=16, max_steps=150, warmup_steps=5,
                               lr_schedule="cosine", eval_every=150, progress=False, tensorboard=False, seed=1),
                     tmp_path / "sft")
-    task = ArithmeticTask(max_operand=9)
-    lines = (sft.run_dir / "data" / "sft_train.jsonl").read_text().splitlines()
-    prompts = {json.loads(line)["prompt"] for line in lines}
-    pairs = [row for seed in range(10) for row in task.preference_rows(task.n_questions, seed=seed)
-             if row["prompt"] in prompts]
-    write_jsonl(pairs, tmp_path / "pairs.jsonl")
-    reward_config = small_config(RewardConfig, model=str(sft.run_dir / "final"), data=str(tmp_path / "pairs.jsonl"),
+    pairs, _ = arithmetic_preferences(sft, tmp_path, seeds=10)
+    reward_config = small_config(RewardConfig, model=str(sft.run_dir / "final"), data=str(pairs),
                                  learning_rate=3e-4, batch_size=32, max_steps=400, lr_schedule="cosine")
     reward = train_reward(reward_config, tmp_path / "reward")
     run = train(quiet(model=str(sft.run_dir / "final"), reward_model=str(reward.run_dir / "final"),
