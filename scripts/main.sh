@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
-# The main job: set up ./.venv if needed, then run `advantage verify` (extra arguments are passed on).
+# The main job: set up ./.venv if needed, then run `advantage demo` (extra arguments are passed on, e.g. --quick).
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-exec advantage verify "$@"
+exec advantage demo "$@"

@@ -115,14 +115,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--episodes", type=_non_negative_int, default=10, help="episodes to run (default 10)")
     evaluate.add_argument("--seed", type=_non_negative_int, default=12345, help="seed of the evaluation episodes")
     evaluate.add_argument("--stochastic", action="store_true", help="sample actions instead of the most likely")
-    report = commands.add_parser("report", help="plot learning curves of one or more runs to a PNG",
-                                 description="Plot the learning curves of RUN_DIRs (runs of the same algorithm and "
-                                             "environment are grouped: mean and min-max spread) to a PNG file.")
+    report = commands.add_parser(
+        "report", help="write an HTML report (figures embedded) of one or more runs",
+        description="Write OUT/index.html, a self-contained page (every figure embedded; opens offline), and its PNG "
+                    "figures: learning curves (runs that differ only in the seed are grouped: mean and min-max "
+                    "spread), KL and clip fraction, steps per second, a table of final figures, the language-model "
+                    "stages' training curves, and for a demo directory the aligned policies' comparison, sample "
+                    "completions and exact checks. A RUN_DIR may also be a directory holding run directories. "
+                    "With --out FILE.png, only the learning curves, as one PNG.")
     report.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
-    report.add_argument("--out", metavar="FILE.png", default="report.png", help="output file (default report.png)")
+    report.add_argument("--out", metavar="DIR|FILE.png", default="report",
+                        help="output directory of the page (default report), or a .png file for the curves alone")
     report.add_argument("--window", type=_non_negative_int, default=20,
                         help="episodes in the rolling mean (default 20)")
-    report.add_argument("--title", help="figure title")
+    report.add_argument("--title", help="title of the page or figure")
+
+    demo = commands.add_parser(
+        "demo", help="the seeds end to end: CartPole policy gradients, RLHF/DPO/GRPO on a small LM, exact checks",
+        description="Run the seeds' story and write a report: (1) REINFORCE (total return, reward-to-go, baseline), "
+                    "A2C, PPO-clip, PPO with the adaptive KL penalty and TRPO on CartPole-v1 with the same budget "
+                    "and seeds; (2) SFT of a small transformer on one-digit addition, a reward model, then RLHF-PPO, "
+                    "DPO and GRPO from the SFT model, compared on accuracy, reward and KL; (3) advantage verify. "
+                    "About 12 minutes on 2 CPU cores (--quick: about 2). Every run writes its run directory under "
+                    "OUT; re-running on the same OUT keeps what is finished and resumes what was interrupted.")
+    demo.add_argument("--out", metavar="DIR", default="runs/demo", help="output directory (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a small budget everywhere (what the tests run)")
+    demo.add_argument("--progress", choices=("true", "false"), default="true",
+                      help="show progress bars (default true)")
     return parser
 
 
@@ -190,14 +209,30 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    """`advantage report`: write the PNG and print its path."""
-    from advantage.run.report import write_report
+    """`advantage report`: write the HTML page (or the PNG) and print its path."""
+    from advantage.run.report import write_html_report, write_report
 
     if args.window < 1:
         raise UsageError("--window must be >= 1")
-    path = write_report([Path(d) for d in args.run_dirs], Path(args.out), args.window, args.title)
+    run_dirs = [Path(d) for d in args.run_dirs]
+    if args.out.lower().endswith(".png"):
+        path = write_report(run_dirs, Path(args.out), args.window, args.title)
+    else:
+        path = write_html_report(run_dirs, Path(args.out), args.window, args.title)
     print(path)
     return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """`advantage demo`: run the three parts, write the report, print its path; 1 if an exact check failed."""
+    import json
+
+    from advantage.demo import run_demo as demo
+
+    page = demo(args.out, quick=args.quick, progress=args.progress == "true")
+    print(page)
+    summary = json.loads((Path(args.out) / "demo.json").read_text())
+    return 0 if all(row["passed"] for row in summary["verify"]) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval(args)
         if args.command == "report":
             return run_report(args)
+        if args.command == "demo":
+            return run_demo(args)
     except UsageError as error:
         print(f"advantage: error: {error}", file=sys.stderr)
         return 2

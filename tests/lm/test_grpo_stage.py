@@ -14,8 +14,6 @@ from advantage.lm.grpo import GRPOConfig, Rollout, micro_batch_loss, train
 from advantage.lm.logprobs import collate_shared_prompt
 from advantage.lm.models import build_model
 from advantage.lm.rewards import RewardFunction, RewardFunctionError, load_reward_function, reward_functions
-from advantage.lm.sft import SFTConfig
-from advantage.lm.sft import train as train_sft
 from advantage.objectives.grpo import group_normalized_advantages
 from lm_helpers import metrics, small_config, train_and_kill_after_second_checkpoint
 
@@ -180,16 +178,13 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert f"reward function '{source}:f' returned nan for completion 0" in error and len(error.splitlines()) == 1
 
 
-def test_grpo_raises_the_reward_of_a_quick_sft_model(tmp_path):
+def test_grpo_raises_the_reward_of_a_quick_sft_model(arithmetic_sft, tmp_path):
     """One-digit addition: a short SFT of the tiny model (greedy held-out accuracy 0.3), then 150 GRPO steps with
     the task's exact-match reward (16 prompts x G = 8 per step, beta 0.04). The mean reward of the sampled
     completions rises from about 0.24 to 0.5-0.6 (measured); the KL to the reference is reported. The greedy
     accuracy on the 20 held-out prompts moved from 0.3 to 0.4 in that run: the 80 training prompts are learnt
     faster than the skill generalises (benchmarks/README.md has the longer runs)."""
-    sft = train_sft(SFTConfig(model="builtin:tiny", task="arithmetic", task_max_operand=9, task_train_size=80,
-                              task_eval_size=20, learning_rate=3e-3, batch_size=16, max_steps=150, warmup_steps=5,
-                              lr_schedule="cosine", eval_every=150, progress=False, tensorboard=False, seed=1),
-                    tmp_path / "sft")
+    sft = arithmetic_sft
     run = train(quiet(model=str(sft.run_dir / "final"), task_train_size=80, task_eval_size=20, batch_size=16,
                       group_size=8, max_new_tokens=4, max_steps=150, learning_rate=5e-4, lr_schedule="constant",
                       beta=0.04, eval_every=75, log_every=5), tmp_path / "grpo")

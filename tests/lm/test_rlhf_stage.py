@@ -12,8 +12,6 @@ from advantage.lm.models import ScalarHeadModel
 from advantage.lm.reward import RewardConfig
 from advantage.lm.reward import train as train_reward
 from advantage.lm.rlhf import RLHFConfig, advantages_and_returns, train
-from advantage.lm.sft import SFTConfig
-from advantage.lm.sft import train as train_sft
 from lm_helpers import arithmetic_preferences, metrics, small_config, train_and_kill_after_second_checkpoint
 
 torch.set_num_threads(1)
@@ -91,7 +89,7 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
         assert needle in error and len(error.splitlines()) == 1, error
 
 
-def test_rlhf_with_a_trained_reward_model_raises_the_accuracy_of_a_quick_sft_model(tmp_path):
+def test_rlhf_with_a_trained_reward_model_raises_the_accuracy_of_a_quick_sft_model(arithmetic_sft, tmp_path):
     """The whole pipeline on one-digit addition: SFT of the tiny model, a reward model on the task's preference pairs
     (`advantage reward`, held-out pair accuracy 0.9), then RLHF-PPO against that reward model (the value model
     initialised from it). Over the first and the last epoch of prompts (5 rollouts each) the reward model's score
@@ -100,10 +98,7 @@ def test_rlhf_with_a_trained_reward_model_raises_the_accuracy_of_a_quick_sft_mod
 
     The KL coefficient matters: with beta 0.05 the score climbed to 7 while the accuracy fell to 0.09, the policy
     finding the answers the reward model overrates (the over-optimisation the KL term is there to prevent)."""
-    sft = train_sft(SFTConfig(model="builtin:tiny", task="arithmetic", task_max_operand=9, task_train_size=80,
-                              task_eval_size=20, learning_rate=3e-3, batch_size=16, max_steps=150, warmup_steps=5,
-                              lr_schedule="cosine", eval_every=150, progress=False, tensorboard=False, seed=1),
-                    tmp_path / "sft")
+    sft = arithmetic_sft
     pairs, _ = arithmetic_preferences(sft, tmp_path, seeds=10)
     reward_config = small_config(RewardConfig, model=str(sft.run_dir / "final"), data=str(pairs),
                                  learning_rate=3e-4, batch_size=32, max_steps=400, lr_schedule="cosine")

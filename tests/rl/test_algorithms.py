@@ -97,6 +97,20 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, name, changes
         assert torch.equal(expected[key], actual[key]), key
 
 
+@pytest.mark.parametrize("name", ["reinforce", "a2c", "ppo", "trpo", "dqn"])
+def test_a_finished_run_continues_with_a_larger_budget(tmp_path, name):
+    """`resume(run, total_steps=more)`: the run's checkpoint segments change with its length, and the environments
+    must still be reset where the finished run stopped (a bug found by running the README's Python example)."""
+    from advantage.rl.api import resume
+
+    config = preset_config(name, seed=3, total_steps=2048, **({"learning_starts": 256} if name == "dqn" else {}))
+    MODULES[name].train(config, tmp_path / "run")
+    before = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    resume(tmp_path / "run", total_steps=5000)
+    after = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert after[:len(before)] == before and before[-1] < after[-1] <= 5000 + max(after[-1] - after[-2], 0)
+
+
 def test_trpo_learns_pendulum(tmp_path):
     """A continuous task: TRPO's Gaussian policy goes from the random ~ -1300 to well above -800."""
     config = preset_config("trpo", env_id="Pendulum-v1", total_steps=60_000, seed=1)

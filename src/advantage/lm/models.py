@@ -181,6 +181,18 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike) -> Path:
     return Path(directory)
 
 
+def save_builtin(size: str, directory: str | os.PathLike, architecture: str = "qwen2", seed: int = 0) -> Path:
+    """Write a built-in model (random weights, `build_model`) with the character tokenizer as a Hugging Face
+    directory: a stand-in for your own model when trying the commands offline.
+
+        python -c "from advantage.lm.models import save_builtin; save_builtin('tiny', 'my-model')"
+    """
+    from advantage.lm.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    return save_pretrained(build_model(size, architecture, tokenizer, seed=seed), tokenizer, directory)
+
+
 class ScalarHeadModel(nn.Module):
     """A transformer body with a linear head giving one scalar per token: the reward model and the value model.
 

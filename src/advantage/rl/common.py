@@ -52,6 +52,7 @@ class RLConfig:
     threads: int = param(1, "torch threads (1 is fastest for small networks)")
     tensorboard: bool = param(True, "also write TensorBoard event files")
     progress: bool = param(True, "show progress (a live bar on a terminal, periodic lines otherwise)")
+    label: str = param("", "the run's name in progress lines and reports (default: algorithm and environment)")
 
     def hidden(self) -> tuple[int, ...]:
         """`hidden_sizes` as a tuple of ints."""
@@ -135,8 +136,6 @@ class Session:
         elif (self.run_dir / "config.yaml").exists():
             raise UsageError(f"run directory '{self.run_dir}' already holds a run; pass --resume {self.run_dir} "
                              f"to continue it, or choose another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.run_dir / "config.yaml", algorithm)
         self.metrics: MetricsWriter | None = None
         self.progress: Progress | None = None
         self._clock_start = time.perf_counter()
@@ -154,6 +153,10 @@ class Session:
             The saved state (for the algorithm's own extra entries), or None on a fresh start.
         """
         self._modules, self._optimizers, self._generator, self._env = modules, optimizers, generator, env
+        # Written only now that the environment and the networks exist: a run that cannot start (an unknown
+        # environment, an unsupported action space) leaves no run directory behind.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.run_dir / "config.yaml", self.algorithm)
         state = None
         if self.checkpoint_path is not None:
             state = load_checkpoint(self.checkpoint_path, modules)
@@ -167,8 +170,8 @@ class Session:
             load_normalization_state(env, state["normalization"])
         self.metrics = MetricsWriter(self.run_dir, resume_step=self.start_step if self.checkpoint_path else None,
                                      tensorboard=self.config.tensorboard)
-        self.progress = Progress(self.config.total_steps, self.start_step, f"{self.algorithm} {self.config.env_id}",
-                                 enabled=self.config.progress)
+        description = self.config.label or f"{self.algorithm} {self.config.env_id}"
+        self.progress = Progress(self.config.total_steps, self.start_step, description, enabled=self.config.progress)
         self._clock_start = time.perf_counter()
         return state
 
@@ -177,8 +180,10 @@ class Session:
         return self.elapsed_before + time.perf_counter() - self._clock_start
 
     def segment_starts(self, iteration: int) -> bool:
-        """True at the first iteration of a checkpoint segment: the environments are reset there."""
-        return iteration % self.checkpoint_every == 0
+        """True at the first iteration of a checkpoint segment, and at the first after a resume (every checkpoint
+        ends a segment, also the final one that a resume with a larger budget continues from): the environments
+        are reset there."""
+        return iteration % self.checkpoint_every == 0 or iteration == self.start_iteration
 
     def environment_seed(self, iteration: int) -> int:
         """The reset seed of the segment starting at `iteration` (sub-environment i gets this + i)."""

@@ -108,6 +108,12 @@ class ArithmeticTask:
         (seed 004)."""
         return [_preference_row(prompt, seed) for prompt in self.prompts(n, seed)]
 
+    def preference_rows_for(self, prompts: Sequence[str], pairs_per_prompt: int) -> list[dict[str, str]]:
+        """`pairs_per_prompt` Bradley-Terry rows for each of `prompts` (the right answer against wrong answers drawn
+        with seeds 0, 1, ...; two draws may give the same wrong answer). More pairs per prompt than the task files'
+        one give a reward model or DPO enough comparisons to learn from a few dozen prompts."""
+        return [_preference_row(prompt, seed) for seed in range(pairs_per_prompt) for prompt in prompts]
+
     def ranking_rows(self, n: int, k: int, seed: int) -> list[dict[str, object]]:
         """n rows {"prompt", "responses": k distinct answers, best first}: the right answer, then wrong ones by
         increasing absolute error. For K-wise comparisons (seed 000) and Plackett-Luce (seed 004)."""

@@ -1,0 +1,250 @@
+"""`advantage demo`: the seeds' story end to end, measured rather than narrated.
+
+1. The policy gradient on CartPole-v1 (seeds 000, 003, 004): REINFORCE with the total return (psi_1), then the
+   reward-to-go (psi_2), then a learned baseline (psi_3), then A2C (GAE, seed 004), PPO-clip, PPO with the
+   adaptive KL penalty and TRPO, every one with the same environment-step budget and the same seeds. The
+   learning curves show what the seeds promise: each step from psi_1 to psi_3 lowers the variance, and the trust
+   region methods learn in fewer steps.
+2. Language models (seeds 003, 004) on the built-in arithmetic task: SFT of a small transformer, a reward model on
+   preference pairs (Bradley-Terry), then RLHF-PPO against that reward model, DPO on the same pairs and GRPO on the
+   task's exact-match reward, all three from the same SFT model; then every policy's held-out accuracy, reward-model
+   score and KL to the SFT model (`advantage.lm.compare`).
+3. The exact checks of `advantage verify`.
+
+Every run writes its usual run directory under OUT (classic/..., lm/...), so each can be resumed, re-plotted or
+re-run alone; the demo itself can be re-run on the same OUT and skips what is finished (an interrupted run
+resumes from its checkpoint). At the end, OUT/demo.json holds the figures and OUT/report/index.html the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from advantage.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ClassicVariant:
+    """One curve of part 1: a label, a directory name, an algorithm and the fields that differ from its CartPole
+    preset."""
+
+    label: str
+    name: str
+    algorithm: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+# psi is left unnormalised in the three REINFORCE variants: standardising it over the batch would itself subtract a
+# mean baseline, and the point of the comparison is what each psi form does on its own.
+CLASSIC_VARIANTS = (
+    ClassicVariant("REINFORCE, total return (psi_1)", "reinforce-total-return", "reinforce",
+                   {"psi": "total_return", "baseline": "none", "normalize_advantage": False}),
+    ClassicVariant("REINFORCE, reward-to-go (psi_2)", "reinforce-reward-to-go", "reinforce",
+                   {"psi": "reward_to_go", "baseline": "none", "normalize_advantage": False}),
+    ClassicVariant("REINFORCE, reward-to-go - learned baseline (psi_3)", "reinforce-baseline", "reinforce",
+                   {"psi": "reward_to_go", "baseline": "value", "normalize_advantage": False}),
+    ClassicVariant("A2C, GAE", "a2c", "a2c"),
+    ClassicVariant("PPO-clip", "ppo-clip", "ppo", {"variant": "clip"}),
+    ClassicVariant("PPO, adaptive KL penalty", "ppo-kl-penalty", "ppo", {"variant": "kl_penalty", "target_kl": 0.01}),
+    ClassicVariant("TRPO", "trpo", "trpo"),
+)
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """How much of everything the demo runs."""
+
+    classic_steps: int
+    classic_seeds: tuple[int, ...]
+    model: str
+    sft_steps: int
+    reward_steps: int
+    rlhf_steps: int
+    dpo_steps: int
+    grpo_steps: int
+    pairs_per_prompt: int
+    compare_samples: int
+
+
+FULL = DemoPlan(classic_steps=80_000, classic_seeds=(1, 2, 3), model="builtin:tiny", sft_steps=150,
+                reward_steps=400, rlhf_steps=200, dpo_steps=150, grpo_steps=150, pairs_per_prompt=10,
+                compare_samples=16)
+QUICK = DemoPlan(classic_steps=10_000, classic_seeds=(1,), model="builtin:nano", sft_steps=40, reward_steps=20,
+                 rlhf_steps=4, dpo_steps=10, grpo_steps=4, pairs_per_prompt=2, compare_samples=4)
+
+# The arithmetic task of part 2: one-digit addition, 80 training and 20 held-out prompts (all 100 questions).
+TASK = dict(task="arithmetic", task_max_operand=9, task_train_size=80, task_eval_size=20, seed=1)
+SHOWN_COMPLETIONS = 6
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "final").is_dir()
+
+
+def _started(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+
+
+def run_classic(plan: DemoPlan, out: Path, progress: bool = True) -> list[dict[str, Any]]:
+    """Part 1: every CartPole variant for every seed; returns one record per run (label, seed, run_dir)."""
+    from advantage.rl.api import resume, train
+
+    records = []
+    runs = [(index, variant, seed) for index, variant in enumerate(CLASSIC_VARIANTS, start=1)
+            for seed in plan.classic_seeds]
+    for number, (index, variant, seed) in enumerate(runs, start=1):
+        run_dir = out / "classic" / f"{index}-{variant.name}-seed{seed}"
+        _say(f"[1/3 policy gradient {number}/{len(runs)}] {variant.label}, seed {seed}: {run_dir}")
+        fields = dict(variant.fields, env_id="CartPole-v1", seed=seed, total_steps=plan.classic_steps,
+                      progress=progress, label=variant.label)
+        if _finished(run_dir):
+            _say("  finished earlier; kept")
+        elif _started(run_dir):
+            resume(run_dir, progress=progress)
+        else:
+            train(variant.algorithm, out=run_dir, **fields)
+        records.append({"label": variant.label, "algorithm": variant.algorithm, "seed": seed,
+                        "run_dir": str(run_dir)})
+    return records
+
+
+def _lm_stage(stage: str, run_dir: Path, progress: bool, **fields: Any) -> Path:
+    from advantage.lm import session
+
+    if _finished(run_dir):
+        _say("  finished earlier; kept")
+    elif _started(run_dir):
+        session.resume(run_dir, stage=stage, progress=progress)
+    else:
+        session.train(stage, out=run_dir, progress=progress, tensorboard=True, **fields)
+    return run_dir
+
+
+def preference_files(sft_run: Path, out: Path, pairs_per_prompt: int) -> tuple[Path, Path]:
+    """Preference pairs (right answer chosen, a plausible wrong one rejected) for the SFT run's training and
+    held-out prompts, `pairs_per_prompt` per prompt, written to OUT/train.jsonl and OUT/eval.jsonl."""
+    from advantage.lm.data import load_rows, write_jsonl
+    from advantage.lm.tasks import ArithmeticTask
+
+    task = ArithmeticTask(max_operand=TASK["task_max_operand"])
+    paths = []
+    for split in ("train", "eval"):
+        prompts = [row.columns["prompt"] for row in load_rows(sft_run / "data" / f"sft_{split}.jsonl", "prompt")]
+        path = out / f"preference_{split}.jsonl"
+        if not path.exists():
+            write_jsonl(task.preference_rows_for(prompts, pairs_per_prompt), path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def run_language_models(plan: DemoPlan, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Part 2: SFT, reward model, then RLHF, DPO and GRPO from the SFT model; their comparison."""
+    from advantage.lm.compare import compare_policies
+    from advantage.lm.data import load_rows
+
+    lm = out / "lm"
+    model = dict(TASK, max_new_tokens=4)
+    _say(f"[2/3 language models 1/5] SFT of {plan.model} on one-digit addition: {lm / 'sft'}")
+    sft = _lm_stage("sft", lm / "sft", progress, model=plan.model, **TASK, learning_rate=3e-3, batch_size=16,
+                    max_steps=plan.sft_steps, warmup_steps=5, lr_schedule="cosine", eval_every=plan.sft_steps)
+    start = str(sft / "final")
+    train_pairs, eval_pairs = preference_files(sft, lm / "data", plan.pairs_per_prompt)
+    _say(f"[2/3 language models 2/5] reward model (Bradley-Terry) on {train_pairs}: {lm / 'reward'}")
+    reward = _lm_stage("reward", lm / "reward", progress, model=start, data=str(train_pairs),
+                       eval_data=str(eval_pairs), loss="bt", learning_rate=3e-4, batch_size=32,
+                       max_steps=plan.reward_steps, lr_schedule="cosine", seed=1)
+    _say(f"[2/3 language models 3/5] RLHF-PPO against the reward model, KL coefficient 1.0: {lm / 'rlhf'}")
+    rlhf = _lm_stage("rlhf", lm / "rlhf", progress, model=start, reward_model=str(reward / "final"), **model,
+                     batch_size=16, samples_per_prompt=8, max_steps=plan.rlhf_steps, ppo_epochs=2,
+                     num_minibatches=1, learning_rate=3e-4, kl_coef=1.0, lr_schedule="constant", log_every=2)
+    _say(f"[2/3 language models 4/5] DPO on the same pairs, beta 0.1: {lm / 'dpo'}")
+    dpo = _lm_stage("dpo", lm / "dpo", progress, model=start, data=str(train_pairs), eval_data=str(eval_pairs),
+                    loss="sigmoid", beta=0.1, learning_rate=5e-4, batch_size=32, max_steps=plan.dpo_steps,
+                    lr_schedule="cosine", warmup_steps=min(10, plan.dpo_steps // 2), seed=1)
+    _say(f"[2/3 language models 5/5] GRPO on the exact-match reward, group 8, k3 KL 0.04: {lm / 'grpo'}")
+    grpo = _lm_stage("grpo", lm / "grpo", progress, model=start, **model, batch_size=16, group_size=8,
+                     max_steps=plan.grpo_steps, learning_rate=5e-4, lr_schedule="constant", beta=0.04,
+                     log_every=5)
+    _say("  comparing the policies on the held-out prompts")
+    prompts = [row.columns["prompt"] for row in load_rows(sft / "data" / "sft_eval.jsonl", "prompt")]
+    policies = {"SFT (start)": start, "RLHF-PPO": str(rlhf / "final"), "DPO": str(dpo / "final"),
+                "GRPO": str(grpo / "final")}
+    figures = compare_policies(policies, start, prompts, reward_model=str(reward / "final"),
+                               samples_per_prompt=plan.compare_samples, max_new_tokens=4, seed=1,
+                               shown=SHOWN_COMPLETIONS)
+    for row in figures:
+        _say(f"  {row.name:12s} greedy accuracy {row.greedy_accuracy:.2f}  sampled {row.sampled_accuracy:.2f}  "
+             f"reward model {row.reward_model_score:+.2f}  KL to SFT {row.kl_to_reference:.3f}")
+    return {"run_dirs": {name: str(path) for name, path in
+                         {"sft": sft, "reward": reward, "rlhf": rlhf, "dpo": dpo, "grpo": grpo}.items()},
+            "prompts": prompts[:SHOWN_COMPLETIONS], "comparison": [asdict(row) for row in figures]}
+
+
+def run_verify(seed: int = 0) -> list[dict[str, Any]]:
+    """Part 3: the rows of `advantage verify` (NaN written as None, for JSON)."""
+    from advantage.verify import format_table, run_all
+
+    rows = run_all(seed)
+    _say(format_table(rows))
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(row).items()}
+            for row in rows]
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool = True) -> Path:
+    """Run the three parts into `out`, write OUT/demo.json and the report; return the report's path.
+
+    Raises:
+        UsageError: `out` exists and holds something other than a demo.
+    """
+    out = Path(out)
+    plan = QUICK if quick else FULL
+    summary_path = out / "demo.json"
+    if out.exists() and any(out.iterdir()) and not summary_path.exists() and not (out / "classic").exists():
+        raise UsageError(f"{out}: exists and is not a demo directory; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    _say(f"advantage demo ({'quick' if quick else 'full'}): writing {out}")
+
+    clock = time.perf_counter()
+    classic = run_classic(plan, out, progress)
+    seconds["policy gradient"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    language = run_language_models(plan, out, progress)
+    seconds["language models"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    _say("[3/3 exact checks] advantage verify")
+    checks = run_verify()
+    seconds["exact checks"] = time.perf_counter() - clock
+
+    summary = {"plan": asdict(plan), "quick": quick, "classic": classic, "language_models": language,
+               "verify": checks, "seconds": seconds}
+    _write_json(summary, summary_path)
+    from advantage.run.report import write_html_report
+
+    clock = time.perf_counter()
+    page = write_html_report([out], out / "report")
+    seconds["report"] = time.perf_counter() - clock
+    summary["seconds"] = dict(seconds, total=time.perf_counter() - started)
+    _write_json(summary, summary_path)
+    failed = sum(not row["passed"] for row in checks)
+    parts = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+    _say(f"demo finished in {summary['seconds']['total']:.0f} s ({parts}); exact checks: "
+         f"{len(checks) - failed}/{len(checks)} pass.\nreport: {page}")
+    return page
+
+
+def _write_json(value: Any, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=1) + "\n")
+    temporary.replace(path)
