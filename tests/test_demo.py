@@ -90,3 +90,11 @@ def test_re_running_the_demo_keeps_the_finished_runs(quick_demo):
     assert len(before) == len(CLASSIC_VARIANTS) * len(QUICK.classic_seeds)
     assert {Path(record["run_dir"]) / "metrics.jsonl" for record in records} == set(before)
     assert {path: path.stat().st_mtime_ns for path in before} == before
+
+
+def test_the_demo_refuses_a_directory_that_is_not_a_demo(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert str(tmp_path) in error and error.count("\n") == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]  # nothing written

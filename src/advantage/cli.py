@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "A2C, PPO-clip, PPO with the adaptive KL penalty and TRPO on CartPole-v1 with the same budget "
                     "and seeds; (2) SFT of a small transformer on one-digit addition, a reward model, then RLHF-PPO, "
                     "DPO and GRPO from the SFT model, compared on accuracy, reward and KL; (3) advantage verify. "
-                    "About 12 minutes on 2 CPU cores (--quick: about 2). Every run writes its run directory under "
+                    "About 9 minutes on 2 CPU cores (--quick: under 2). Every run writes its run directory under "
                     "OUT; re-running on the same OUT keeps what is finished and resumes what was interrupted.")
     demo.add_argument("--out", metavar="DIR", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a small budget everywhere (what the tests run)")
