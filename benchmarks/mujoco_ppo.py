@@ -3,7 +3,8 @@
 Two settings per environment:
   paper   benchmarks/configs/ppo_mujoco_paper.yaml: the PPO paper's MuJoCo hyperparameters as CleanRL's
           ppo_continuous_action.py sets them (its published 1M-step results: Hopper 2383, HalfCheetah 1443)
-  preset  the shipped preset (rl-baselines3-zoo's tuned entries; the zoo's results: Hopper 2410, HalfCheetah 5819)
+  preset  the shipped preset (HalfCheetah: rl-baselines3-zoo's tuned entry; Hopper: the paper's settings, since the
+          zoo's entry only stands on Hopper-v5; the zoo's results: Hopper 2410, HalfCheetah 5819)
 
 Each run is a fresh process (`advantage train ppo`, one torch thread). Final return = mean of the last 20 finished
 training episodes (stochastic policy, CleanRL's measure); `eval` = `advantage eval` of final/ over 10 episodes with
