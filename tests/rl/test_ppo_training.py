@@ -39,9 +39,10 @@ def test_ppo_adaptive_kl_learns_cartpole(tmp_path):
 
 
 def test_ppo_learns_pendulum(tmp_path):
-    """A continuous (Box) task: the diagonal-Gaussian policy improves Pendulum-v1 well beyond random (~ -1200)."""
+    """A continuous (Box) task: the diagonal-Gaussian policy improves Pendulum-v1 well beyond random (~ -1200).
+    60k steps (measured: -304 on this seed, -404 on seed 1) instead of the preset's 100k, to keep CI short."""
     config = apply_overrides(ppo.PPOConfig(), preset_for("ppo", "Pendulum-v1"), "preset")
-    config = apply_overrides(config, {"env_id": "Pendulum-v1", "total_steps": 100_000, "progress": False,
+    config = apply_overrides(config, {"env_id": "Pendulum-v1", "total_steps": 60_000, "progress": False,
                                       "seed": 3}, "test")
     run = ppo.train(config, tmp_path / "run")
     assert last_mean_return(run.run_dir) > -700
