@@ -121,12 +121,6 @@ def _has_episodes(run_dir: Path) -> bool:
     return path.exists() and path.stat().st_size > 0
 
 
-def group_label(run_dir: Path) -> str:
-    """The run's `label` if it has one, else 'ALGO ENV', from its config.yaml."""
-    config = _run_info(run_dir).config
-    return str(config.get("label") or f"{config.get('algorithm', '?')} {config.get('env_id', '?')}")
-
-
 def group_runs(runs: list[RunInfo]) -> dict[str, list[RunInfo]]:
     """Classic runs grouped by configuration up to the seed, in the order first seen, under a readable label: the
     runs' `label` if set, else 'ALGO ENV' plus the settings in which groups of the same ALGO ENV differ."""
