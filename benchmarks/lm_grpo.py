@@ -7,6 +7,12 @@ path), its 64 prompts of 32 tokens, 8 prompts per step with G = 8 completions ea
 token-level loss (TRL's "dapo": every completion token of the batch alike), beta 0 (no reference model; --beta 0.04
 loads one), temperature 1, fp32, 2 torch threads.
 
+With `--model-dir DIR --lora-r R` both sides load a real model directory instead (for example SmolLM2-135M-Instruct
+from `advantage fetch-model smollm2-135m-instruct --out DIR`, the same weights as ../shared/bench/real_model.py
+makes for the peers) with its own tokenizer, and train LoRA adapters of rank R (alpha 2R) on every linear projection
+of its blocks (R = 0: full fine-tuning); the prompts are the same 32 characters (fewer tokens with a real tokenizer),
+the completions still exactly 32 tokens.
+
 Each measurement is a fresh process; ours and TRL's alternate run by run. Per step, ours reports the seconds of its
 sampling (time/generation_s) and of the rest (rewards, log-probabilities, forward, backward, optimizer:
 time/training_s); TRL's script reports the same split from its profiling contexts. The step's total is their sum;
@@ -14,7 +20,7 @@ the table shows medians over the 8 steps of each run, then the median over runs.
 
 Usage:
     python benchmarks/lm_grpo.py --bench-dir ../shared/bench [--peers-python /tmp/peers/bin/python] [--runs 3]
-        [--beta 0.0] [--threads 2]
+        [--beta 0.0] [--threads 2] [--model-dir DIR --lora-r 16 --steps 4]
 Prints one JSON line per run and a markdown table at the end.
 """
 
@@ -37,7 +43,7 @@ def count_a(prompts, completions):
     return [completion.count("a") / max(len(completion), 1) for completion in completions]
 
 
-def child(bench_dir: str, threads: int, beta: float) -> dict:
+def child(bench_dir: str, threads: int, beta: float, model_dir: str = "", lora_r: int = 0, steps: int = 8) -> dict:
     """Our side of one measurement, in this (fresh) process."""
     import torch
 
@@ -49,10 +55,11 @@ def child(bench_dir: str, threads: int, beta: float) -> dict:
     from advantage.lm.data import write_jsonl
 
     work = Path(tempfile.mkdtemp(prefix="advantage-grpo-"))
-    model_dir = tiny_lm.build_model_dir(str(work / "model"), seed=0)
+    model_dir = model_dir or tiny_lm.build_model_dir(str(work / "model"), seed=0)
     write_jsonl(tiny_lm.prompts(64, 32, seed=0), work / "prompts.jsonl")
     config = grpo.CONFIG(model=model_dir, data=str(work / "prompts.jsonl"), batch_size=8, group_size=8,
-                         max_new_tokens=32, min_new_tokens=32, max_steps=8, learning_rate=1e-6,
+                         max_new_tokens=32, min_new_tokens=32, max_steps=steps, learning_rate=1e-6,
+                         lora_r=lora_r, lora_alpha=2.0 * lora_r if lora_r else 16.0,
                          lr_schedule="linear", clip_range=0.2, num_iterations=1, aggregation="token", beta=beta,
                          temperature=1.0, reward_functions=f"{os.path.abspath(__file__)}:count_a",
                          max_length=128, threads=threads, progress=False, tensorboard=False,
@@ -69,6 +76,7 @@ def child(bench_dir: str, threads: int, beta: float) -> dict:
             "median_generate_s": round(statistics.median(generation), 4),
             "median_train_s": round(statistics.median(training), 4),
             "generated_tokens_per_s": round(64 * 32 * len(steps) / sum(generation), 1),
+            "time_s": [[round(g, 2), round(t, 2)] for g, t in zip(generation, training)],
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "completion_mean_length": statistics.mean(row["completions/mean_length"] for row in steps),
             "rewards": [round(row["rewards/mean"], 4) for row in steps]}
@@ -85,13 +93,15 @@ def last_json_line(command: list[str], threads: int, tag: str) -> dict:
 
 def run_ours(args) -> dict:
     return last_json_line([sys.executable, os.path.abspath(__file__), "--child", "--bench-dir", args.bench_dir,
-                           "--threads", str(args.threads), "--beta", str(args.beta)], args.threads, "advantage grpo")
+                           "--threads", str(args.threads), "--beta", str(args.beta), "--model-dir", args.model_dir,
+                           "--lora-r", str(args.lora_r), "--steps", str(args.steps)], args.threads, "advantage grpo")
 
 
 def run_trl(args) -> dict:
     script = os.path.join(args.bench_dir, "trl_grpo.py")
     result = last_json_line([args.peers_python, script, "--runs", "1", "--threads", str(args.threads), "--beta",
-                             str(args.beta)], args.threads, "TRL grpo")
+                             str(args.beta), "--model-dir", args.model_dir, "--lora-r", str(args.lora_r), "--steps",
+                             str(args.steps)], args.threads, "TRL grpo")
     one = result["runs"][0]
     return {"side": "TRL", "threads": one["torch_threads"], "steps": one["steps"], "wall_s": one["train_wall_s"],
             "median_step_s": one["median_step_s"], "median_generate_s": one["median_generate_s"],
@@ -107,10 +117,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--model-dir", default="", help="a Hugging Face model directory (default: tiny_lm's model)")
+    parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank, alpha 2R (0: full fine-tuning)")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.bench_dir, args.threads, args.beta)), flush=True)
+        print(json.dumps(child(args.bench_dir, args.threads, args.beta, args.model_dir, args.lora_r, args.steps)),
+              flush=True)
         return
     results = []
     for index in range(args.runs):

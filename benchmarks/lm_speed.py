@@ -7,6 +7,12 @@ synthetic preference pairs (prompt 32 tokens, chosen and rejected 32 tokens each
 reward model with the Bradley-Terry loss and learning rate 1e-4, fp32 (or bf16 autocast with --bf16), 2 torch
 threads.
 
+With `--model-dir DIR --lora-r R` both sides load a real model directory instead (SmolLM2-135M-Instruct from
+`advantage fetch-model smollm2-135m-instruct --out DIR`, the weights ../shared/bench/real_model.py makes) with its own
+tokenizer (the 32-character texts are then fewer tokens), and train LoRA adapters of rank R, alpha 2R, on every
+linear projection of its blocks (R = 0: full fine-tuning). The FLOP figures then count the tokens each side's
+tokenizer made (`tokens_total` from TRL's script; ours from the run's own token count).
+
 Each measurement is a fresh process; ours and TRL's alternate run by run (ours, then TRL, for each stage), so both
 see the same machine. Our time is the whole `train()` call: reading the data, tokenizing, loading the model, the
 reference log-probabilities (DPO), the 64 steps and writing final/. TRL's is its `trainer.train()` (its reference
@@ -26,6 +32,7 @@ Figures per run:
 Usage:
     python benchmarks/lm_speed.py --bench-dir ../shared/bench [--peers-python /tmp/peers/bin/python]
         [--runs 3] [--stages dpo,reward] [--threads 2] [--processes 1] [--bf16] [--pairs 512]
+        [--model-dir DIR --lora-r 16]
 Prints one JSON line per run and a markdown table at the end.
 """
 
@@ -45,7 +52,8 @@ from pathlib import Path
 TRL_SCRIPTS = {"dpo": "trl_dpo.py", "reward": "trl_reward.py"}
 
 
-def child(stage: str, bench_dir: str, threads: int, pairs: int, bf16: bool) -> dict:
+def child(stage: str, bench_dir: str, threads: int, pairs: int, bf16: bool, model_dir: str = "",
+          lora_r: int = 0) -> dict:
     """Our side of one measurement, in this (fresh) process."""
     import torch
 
@@ -57,14 +65,18 @@ def child(stage: str, bench_dir: str, threads: int, pairs: int, bf16: bool) -> d
     from advantage.lm.data import write_jsonl
 
     work = Path(tempfile.mkdtemp(prefix=f"advantage-{stage}-"))
-    model_dir = tiny_lm.build_model_dir(str(work / "model"), seed=0)
+    model_dir = model_dir or tiny_lm.build_model_dir(str(work / "model"), seed=0)
     write_jsonl(tiny_lm.preference_pairs(pairs, 32, 32, seed=0), work / "pairs.jsonl")
+    if lora_r:
+        extra_lora = {"lora_r": lora_r, "lora_alpha": 2.0 * lora_r}
+    else:
+        extra_lora = {}
     module, learning_rate = (dpo, 1e-6) if stage == "dpo" else (reward, 1e-4)
     extra = {"beta": 0.1, "loss": "sigmoid"} if stage == "dpo" else {"loss": "bt"}
     config = module.CONFIG(model=model_dir, data=str(work / "pairs.jsonl"), batch_size=8, epochs=1,
                            learning_rate=learning_rate, lr_schedule="linear", max_length=128, threads=threads,
                            mixed_precision="bf16" if bf16 else "no", progress=False, tensorboard=False,
-                           checkpoint_every=10**9, seed=0, **extra)
+                           checkpoint_every=10**9, seed=0, **extra, **extra_lora)
     began = time.perf_counter()
     run = module.train(config, work / "run")
     wall = time.perf_counter() - began
@@ -82,9 +94,9 @@ def child(stage: str, bench_dir: str, threads: int, pairs: int, bf16: bool) -> d
     rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     loss_name = "losses/dpo" if stage == "dpo" else "losses/reward"
     parameters = tiny_lm.n_params(run.model)
-    prompt, answer = 32, 33  # tokens: the prompt, an answer with its EOS
-    trl_tokens = pairs * (2 * prompt + 2 * answer)
-    our_tokens = pairs * (prompt + 2 * answer)
+    # Tokens of each pair: the prompt once, both answers with their end token (TRL: the prompt twice).
+    prompt_tokens, answer_tokens = _pairs_tokens(run, pairs)
+    our_tokens, trl_tokens = prompt_tokens + answer_tokens, 2 * prompt_tokens + answer_tokens
     flops = our_tokens * (8 if stage == "dpo" else 6) * parameters
     return {"side": "advantage", "stage": stage, "processes": processes, "threads": torch.get_num_threads(),
             "params": parameters,
@@ -94,18 +106,32 @@ def child(stage: str, bench_dir: str, threads: int, pairs: int, bf16: bool) -> d
             "first_loss": rows[0][loss_name], "last_loss": rows[-1][loss_name]}
 
 
+def _pairs_tokens(run, pairs: int) -> tuple[int, int]:
+    """(prompt tokens, answer tokens) of the first `pairs` training pairs as our tokenizer made them."""
+    from advantage.lm.data import load_rows
+    from advantage.lm.reward import tokenize_rankings
+    from advantage.lm.session import end_ids
+
+    rows = load_rows(run.config.data, "preference")[:pairs]
+    examples = tokenize_rankings(rows, "preference", run.tokenizer, 128, "training", end_ids(run.tokenizer, run.model))
+    return (sum(len(e.prompt_ids) for e in examples),
+            sum(len(answer) for e in examples for answer in e.completion_ids))
+
+
 def run_ours(stage: str, args) -> dict:
     threads = max(1, args.threads // args.processes)  # the same cores, split between the processes
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}"] \
         if args.processes > 1 else [sys.executable]
     command = [*launcher, os.path.abspath(__file__), "--child", stage, "--bench-dir", args.bench_dir,
-               "--threads", str(threads), "--pairs", str(args.pairs)] + (["--bf16"] if args.bf16 else [])
+               "--threads", str(threads), "--pairs", str(args.pairs), "--model-dir", args.model_dir, "--lora-r",
+               str(args.lora_r)] + (["--bf16"] if args.bf16 else [])
     return last_json_line(command, threads, f"advantage {stage}")
 
 
 def run_trl(stage: str, args) -> dict:
     script = os.path.join(args.bench_dir, TRL_SCRIPTS[stage])
-    command = [args.peers_python, script, "--runs", "1", "--threads", str(args.threads), "--pairs", str(args.pairs)]
+    command = [args.peers_python, script, "--runs", "1", "--threads", str(args.threads), "--pairs", str(args.pairs),
+               "--model-dir", args.model_dir, "--lora-r", str(args.lora_r)]
     result = last_json_line(command, args.threads, f"TRL {stage}", {"ANCHOR_BF16": "1" if args.bf16 else "0"})
     one = result["runs"][0]
     parameters = one["params"]
@@ -140,10 +166,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1,
                         help="our side under torchrun with this many processes (data parallel, gloo), sharing "
                              "--threads between them; TRL keeps one process with --threads")
+    parser.add_argument("--model-dir", default="", help="a Hugging Face model directory (default: tiny_lm's model)")
+    parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank, alpha 2R (0: full fine-tuning)")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = child(args.child, args.bench_dir, args.threads, args.pairs, args.bf16)
+        result = child(args.child, args.bench_dir, args.threads, args.pairs, args.bf16, args.model_dir, args.lora_r)
         if result:  # rank 0 (or the only process)
             print(json.dumps(result), flush=True)
         return

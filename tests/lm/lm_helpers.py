@@ -56,3 +56,19 @@ def arithmetic_preferences(sft_run, out, seeds):
     for name, path in paths.items():
         write_jsonl(rows[name], path)
     return paths["train"], paths["eval"]
+
+
+def cut_layers(source, out, layers):
+    """A copy of the Hugging Face model directory `source` keeping its first `layers` decoder layers (embeddings,
+    final norm, head and tokenizer unchanged): a real model's vocabulary, tokenizer and chat template at the cost
+    of a small one. Written once: an existing copy at `out` is reused."""
+    from advantage.lm.models import load_causal_lm, save_pretrained
+
+    if (out / "config.json").is_file():
+        return out
+    model, tokenizer = load_causal_lm(source, dtype="float32")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    return save_pretrained(model, tokenizer, out)

@@ -8,7 +8,7 @@ import pytest
 from advantage.errors import UsageError
 from advantage.lm.data import load_rows, preference_triples, rankings, rows_from_records, sft_pairs, validate
 from advantage.lm.tasks import ArithmeticTask
-from advantage.lm.tasks.arithmetic import answer, reward
+from advantage.lm.tasks.arithmetic import answer, answer_is_last_number, reward
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -127,3 +127,31 @@ def test_task_files_load_validate_and_keep_train_and_eval_disjoint(tmp_path):
     again = task.write_task_files(tmp_path / "again", n_train=60, n_eval=20, seed=5, ranking_k=3)
     for name in paths:
         assert paths[name].read_bytes() == again[name].read_bytes()  # deterministic for a seed
+
+
+def test_the_chat_format_asks_as_a_user_and_keeps_the_answer_in_a_column(tmp_path):
+    task = ArithmeticTask(max_operand=99, chat=True)
+    row = task.sft_rows(1, seed=0)[0]
+    question = row["prompt"][0]["content"]
+    left, right = (int(number) for number in question.removeprefix("What is ").removesuffix("?").split(" + "))
+    assert row["prompt"] == [{"role": "user", "content": f"What is {left} + {right}?"}]
+    assert row["completion"] == [{"role": "assistant", "content": f"{left} + {right} = {left + right}"}]
+    assert row["answer"] == str(left + right)
+    pair = task.preference_rows(1, seed=0)[0]
+    assert answer_is_last_number([pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]], [pair["answer"]] * 2) == \
+        [1.0, 0.0]
+    paths = task.write_task_files(tmp_path / "chat", n_train=8, n_eval=4, seed=1)
+    for name, path in paths.items():
+        rows = load_rows(path, name.split("_")[0])
+        validate(rows, "prompt")
+        assert all(isinstance(r.columns["prompt"], list) and r.columns["answer"].isdigit() for r in rows)
+
+
+def test_the_last_number_verifier_by_hand():
+    completions = ["23 + 58 = 81", "The answer is 81.", "81", "23 + 58 = 80", "23 + 58 =", "", "1,081",
+                   [{"role": "assistant", "content": "so 81"}], "3 - 7 = -4"]
+    answers = ["81"] * 7 + ["81", "-4"]
+    assert answer_is_last_number(["q"] * 9, completions, answers) == [1, 1, 1, 0, 0, 0, 0, 1, 1]
+    assert answer_is_last_number(["q"], ["1,081"], ["1081"]) == [1.0]
+    with pytest.raises(ValueError, match="1 prompts, 2 completions"):
+        answer_is_last_number(["q"], ["1", "2"], ["1", "2"])

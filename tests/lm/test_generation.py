@@ -98,9 +98,9 @@ def test_the_cache_grows_beyond_its_capacity(models):
     prefix = PROMPTS[2] + [30, 31, 32]
     cache = key_value_cache(model, capacity=2)  # smaller than the prompt: the buffers have to grow
     with torch.no_grad():
-        model(input_ids=torch.tensor([PROMPTS[2]]), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([PROMPTS[2]]), cache=cache, use_cache=True)
         for length in range(len(PROMPTS[2]), len(prefix)):
-            logits = model(input_ids=torch.tensor([[prefix[length]]]), past_key_values=cache,
+            logits = model(input_ids=torch.tensor([[prefix[length]]]), cache=cache,
                            use_cache=True).logits[0, -1]
             assert torch.allclose(logits, slow_next_token_logits(model, prefix[:length + 1]), atol=1e-5)
     assert cache.get_seq_length() == len(prefix)

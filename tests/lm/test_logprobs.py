@@ -7,6 +7,7 @@ log pi(completion | prompt) = sum_t log pi(a_t | s_t), each term computed by run
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from advantage.lm.logprobs import (PromptCompletionBatch, answer_log_probs, answer_sequence_log_probs, collate,
                                    collate_shared_prompt, completion_log_probs, position_ids_from_attention_mask,
@@ -142,22 +143,106 @@ class WithoutLogitsToKeep(nn.Module):
         return output
 
 
-def test_logits_to_keep_shortcut_changes_nothing(models):
+def test_the_head_runs_on_the_scored_tokens_only_and_changes_nothing(models):
     model = models["qwen2"]
     prompts, completions = [PROMPTS[0], PROMPTS[2], [7, 8, 9]], [COMPLETIONS[0], [1, 2], []]
     batch = collate(prompts, completions, pad_id=PAD, padding_side="right")
-    head_input_lengths = []
+    head_rows = []
     hook = model.get_output_embeddings().register_forward_hook(
-        lambda module, inputs, output: head_input_lengths.append(inputs[0].shape[1]))
+        lambda module, inputs, output: head_rows.append(inputs[0].shape[:-1]))
     try:
         with torch.no_grad():
-            shortcut = completion_log_probs(model, batch)
-            full = completion_log_probs(WithoutLogitsToKeep(model), batch)
+            chunked = completion_log_probs(model, batch)
+            full = completion_log_probs(WithoutLogitsToKeep(model), batch)  # no head_parts: the whole forward
     finally:
         hook.remove()
-    width, earliest_completion_column = 9, 4
-    assert head_input_lengths == [width - earliest_completion_column + 1, width]  # the head skipped prompt columns
-    assert torch.allclose(shortcut, full, atol=1e-6)
+    assert head_rows == [(4,), (3, 9)]  # the 4 completion tokens' states; the fallback ran the head on all 3 x 9
+    assert torch.allclose(chunked, full, atol=1e-6)
+
+
+def test_chunked_head_has_the_gradient_of_the_whole_forward_pass(models):
+    model = models["llama"].train()
+    batch = collate(PROMPTS, COMPLETIONS, pad_id=PAD, padding_side="left")
+    gradients = []
+    for wrapped in (model, WithoutLogitsToKeep(model)):
+        (completion_log_probs(wrapped, batch, temperature=0.7) ** 2).sum().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    model.eval()
+    for name, gradient in gradients[0].items():
+        assert torch.allclose(gradient, gradients[1][name], atol=1e-6), name
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an operation produced while the mode is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(output):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return output
+
+
+def test_a_large_vocabulary_never_materialises_batch_by_vocabulary_logits(monkeypatch):
+    """Qwen2.5's vocabulary (151,936) on one small layer: 24 answers x 16 tokens would be 58M logits at once; no
+    operation of the forward or backward pass (training) or of a no-grad pass may produce more than one chunk."""
+    from advantage.lm import logprobs
+
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_ELEMENTS", 1 << 22)  # 27 rows of 151,936: several chunks
+    vocabulary = 151_936
+    model = build_model("nano", "qwen2", seed=1, vocab_size=vocabulary, num_hidden_layers=1, hidden_size=32,
+                        intermediate_size=64, tie_word_embeddings=True)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, vocabulary, (6,), generator=generator).tolist() for _ in range(4)]
+    answers = [[torch.randint(4, vocabulary, (16,), generator=generator).tolist() for _ in range(6)] for _ in range(4)]
+    batch = collate_shared_prompt(prompts, answers, PAD)
+    weights = model.get_input_embeddings().weight.numel()  # the embedding (and tied head) itself is allowed
+    for grad in (True, False):
+        recorder = LargestTensor()
+        with torch.set_grad_enabled(grad), recorder:
+            log_probs = answer_log_probs(model, batch)
+            if grad:
+                log_probs.sum().backward()
+        assert recorder.largest <= max(weights, 1 << 22) < 24 * 16 * vocabulary, grad
+    gradient = model.get_input_embeddings().weight.grad
+    assert gradient is not None and bool(gradient.abs().sum() > 0)
+
+
+def test_logits_that_are_not_the_plain_head_are_finished_or_fall_back(models):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2ForCausalLM
+
+    from advantage.lm.logprobs import head_parts
+
+    config = Gemma2Config(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5,
+                          pad_token_id=PAD)
+
+    class Doubled(Qwen2ForCausalLM):
+        """Post-processing that no config field describes: the split must be refused."""
+
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits * 2
+            return output
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        gemma = Gemma2ForCausalLM(config).eval()
+        doubled = Doubled(models["qwen2"].config).eval()
+    assert head_parts(gemma).finish is not None  # soft-capping, read from the config
+    assert head_parts(doubled) is None
+    batch = collate(PROMPTS, COMPLETIONS, pad_id=PAD)
+    with torch.no_grad():
+        for model in (gemma, doubled):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids).logits
+            expected = token_log_probs(logits, batch.input_ids) * batch.completion_mask
+            assert torch.allclose(completion_log_probs(model, batch), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])

@@ -23,8 +23,9 @@ from advantage.lm.generation import generate
 from advantage.lm.logprobs import answer_sequence_log_probs, collate_shared_prompt
 from advantage.lm.online import BUILTIN_TASK_REWARD, groups_of
 from advantage.lm.rewards import combined_rewards, reward_functions
-from advantage.lm.session import pad_id, quiet_transformers
+from advantage.lm.session import end_ids, pad_id, quiet_transformers
 from advantage.lm.sft import encode_prompt
+from advantage.lm.tokenizer import strip_end_tokens
 
 
 @dataclass
@@ -40,9 +41,8 @@ class PolicyFigures:
     completions: list[str] = field(default_factory=list)
 
 
-def _decode(tokenizer, completion: Sequence[int]) -> str:
-    eos = tokenizer.eos_token_id
-    return tokenizer.decode([t for t in completion if t != eos], skip_special_tokens=True)
+def _decode(tokenizer, completion: Sequence[int], ends: Sequence[int]) -> str:
+    return tokenizer.decode(strip_end_tokens(completion, ends), skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -65,18 +65,18 @@ def compare_policies(policies: dict[str, str | Path], reference: str | Path, pro
         reference_model, tokenizer = load_causal_lm(str(reference))
         scorer = ScalarHeadModel.from_pretrained(reward_model) if reward_model else None
     exact_match = reward_functions(BUILTIN_TASK_REWARD)
-    eos, pad = tokenizer.eos_token_id, pad_id(tokenizer)
+    ends, pad = end_ids(tokenizer, reference_model), pad_id(tokenizer)
     prompt_ids = [encode_prompt(tokenizer, text) for text in prompts]
     repeated = [text for text in prompts for _ in range(samples_per_prompt)]
     results = []
     for name, directory in policies.items():
         with quiet_transformers():
             model = reference_model if Path(directory) == Path(reference) else load_causal_lm(str(directory))[0]
-        greedy = generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=eos, pad_id=pad, greedy=True)
-        greedy_texts = [_decode(tokenizer, c) for c in greedy.completions]
+        greedy = generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=ends, pad_id=pad, greedy=True)
+        greedy_texts = [_decode(tokenizer, c, ends) for c in greedy.completions]
         sampled = generate(model, prompt_ids, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
-                           eos_id=eos, pad_id=pad, generator=torch.Generator().manual_seed(seed))
-        sampled_texts = [_decode(tokenizer, c) for c in sampled.completions]
+                           eos_id=ends, pad_id=pad, generator=torch.Generator().manual_seed(seed))
+        sampled_texts = [_decode(tokenizer, c, ends) for c in sampled.completions]
         batch = collate_shared_prompt(prompt_ids, groups_of(sampled.completions, samples_per_prompt), pad)
         # log pi of each sampled answer is what the sampler recorded (temperature 1, no filtering); log pi_ref is
         # one forward pass of the reference over the same answers.

@@ -11,7 +11,7 @@ With h(y) = log pi(y|x) - log pi_ref(y|x), the log-ratio of the trained policy t
                    L = - mean_b sum_k [beta h_k - log sum_{j>=k} exp(beta h_j)]
 
 For K = 2 the two are the same loss. log pi(y|x) is the sequence log-probability sum_t log pi(a_t|s_t) of the
-completion tokens (EOS included) given the prompt (seed 003), computed by `logprobs.answer_sequence_log_probs`
+completion tokens (its end token included) given the prompt (seed 003), computed by `logprobs.answer_sequence_log_probs`
 (each prompt run once for all its answers, so a pair costs one prompt, not two). The
 losses come from objectives/preference.py (`dpo_loss`, `plackett_luce_dpo_loss`).
 
@@ -63,8 +63,8 @@ from advantage.errors import UsageError
 from advantage.lm.logprobs import answer_sequence_log_probs
 from advantage.lm.reward import PairwiseTally, PreferenceDataConfig, RankedExample, RankingBatch, best_and_worst, \
     collate_rankings, data_fingerprint, data_kind, load_preference_rows, tokenize_rankings, validate_preference_data
-from advantage.lm.session import DataOrder, LMRun, LMSession, Processes, StepWindow, add_lora, learning_rate_at, \
-    load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, total_steps
+from advantage.lm.session import DataOrder, LMRun, LMSession, Processes, StepWindow, add_lora, end_ids, \
+    learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, total_steps
 from advantage.objectives.preference import dpo_loss, plackett_luce_dpo_loss
 from advantage.run.config import param
 
@@ -217,13 +217,13 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
         torch.set_num_threads(config.threads)
     session = LMSession("dpo", config, run_dir, resume)
 
-    # 1. Data: rankings best first (a pair is a ranking of two), tokenized with EOS appended.
+    # 1. Data: rankings best first (a pair is a ranking of two), each answer ending with one end token.
     kind = data_kind(config, config.loss == "plackett_luce")
     train_rows, eval_rows = load_preference_rows(config, session.run_dir, kind)
     model, tokenizer = load_policy(config)
-    pad, length = pad_id(tokenizer), max_length(config, model)
-    train_examples = tokenize_rankings(train_rows, kind, tokenizer, length, "training")
-    eval_examples = tokenize_rankings(eval_rows, kind, tokenizer, length, "evaluation") if eval_rows else []
+    pad, length, ends = pad_id(tokenizer), max_length(config, model), end_ids(tokenizer, model)
+    train_examples = tokenize_rankings(train_rows, kind, tokenizer, length, "training", ends)
+    eval_examples = tokenize_rankings(eval_rows, kind, tokenizer, length, "evaluation", ends) if eval_rows else []
     if config.ranking_answers == "best_worst":
         train_examples = best_and_worst(train_examples)
     processes = session.processes

@@ -19,7 +19,7 @@ them) make each row see exactly what it would see alone:
     . . p p p        c c c E .            attention 0 0 1 1 1 | 1 1 1 1 0    positions 0 0 0 1 2 | 3 4 5 6 7
     p p p p p        c c c c c                      1 1 1 1 1 | 1 1 1 1 1
 
-A row that has finished (it emitted EOS, or its completion ends with a stop sequence) is fed the pad token with
+A row that has finished (it emitted an end token, or its completion ends with a stop sequence) is fed the pad token with
 attention 0 while it stays in the batch, and its later log-probabilities are 0; once a quarter of the batch has
 finished, the finished rows leave it (and the cache), so they stop costing compute. The loop ends when every row has
 finished or after max_new_tokens steps.
@@ -50,8 +50,8 @@ class Generated:
 
     Attributes:
         prompts: the B prompts as given.
-        completions: B * G token-id lists; row b * G + g is sample g of prompt b. Each ends with eos_id if it stopped
-            there (EOS included), or with the stop sequence that stopped it, else has max_new_tokens tokens.
+        completions: B * G token-id lists; row b * G + g is sample g of prompt b. Each ends with the end token that
+            stopped it (one of eos_id), or with the stop sequence that stopped it, else has max_new_tokens tokens.
         sampled_log_probs: (B * G, max_new_tokens) float32; entry t is the log-probability of completion token t
             under the distribution it was drawn from (logits / temperature, then top-k / top-p renormalised);
             0 after the completion ends.
@@ -305,6 +305,12 @@ def key_value_cache(model: nn.Module, capacity: int):
     return cache
 
 
+def _cache_keyword(model: nn.Module) -> str:
+    """The name of the forward argument that takes the key-value cache: `cache` since transformers 5.24, before
+    that `past_key_values`."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
 def _model_inputs(model: nn.Module) -> dict:
     """The keyword arguments every forward call of the loop adds, among those the model accepts."""
     accepted = _forward_parameters(model)
@@ -358,8 +364,9 @@ def _prefill(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache, s
         The next-token logits (N, V) of every row and the N rows as a `_DecodingBatch`.
     """
     positions = position_ids_from_attention_mask(prompt_mask)
-    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
-                   **extra).logits[:, -1]  # (B, V): left padding puts every prompt's last token in the last column
+    # (B, V): left padding puts every prompt's last token in the last column
+    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                   **{_cache_keyword(model): cache}, **extra).logits[:, -1]
     if samples_per_prompt > 1:  # row b becomes rows b * G .. b * G + G - 1, in the cache and everywhere else
         cache.batch_repeat_interleave(samples_per_prompt)
         logits, prompt_mask, positions = (tensor.repeat_interleave(samples_per_prompt, dim=0)
@@ -375,7 +382,7 @@ def _prefill(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache, s
 
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int = 1, max_new_tokens: int,
-             eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: int | Sequence[int], pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_sequences: Sequence[Sequence[int]] = (), generator: torch.Generator | None = None,
              greedy: bool = False, min_new_tokens: int = 0) -> Generated:
     """Sample `samples_per_prompt` completions of every prompt, with the log-probability of every sampled token.
@@ -386,7 +393,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
         prompts: B non-empty token-id lists, of any lengths.
         samples_per_prompt: G; the prompt is computed once and its key-value cache shared by its G samples.
         max_new_tokens: the longest completion.
-        eos_id: a row stops after sampling it (EOS is part of the completion).
+        eos_id: the end token, or several (`tokenizer.end_token_ids`: the tokenizer's EOS and every id of the
+            model's `generation_config.eos_token_id`); a row stops after sampling any of them (it is part of the
+            completion).
         pad_id: fills the left padding of short prompts and is fed to finished rows (always with attention 0).
         temperature: logits are divided by it (> 0).
         top_k: sample among the k most likely tokens only; 0 = off.
@@ -394,7 +403,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
         stop_sequences: token-id lists; a row also stops when its completion ends with one (which stays in it).
         generator: random source of the sampling, on the model's device; the same seed gives the same completions.
         greedy: take the most likely token at every step instead of sampling.
-        min_new_tokens: EOS cannot be sampled before this many tokens (its probability is 0 there, and the other
+        min_new_tokens: no end token can be sampled before this many tokens (probability 0 there, and the other
             tokens' log-probabilities are those of that renormalised distribution); for fixed-length benchmarks.
 
     Returns:
@@ -406,6 +415,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
     """
     _validate(prompts, samples_per_prompt, max_new_tokens, temperature, top_k, top_p, stop_sequences)
     device = next(model.parameters()).device
+    end_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, greedy=greedy)
     stops = StopSequences(stop_sequences, device)
     extra = _model_inputs(model)
@@ -414,6 +424,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
         width = prompt_ids.shape[1]
         cache = key_value_cache(model, width + max_new_tokens)
         logits, batch = _prefill(model, prompt_ids, prompt_mask, cache, samples_per_prompt, max_new_tokens, extra)
+        extra[_cache_keyword(model)] = cache
         rows = len(batch.rows)  # N = B * G
         tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
         log_probs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
@@ -423,11 +434,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
             if step > 0:  # feed the tokens sampled last (pad, with attention 0, in finished rows)
                 batch.positions = batch.positions + 1
                 logits = model(input_ids=batch.last_tokens, position_ids=batch.positions,
-                               attention_mask=batch.attention_mask[:, :width + step], past_key_values=cache,
-                               **extra).logits[:, -1]
-            if step < min_new_tokens and 0 <= eos_id < logits.shape[-1]:
+                               attention_mask=batch.attention_mask[:, :width + step], **extra).logits[:, -1]
+            if step < min_new_tokens:
                 logits = logits.clone()
-                logits[:, eos_id] = -math.inf
+                logits[:, end_ids[end_ids < logits.shape[-1]]] = -math.inf
             sampled, sampled_log_probs = sample_tokens(logits, **sampling)
             sampled = torch.where(batch.alive, sampled, pad_id)
             tokens[batch.rows, step] = sampled
@@ -436,7 +446,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
             batch.attention_mask[:, width + step] = batch.alive
             batch.last_tokens = sampled.unsqueeze(1)
             steps = step + 1
-            finished = sampled == eos_id
+            finished = torch.isin(sampled, end_ids)
             stopped = stops.ended(tokens, batch.rows, steps)
             batch.alive &= ~finished if stopped is None else ~(finished | stopped)
             alive = int(batch.alive.sum())  # one host sync per step: cheap next to a forward pass

@@ -57,8 +57,8 @@ from torch import Tensor, nn
 from advantage.lm.generation import Generated, generate
 from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt
 from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_prompts, validate_online
-from advantage.lm.session import DataOrder, LMRun, LMSession, Processes, StepWindow, add_lora, fingerprint, \
-    learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require
+from advantage.lm.session import DataOrder, LMRun, LMSession, Processes, StepWindow, add_lora, end_ids, \
+    fingerprint, learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require
 from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate
 from advantage.objectives.masking import AGGREGATIONS
@@ -165,9 +165,9 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRu
     # The data (prompts), the policy, the reward, and the reference (a frozen copy of the start, or the base model
     # with the adapters disabled under LoRA; none with beta = 0).
     model, tokenizer = load_policy(config)
-    pad, eos, length = pad_id(tokenizer), tokenizer.eos_token_id, max_length(config, model)
+    pad, ends, length = pad_id(tokenizer), end_ids(tokenizer, model), max_length(config, model)
     train_prompts, eval_prompts = load_prompts(config, session.run_dir, tokenizer, length)
-    scorer = Scorer(config, tokenizer)
+    scorer = Scorer(config, tokenizer, ends)
     reference = None
     if config.beta > 0 and not config.lora_r:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -199,7 +199,7 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRu
 
     def held_out() -> dict[str, float]:
         with mixed_precision(config):
-            return evaluate(model, eval_prompts, scorer, config, eos, pad)
+            return evaluate(model, eval_prompts, scorer, config, pad)
 
     if step == 0 and evaluating:
         last = session.metrics.log(0, session.elapsed(), held_out())
@@ -212,7 +212,7 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRu
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round_index * 7_919 + processes.rank)
         with mixed_precision(config):
             generated = generate(model, [prompt.ids for prompt in prompts], samples_per_prompt=config.group_size,
-                                 max_new_tokens=config.max_new_tokens, eos_id=eos, pad_id=pad,
+                                 max_new_tokens=config.max_new_tokens, eos_id=ends, pad_id=pad,
                                  temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                                  generator=generator, min_new_tokens=config.min_new_tokens)
         generation_s = time.perf_counter() - began
@@ -272,7 +272,7 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRu
             step += 1
             training_s = time.perf_counter() - trained
             window.end_step(int(sums["tokens"]), generation_s + training_s)
-            logs = _step_logs(config, processes, rewards, generated, eos, reward_logs, sums)
+            logs = _step_logs(config, processes, rewards, generated, ends, reward_logs, sums)
             evaluation_due = evaluating and session.evaluation_due(step)
             if step % config.log_every == 0 or step == steps or evaluation_due:
                 logged = {**window.figures("losses/grpo"), **logs,
@@ -294,12 +294,12 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRu
     return LMRun(session.run_dir, "grpo", config, last, step, model, tokenizer)
 
 
-def _step_logs(config: GRPOConfig, processes: Processes, rewards: Tensor, generated: Generated, eos: int,
-               reward_logs: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
+def _step_logs(config: GRPOConfig, processes: Processes, rewards: Tensor, generated: Generated,
+               ends: tuple[int, ...], reward_logs: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
     """The step's reward, completion and policy figures, over the whole batch of every process."""
     grouped = rewards.view(-1, config.group_size)
     lengths = torch.tensor([len(completion) for completion in generated.completions], dtype=torch.float32)
-    truncated = sum(1 for completion in generated.completions if completion[-1:] != [eos])  # no EOS: cut off
+    truncated = sum(1 for completion in generated.completions if not completion or completion[-1] not in ends)
     count = float(len(generated.completions))
     totals = processes.sum(float(rewards.sum()), float(grouped.std(dim=-1, correction=0).sum()),
                            float(lengths.sum()), float(truncated), count, float(grouped.shape[0]),

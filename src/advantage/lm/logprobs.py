@@ -21,18 +21,32 @@ Position ids count real tokens only, so a left-padded sequence sees exactly the 
 attention mask, exactly the context) it would see alone: its log-probabilities do not depend on the batch.
 (Rotary embeddings, as in Qwen2 and Llama, are blind to a constant shift of all positions; learned absolute
 positions, as in GPT-2, are not, and neither is the max_position_embeddings limit.)
+
+Large vocabularies. A model's logits are a (B, T, V) tensor: with a real vocabulary (49,152 for SmolLM2, 151,936
+for Qwen2.5) and a batch of sampled answers, that one tensor outweighs the model (64 answers x 80 tokens x 151,936
+x 4 bytes = 3.1 GB), and autograd keeps it, its exponentials and its gradient alive at once. Only the tokens that
+are actions need a log-probability, and only the chosen token's entry of each row. So the model's body runs alone
+(B, T, hidden), the hidden states of the positions that score an action are gathered (N, hidden), and the
+language-model head runs on them in chunks of `LOGITS_CHUNK_ELEMENTS // V` rows (`head_log_probs`): each chunk's
+logits are reduced to log softmax(logits)[target] and dropped, and in training the chunk is checkpointed, so its
+logits are recomputed in the backward pass instead of being kept. At most one chunk's logits (64 MiB) exist at any
+time, in training, reference and scoring passes alike, at the price of running the head twice in the backward
+pass (a few per cent of a step). Models whose logits are not plain `lm_head(hidden)` are detected once (the head's
+output is compared with the model's own logits) and use the whole forward pass instead.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from advantage.objectives.masking import fill_padding
 
@@ -156,6 +170,162 @@ def picked_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
     return picked.float()
 
 
+# Elements of one chunk of logits (float32: 64 MiB): the most that exists at any time in `head_log_probs`.
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class HeadParts:
+    """A causal LM split into the transformer body and the language-model head: logits = finish(head(body(x))).
+
+    Attributes:
+        body: the base model, returning `.last_hidden_state` (B, T, hidden).
+        head: the output embedding (a Linear of hidden -> V, possibly LoRA-adapted).
+        finish: what the model does to the head's output before returning it (Gemma 2's soft-capping, Cohere's
+            logit scale, Granite's logit divisor), or None.
+    """
+
+    body: nn.Module
+    head: nn.Module
+    finish: Callable[[Tensor], Tensor] | None = None
+
+    @property
+    def vocabulary_size(self) -> int:
+        """V, the number of logits per position."""
+        return int(self.head.weight.shape[0])
+
+
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # causal LM -> HeadParts | None
+
+
+def _finishing(config) -> Callable[[Tensor], Tensor] | None:
+    """The transformation some models apply to lm_head's output, read from their config (None: none)."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+    if not (softcap or scale or divisor):
+        return None
+
+    def finish(logits: Tensor) -> Tensor:
+        if scale:
+            logits = logits * scale
+        if divisor:
+            logits = logits / divisor
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return finish
+
+
+def head_parts(model: nn.Module) -> HeadParts | None:
+    """The body and head of a transformers causal LM (or of the model a PEFT wrapper holds), or None when its logits
+    are not finish(head(body(x))).
+
+    The split is verified once per model, in eval mode and without gradients, on a two-token input: the head's
+    output on the body's hidden states must equal the model's own logits. Unknown post-processing then falls back
+    to the whole forward pass rather than giving wrong log-probabilities.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return _VERIFIED[causal_lm]
+    except (KeyError, TypeError):
+        pass
+    parts = None
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    body = getattr(causal_lm, getattr(causal_lm, "base_model_prefix", ""), None)
+    if isinstance(head, nn.Module) and hasattr(head, "weight") and isinstance(body, nn.Module) \
+            and body is not causal_lm:
+        candidate = HeadParts(body, head, _finishing(causal_lm.config))
+        if _agrees_with_model(causal_lm, candidate):
+            parts = candidate
+    _VERIFIED[causal_lm] = parts
+    return parts
+
+
+@torch.no_grad()
+def _agrees_with_model(causal_lm: nn.Module, parts: HeadParts) -> bool:
+    modes = [(module, module.training) for module in causal_lm.modules()]
+    causal_lm.eval()
+    try:
+        device = parts.head.weight.device
+        input_ids = torch.tensor([[1, 2]], device=device) % parts.vocabulary_size
+        inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+        expected = causal_lm(**inputs).logits.float()
+        logits = parts.head(parts.body(**inputs).last_hidden_state)
+        logits = (parts.finish(logits) if parts.finish else logits).float()
+        return logits.shape == expected.shape and torch.allclose(logits, expected, rtol=1e-4, atol=1e-5)
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        return False
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _chunk_log_probs(hidden: Tensor, targets: Tensor, head: nn.Module, finish: Callable | None,
+                     temperature: float) -> Tensor:
+    """log softmax(finish(head(hidden)) / temperature)[targets] for one chunk: (n, hidden), (n,) -> (n,) float32."""
+    logits = head(hidden).float()  # (n, V): the only V-wide tensor, freed when this returns
+    if finish is not None:
+        logits = finish(logits)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def head_log_probs(parts: HeadParts, hidden: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """log pi(target_n | state_n) from the body's hidden state of each state, the head run in chunks.
+
+    Args:
+        parts: the model's body and head (`head_parts`).
+        hidden: (N, hidden) the hidden states of the positions that score each target.
+        targets: (N,) long, the chosen tokens.
+        temperature: the logits are divided by it.
+
+    Returns:
+        (N,) float32. At most `LOGITS_CHUNK_ELEMENTS` logits exist at once; with gradients on, each chunk is
+        checkpointed (its logits recomputed in the backward pass, not kept).
+    """
+    rows = max(1, LOGITS_CHUNK_ELEMENTS // parts.vocabulary_size)
+    tracking = torch.is_grad_enabled() and (hidden.requires_grad or parts.head.weight.requires_grad)
+    pieces = []
+    for start in range(0, len(targets), rows):
+        arguments = (hidden[start:start + rows], targets[start:start + rows], parts.head, parts.finish, temperature)
+        pieces.append(checkpoint(_chunk_log_probs, *arguments, use_reentrant=False) if tracking
+                      else _chunk_log_probs(*arguments))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def masked_log_probs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                     target_mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """log pi(x_t | x_<t) at every position t where `target_mask` is True, 0 elsewhere, without (B, T, V) logits.
+
+    Args:
+        model: a causal LM (or a PEFT model around one).
+        input_ids: (B, T) long.
+        attention_mask: (B, T) 1 for real tokens, or a (B, 1, T, T) additive mask (packed rows).
+        position_ids: (B, T) long.
+        target_mask: (B, T) bool; True at the tokens to score (never column 0, which has no state).
+        temperature: the logits are divided by it.
+
+    Returns:
+        (B, T) float32. Token t is scored by the hidden state at t - 1 (`head_log_probs`); a model whose logits are
+        not head(body(x)) goes through its whole forward pass instead (`token_log_probs`).
+    """
+    parts = head_parts(model)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    if parts is None:
+        if "use_cache" in _forward_parameters(model):
+            inputs["use_cache"] = False
+        logits = model(**inputs).logits  # (B, T, V)
+        log_probs = token_log_probs(logits / temperature if temperature != 1.0 else logits, input_ids)
+        return fill_padding(log_probs, target_mask)
+    hidden = parts.body(**inputs, use_cache=False).last_hidden_state  # (B, T, hidden)
+    rows, columns = target_mask.nonzero(as_tuple=True)  # (N,) each: the scored tokens
+    picked = head_log_probs(parts, hidden[rows, columns - 1], input_ids[rows, columns], temperature)  # (N,)
+    return hidden.new_zeros(target_mask.shape, dtype=torch.float32).index_put((rows, columns), picked)
+
+
 def _forward_parameters(model: nn.Module) -> set[str]:
     """Named parameters of the forward of `model` (of the wrapped model for a PEFT wrapper)."""
     if hasattr(model, "get_base_model"):  # peft.PeftModel forwards **kwargs to the model it wraps
@@ -167,35 +337,18 @@ def completion_log_probs(model: nn.Module, batch: PromptCompletionBatch, tempera
     """log pi(a_t | s_t) at every completion token, 0 elsewhere (seed 003's per-action log-probabilities).
 
     Args:
-        model: a causal LM taking (input_ids, attention_mask, position_ids) and returning `.logits` (B, T, V),
-            such as a transformers `*ForCausalLM` or a PEFT model around one.
+        model: a causal LM taking (input_ids, attention_mask, position_ids), such as a transformers `*ForCausalLM`
+            or a PEFT model around one.
         batch: the padded prompt + completion batch.
         temperature: logits are divided by it first, so the log-probabilities are those of the distribution
             that sampled with this temperature.
 
     Returns:
-        (B, T) float32, zero outside `batch.completion_mask`.
-
-    The language-model head only runs on positions from the earliest completion token on (transformers'
-    `logits_to_keep`, when the model accepts it): prompt positions never need their logits.
+        (B, T) float32, zero outside `batch.completion_mask`. The language-model head runs on the completion
+        tokens' states only, in chunks (`masked_log_probs`).
     """
-    input_ids, completion_mask = batch.input_ids, batch.completion_mask
-    width = input_ids.shape[1]
-    columns = completion_mask.any(dim=0).nonzero()
-    first = int(columns[0]) if len(columns) else 1  # earliest completion column, >= 1 by construction
-    inputs = dict(input_ids=input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-    accepted = _forward_parameters(model)
-    if "use_cache" in accepted:
-        inputs["use_cache"] = False
-    if "logits_to_keep" in accepted:
-        inputs["logits_to_keep"] = width - first + 1  # positions first - 1 .. T - 1
-    logits = model(**inputs).logits  # (B, K, V), K = T - first + 1 or T
-    if temperature != 1.0:
-        logits = logits / temperature
-    kept = logits.shape[1]
-    tail = token_log_probs(logits, input_ids[:, width - kept:])  # (B, K): entry k is token T - K + k
-    log_probs = F.pad(tail, (width - kept, 0))  # (B, T)
-    return fill_padding(log_probs, completion_mask)
+    return masked_log_probs(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.completion_mask,
+                            temperature)
 
 
 def sequence_log_probs(model: nn.Module, batch: PromptCompletionBatch, temperature: float = 1.0) -> Tensor:
@@ -355,22 +508,31 @@ def answer_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: fl
     """log pi(a_t | s_t) at every answer token, 0 elsewhere: `completion_log_probs` with each prompt run once.
 
     Args:
-        model: a causal LM returning `.logits`.
+        model: a causal LM (or a PEFT model around one).
         batch: B prompts with K answers each (`collate_shared_prompt`).
         temperature: as in `completion_log_probs`.
 
     Returns:
-        (B * K, A) float32, aligned with `batch.answer_ids`, zero outside `batch.answer_mask`.
+        (B * K, A) float32, aligned with `batch.answer_ids`, zero outside `batch.answer_mask`. The head runs on the
+        answer tokens' predicting states only, in chunks (`head_log_probs`).
     """
-    width = batch.input_ids.shape[1]
-    first = int(batch.prompt_lengths.min()) - 1  # the earliest column whose logits score an answer token
-    kwargs = {"logits_to_keep": width - first} if "logits_to_keep" in _forward_parameters(model) else {}
-    logits = shared_prompt_forward(model, batch, **kwargs).logits  # (B, W', V): columns W - W' .. W - 1
-    offset = width - logits.shape[1]
-    predicting = logits[batch.rows.unsqueeze(1), batch.predictor_columns.clamp(min=offset) - offset]  # (B*K, A, V)
-    if temperature != 1.0:
-        predicting = predicting / temperature
-    return fill_padding(picked_log_probs(predicting, batch.answer_ids), batch.answer_mask)
+    parts = head_parts(model)
+    answers, positions = batch.answer_mask.nonzero(as_tuple=True)  # (N,) each: every real answer token
+    if parts is None:  # the whole forward pass, its logits from the earliest column that scores an answer token on
+        width = batch.input_ids.shape[1]
+        first = int(batch.prompt_lengths.min()) - 1
+        kwargs = {"logits_to_keep": width - first} if "logits_to_keep" in _forward_parameters(model) else {}
+        logits = shared_prompt_forward(model, batch, **kwargs).logits  # (B, W', V): columns W - W' .. W - 1
+        offset = width - logits.shape[1]
+        predicting = logits[batch.rows[answers], batch.predictor_columns[answers, positions] - offset]  # (N, V)
+        if temperature != 1.0:
+            predicting = predicting / temperature
+        picked = picked_log_probs(predicting.unsqueeze(0), batch.answer_ids[answers, positions].unsqueeze(0))[0]
+    else:
+        hidden = shared_prompt_forward(parts.body, batch).last_hidden_state  # (B, W, hidden)
+        states = hidden[batch.rows[answers], batch.predictor_columns[answers, positions]]  # (N, hidden)
+        picked = head_log_probs(parts, states, batch.answer_ids[answers, positions], temperature)  # (N,)
+    return picked.new_zeros(batch.answer_mask.shape).index_put((answers, positions), picked)
 
 
 def answer_sequence_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: float = 1.0) -> Tensor:

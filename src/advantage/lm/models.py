@@ -46,6 +46,21 @@ SCALAR_HEAD_WEIGHTS = "scalar_head.safetensors"
 SCALAR_HEAD_CONFIG = "scalar_head.json"
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars from transformers while saving and loading (transformers 5 shows them by default): the
+    library's own progress display is the only one, and `--progress false` means none."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def _config_and_model_classes(architecture: str):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -111,10 +126,11 @@ def _one_line(error: BaseException) -> str:
 
 
 def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str | None = None):
-    """Load a causal LM and its tokenizer from a local directory in Hugging Face format, offline.
+    """Load a causal LM and its tokenizer from a local directory in Hugging Face format, or a GGUF file, offline.
 
     Args:
-        path: a directory with config.json, weights and tokenizer files (as written by `save_pretrained`).
+        path: a directory with config.json, weights and tokenizer files (as written by `save_pretrained`), or a
+            .gguf file (dequantised by transformers; `fetch.load_gguf`).
         dtype: None or "auto" keeps the saved dtype; otherwise a torch.dtype or "float32" | "bfloat16" | "float16".
 
     Returns:
@@ -125,10 +141,16 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | str | None = No
     """
     from transformers import AutoModelForCausalLM
 
-    directory = _model_directory(path)
+    from advantage.lm.fetch import is_gguf, load_gguf
+
     torch_dtype = _resolve_dtype(dtype)
+    if is_gguf(path):
+        with quiet_transformers():
+            return load_gguf(path, torch_dtype)
+    directory = _model_directory(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype, local_files_only=True)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise UsageError(f"cannot load a causal LM from {str(path)!r}: {_one_line(error)}") from None
     return model, load_tokenizer(directory)
@@ -140,6 +162,15 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _permissions_from_umask(directory: Path) -> None:
+    """Give `directory` and its files the permissions a plain mkdir/open would (mkdtemp makes them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager
@@ -154,6 +185,7 @@ def _atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
     temporary = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         yield temporary
+        _permissions_from_umask(temporary)
         _fsync_directory(temporary)
         if final.exists():
             previous = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
@@ -174,7 +206,7 @@ def save_pretrained(model, tokenizer, directory: str | os.PathLike) -> Path:
     Returns:
         The directory, which `load_causal_lm` and `transformers.AutoModelForCausalLM.from_pretrained` both read.
     """
-    with _atomic_directory(directory) as temporary:
+    with _atomic_directory(directory) as temporary, quiet_transformers():
         model.save_pretrained(str(temporary))  # transformers 5.x always writes safetensors
         if tokenizer is not None:
             tokenizer.save_pretrained(str(temporary))
@@ -299,7 +331,7 @@ class ScalarHeadModel(nn.Module):
         Layout: config.json + model.safetensors (the body), scalar_head.safetensors ("weight" (1, hidden),
         "bias" (1,)), scalar_head.json, tokenizer files.
         """
-        with _atomic_directory(directory) as temporary:
+        with _atomic_directory(directory) as temporary, quiet_transformers():
             self.body.save_pretrained(str(temporary))
             head = {name: tensor.detach().contiguous().cpu() for name, tensor in self.head.state_dict().items()}
             save_file(head, str(temporary / SCALAR_HEAD_WEIGHTS))
@@ -326,7 +358,8 @@ class ScalarHeadModel(nn.Module):
         if not (path / SCALAR_HEAD_WEIGHTS).is_file() or not (path / SCALAR_HEAD_CONFIG).is_file():
             raise UsageError(f"{str(directory)!r} has no scalar head ({SCALAR_HEAD_WEIGHTS}, {SCALAR_HEAD_CONFIG})")
         try:
-            body = AutoModel.from_pretrained(str(path), dtype=_resolve_dtype(dtype), local_files_only=True)
+            with quiet_transformers():
+                body = AutoModel.from_pretrained(str(path), dtype=_resolve_dtype(dtype), local_files_only=True)
             head = load_file(str(path / SCALAR_HEAD_WEIGHTS))
             description = json.loads((path / SCALAR_HEAD_CONFIG).read_text())
         except (OSError, ValueError, KeyError, RuntimeError) as error:

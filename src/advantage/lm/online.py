@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +23,16 @@ from advantage.lm.logprobs import collate_shared_prompt
 from advantage.lm.rewards import RewardFunction, combined_rewards, reward_functions
 from advantage.lm.session import LMConfig, pad_id, require, task_files, validate_lm
 from advantage.lm.sft import encode_prompt
+from advantage.lm.tokenizer import strip_end_tokens
 from advantage.run.config import param
 
 BUILTIN_TASK_REWARD = "advantage.lm.tasks.arithmetic:reward"
+BUILTIN_CHAT_TASK_REWARD = "advantage.lm.tasks.arithmetic:answer_is_last_number"
+
+
+def task_reward(config: LMConfig) -> str:
+    """The built-in task's verifier: exact match of the leading number (text), or of the last one (chat)."""
+    return BUILTIN_CHAT_TASK_REWARD if config.task_format == "chat" else BUILTIN_TASK_REWARD
 
 
 @dataclass
@@ -32,12 +40,13 @@ class OnlineConfig(LMConfig):
     """Every LMConfig field, and the sampling and reward fields of the online stages."""
 
     reward_functions: str = param("", "comma-separated module:function (or path/file.py:function) reward functions "
-                                      "f(prompts, completions) -> floats; default with --task: the task's "
-                                      "exact-match reward")
+                                      "f(prompts, completions, **columns) -> numbers (the data's other columns as "
+                                      "keyword arguments, as in TRL); default with --task: the task's exact-match "
+                                      "reward")
     reward_weights: str = param("", "comma-separated weights of the reward functions (default 1 each)")
     reward_model: str = param("", "a reward model directory (written by `advantage reward`) instead of functions")
     max_new_tokens: int = param(32, "longest completion in tokens")
-    min_new_tokens: int = param(0, "EOS cannot be sampled before this many tokens (fixed-length benchmarks)")
+    min_new_tokens: int = param(0, "no end token can be sampled before this many tokens (fixed-length benchmarks)")
     temperature: float = param(1.0, "sampling temperature (the log-probabilities are those of the same tempered "
                                     "distribution)")
     top_k: int = param(0, "sample among the k most likely tokens (0: all)")
@@ -66,10 +75,25 @@ def validate_online(config: OnlineConfig) -> None:
 
 @dataclass
 class PromptExample:
-    """One prompt: its text (what reward functions see) and its token ids (the initial state, seed 003)."""
+    """One prompt: its token ids (the initial state, seed 003), its text, and what reward functions are given.
+
+    Attributes:
+        text: the prompt as the model reads it (a conversation rendered by the chat template).
+        ids: its token ids.
+        prompt: the `prompt` column as the data holds it (a string, or a list of messages), passed to reward
+            functions as TRL passes it.
+        columns: the row's other columns, passed to reward functions as keyword arguments.
+    """
 
     text: str
     ids: list[int]
+    prompt: Any = None
+    columns: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        """True when the prompt column is a list of messages."""
+        return isinstance(self.prompt, list)
 
 
 def load_prompts(config: OnlineConfig, run_dir: Path, tokenizer, length: int) -> tuple[list[PromptExample],
@@ -86,7 +110,9 @@ def load_prompts(config: OnlineConfig, run_dir: Path, tokenizer, length: int) ->
 
     def examples(rows) -> list[PromptExample]:
         texts = prompt_texts(rows, tokenizer)
-        return [PromptExample(text, encode_prompt(tokenizer, text)[-max(room, 1):]) for text in texts]
+        return [PromptExample(text, encode_prompt(tokenizer, text)[-max(room, 1):], row.columns["prompt"],
+                              {name: value for name, value in row.columns.items() if name != "prompt"})
+                for row, text in zip(rows, texts)]
 
     return examples(train_rows), examples(eval_rows)[:config.eval_max_prompts]
 
@@ -100,10 +126,16 @@ class Scorer:
     With a built-in task, the task's exact-match reward is also computed for the logs whenever it is not the
     training reward itself (rewards/exact_match, eval/exact_match): what the policy learns is then checked against
     the truth, not only against the reward model's opinion.
+
+    Args:
+        config: the stage's config (reward_model or reward_functions, task).
+        tokenizer: decodes the completions for the reward functions.
+        end_ids: the ids that end a completion (`tokenizer.end_token_ids`), left out of the decoded text.
     """
 
-    def __init__(self, config: OnlineConfig, tokenizer):
+    def __init__(self, config: OnlineConfig, tokenizer, end_ids: Sequence[int]):
         self.tokenizer = tokenizer
+        self.end_ids = tuple(end_ids)
         self.model = None
         self.functions: list[RewardFunction] = []
         self.monitor: list[RewardFunction] = []
@@ -114,26 +146,40 @@ class Scorer:
                 raise UsageError(f"field 'reward_model': no directory '{config.reward_model}'")
             self.model = ScalarHeadModel.from_pretrained(config.reward_model)
         else:
-            self.functions = reward_functions(config.reward_functions or BUILTIN_TASK_REWARD, config.reward_weights)
+            self.functions = reward_functions(config.reward_functions or task_reward(config), config.reward_weights)
         if config.task != "none" and (config.reward_model or config.reward_functions):
-            self.monitor = reward_functions(BUILTIN_TASK_REWARD)
+            self.monitor = reward_functions(task_reward(config))
+
+    def texts(self, completions: Sequence[list[int]]) -> list[str]:
+        """The completions' text, without their end tokens."""
+        return [self.tokenizer.decode(strip_end_tokens(completion, self.end_ids), skip_special_tokens=True)
+                for completion in completions]
 
     def __call__(self, prompts: Sequence[PromptExample], generated: Generated) -> tuple[Tensor, dict[str, float]]:
-        """((B * G,) rewards, {metric name: mean}) for the completions of `generated` (row b * G + g: prompt b)."""
+        """((B * G,) rewards, {metric name: mean}) for the completions of `generated` (row b * G + g: prompt b).
+
+        Reward functions get the prompts and completions as TRL passes them (strings, or messages for a
+        conversational prompt column) and the rows' other columns as keyword arguments (`rewards`).
+        """
         group = generated.samples_per_prompt
-        eos = self.tokenizer.eos_token_id
-        texts = [self.tokenizer.decode([t for t in completion if t != eos], skip_special_tokens=True)
-                 for completion in generated.completions]
-        prompt_list = [prompt.text for prompt in prompts for _ in range(group)]
+        texts = self.texts(generated.completions)
+        repeated = [prompt for prompt in prompts for _ in range(group)]  # row b * G + g: prompt b
         logs = {}
+        columns = {name: [prompt.columns.get(name) for prompt in repeated]
+                   for name in sorted({name for prompt in prompts for name in prompt.columns})}
         if self.monitor:
-            logs["rewards/exact_match"] = float(combined_rewards(self.monitor, prompt_list, texts)[0].mean())
+            logs["rewards/exact_match"] = float(combined_rewards(
+                self.monitor, [prompt.text for prompt in repeated], texts, **columns)[0].mean())
         if self.model is not None:
             with torch.no_grad():
                 batch = collate_shared_prompt(generated.prompts, groups_of(generated.completions, group),
                                               pad_id(self.tokenizer))
                 return self.model.score_answers(batch).float(), logs
-        total, each = combined_rewards(self.functions, prompt_list, texts)
+        completions = [[{"role": "assistant", "content": text}] for text in texts] \
+            if repeated and repeated[0].conversational else texts
+        columns["completion_ids"] = [list(completion) for completion in generated.completions]
+        total, each = combined_rewards(self.functions, [prompt.prompt if prompt.prompt is not None else prompt.text
+                                                        for prompt in repeated], completions, **columns)
         return total, {**logs, **{f"rewards/{name}": float(values.mean()) for name, values in each.items()}}
 
 
@@ -143,7 +189,7 @@ def groups_of(completions: Sequence[list[int]], group: int) -> list[list[list[in
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, prompts: Sequence[PromptExample], scorer: Scorer, config: OnlineConfig, eos: int,
+def evaluate(model: nn.Module, prompts: Sequence[PromptExample], scorer: Scorer, config: OnlineConfig,
              pad: int) -> dict[str, float]:
     """eval/reward and eval/mean_length of greedy completions of the held-out prompts (and eval/exact_match with a
     built-in task scored by another reward)."""
@@ -151,7 +197,8 @@ def evaluate(model: nn.Module, prompts: Sequence[PromptExample], scorer: Scorer,
     for start in range(0, len(prompts), 64):
         chunk = prompts[start:start + 64]
         generated = generate(model, [prompt.ids for prompt in chunk], samples_per_prompt=1,
-                             max_new_tokens=config.max_new_tokens, eos_id=eos, pad_id=pad, greedy=True)
+                             max_new_tokens=config.max_new_tokens, eos_id=scorer.end_ids, pad_id=pad,
+                             greedy=True)
         scores, logs = scorer(chunk, generated)
         rewards.extend(scores.tolist())
         if "rewards/exact_match" in logs:

@@ -1,8 +1,10 @@
 """Reward model: a scalar r(x, y) learned from preferences between completions (seed 004; seed 000, InstructGPT).
 
 The model is a transformer body with a linear head (`models.ScalarHeadModel`): the reward of completion y after
-prompt x is the head's scalar at the last real token of the sequence x + y + EOS (the EOS that every stage appends
-to a completion, so the score is read where the policy's completion ends). Starting weights: the body of
+prompt x is the head's scalar at the last real token of the sequence x + y, which is the answer's end token: every
+stage ends an answer with exactly one (a chat template's end of turn, or the EOS appended to plain text;
+`tokenizer.end_completion`), and a sampled answer ends with the end token that stopped it, so the score is read at
+the same position in training and in scoring. Starting weights: the body of
 `config.model` (random for builtin:SIZE, or e.g. an SFT run's final/) and a fresh head.
 
 Preferences are rankings y_1 > y_2 > ... > y_K of answers to the same prompt, best first; a preference pair is the
@@ -61,7 +63,7 @@ from torch import Tensor
 from advantage.lm.data import Row, load_rows, preference_triples, rankings
 from advantage.lm.logprobs import SharedPromptBatch, collate_shared_prompt
 from advantage.lm.models import ScalarHeadModel
-from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, StepWindow, add_lora, fingerprint, \
+from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, StepWindow, add_lora, end_ids, fingerprint, \
     learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, task_files, \
     total_steps, validate_lm
 from advantage.lm.sft import tokenize_pairs
@@ -128,7 +130,7 @@ class RankedExample:
 
     Attributes:
         prompt_ids: the prompt's token ids (the initial state, seed 003).
-        completion_ids: K token-id lists, each ending with EOS.
+        completion_ids: K token-id lists, each ending with one end token.
     """
 
     prompt_ids: list[int]
@@ -149,8 +151,10 @@ def load_preference_rows(config: PreferenceDataConfig, run_dir: Path, kind: str)
     return load_rows(train_path, kind), (load_rows(eval_path, kind) if eval_path else [])
 
 
-def tokenize_rankings(rows: Sequence[Row], kind: str, tokenizer, length: int, what: str) -> list[RankedExample]:
-    """Token ids of every row's prompt and answers (EOS appended, each prompt + answer cut to `length` tokens).
+def tokenize_rankings(rows: Sequence[Row], kind: str, tokenizer, length: int, what: str,
+                      end_ids: Sequence[int] | None = None) -> list[RankedExample]:
+    """Token ids of every row's prompt and answers (each ending with one end token, `sft.tokenize_pairs`; each
+    prompt + answer cut to `length` tokens).
 
     A preference row becomes the ranking (chosen, rejected). Cuts are reported on stderr, as in sft.
     """
@@ -158,7 +162,7 @@ def tokenize_rankings(rows: Sequence[Row], kind: str, tokenizer, length: int, wh
         if kind == "preference" else rankings(rows, tokenizer)
     examples, cut = [], 0
     for prompt, answers in texts:
-        pairs, count = tokenize_pairs([(prompt, answer) for answer in answers], tokenizer, length)
+        pairs, count = tokenize_pairs([(prompt, answer) for answer in answers], tokenizer, length, end_ids)
         cut += count
         examples.append(RankedExample(pairs[0].prompt_ids, [pair.completion_ids for pair in pairs]))
     if cut:
@@ -356,13 +360,13 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
         torch.set_num_threads(config.threads)
     session = LMSession("reward", config, run_dir, resume)
 
-    # 1. Data: rankings best first (a pair is a ranking of two), tokenized with EOS appended.
+    # 1. Data: rankings best first (a pair is a ranking of two), each answer ending with one end token.
     kind = data_kind(config, config.loss in LISTWISE)
     train_rows, eval_rows = load_preference_rows(config, session.run_dir, kind)
     policy, tokenizer = load_policy(config)
-    pad, length = pad_id(tokenizer), max_length(config, policy)
-    train_examples = tokenize_rankings(train_rows, kind, tokenizer, length, "training")
-    eval_examples = tokenize_rankings(eval_rows, kind, tokenizer, length, "evaluation") if eval_rows else []
+    pad, length, ends = pad_id(tokenizer), max_length(config, policy), end_ids(tokenizer, policy)
+    train_examples = tokenize_rankings(train_rows, kind, tokenizer, length, "training", ends)
+    eval_examples = tokenize_rankings(eval_rows, kind, tokenizer, length, "evaluation", ends) if eval_rows else []
     if config.ranking_answers == "best_worst":
         train_examples = best_and_worst(train_examples)
 

@@ -1,8 +1,21 @@
 """Rewards of online RL on language models: Python functions named `module:function`, or a reward model.
 
-A reward function takes the prompts and the completions (lists of strings of equal length) and returns one float
-per completion, as the built-in task's `advantage.lm.tasks.arithmetic:reward` does (the signature TRL's GRPO users
-already write; extra keyword arguments are not passed). Several functions combine as a weighted sum
+A reward function is written as TRL's GRPO users write theirs: it takes the prompts and the completions (lists of
+equal length N, one entry per completion, the prompt repeated for each of its samples) and returns one number per
+completion. The data set's other columns reach it as keyword arguments, one list of N values each, so that a
+verifiable reward reads its ground truth from a column:
+
+    def correct(prompts, completions, answer, **kwargs):
+        return [1.0 if completion.strip() == truth else 0.0 for completion, truth in zip(completions, answer)]
+
+Besides the columns it may ask for `completion_ids` (the sampled token ids, end token included). A function gets
+the keyword arguments it names, and every one if it takes **kwargs; `f(prompts, completions)` works as it is.
+Prompts and completions are strings for plain-text data; for a conversational prompt column (lists of messages)
+the prompt is the list of messages and the completion the assistant's reply as a list of one message
+[{"role": "assistant", "content": text}], as TRL passes them. The numbers may be Python, numpy or torch scalars
+(or a numpy array / torch tensor of N values).
+
+Several functions combine as a weighted sum
 
     r(x, y) = sum_j w_j f_j(x, y).
 
@@ -15,22 +28,49 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
+import numbers
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from advantage.errors import UsageError
 
-RewardCallable = Callable[[list[str], list[str]], Sequence[float]]
+RewardCallable = Callable[..., Sequence[float]]
 
 
 class RewardFunctionError(UsageError):
     """A reward function failed or returned something that is not one finite float per completion."""
+
+
+def _as_number(value: Any) -> float | None:
+    """`value` as a float if it is one real number (Python, numpy or a one-element torch tensor), else None."""
+    if isinstance(value, numbers.Real):  # int, float, bool, numpy's integer and floating scalars
+        return float(value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a 0-d torch tensor or numpy array
+        item = value.item()
+        return float(item) if isinstance(item, numbers.Real) else None
+    return None
+
+
+def _keyword_arguments(function: Callable) -> set[str] | None:
+    """The keyword arguments `function` accepts besides the first two, or None if it takes **kwargs (all)."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: give it the two positional arguments only
+        return set()
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return None
+    named = [parameter for parameter in parameters
+             if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return {parameter.name for parameter in named[2:]} | \
+        {parameter.name for parameter in named if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 @dataclass
@@ -40,21 +80,35 @@ class RewardFunction:
     name: str
     function: RewardCallable
     weight: float = 1.0
+    accepted: set[str] | None = field(init=False)
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> Tensor:
+    def __post_init__(self) -> None:
+        self.accepted = _keyword_arguments(self.function)
+
+    def __call__(self, prompts: list, completions: list, **columns: list) -> Tensor:
         """The function's rewards, checked: (N,) float32 for N completions.
+
+        Args:
+            prompts, completions: N each (strings, or conversations; see the module docstring).
+            columns: the data set's other columns and `completion_ids`, N values each; the function receives those
+                it names (all of them if it takes **kwargs).
 
         Raises:
             RewardFunctionError naming the function if it raises or returns anything but N finite numbers.
         """
+        given = columns if self.accepted is None else \
+            {name: values for name, values in columns.items() if name in self.accepted}
         try:
-            values = self.function(prompts, completions)
+            values = self.function(prompts, completions, **given)
         except Exception as error:  # the user's code: report which function, never a traceback from our side
             raise RewardFunctionError(f"reward function '{self.name}' raised {type(error).__name__}: "
                                       f"{str(error).splitlines()[0] if str(error) else ''}") from error
         if values is None:
             raise RewardFunctionError(f"reward function '{self.name}' returned None; it must return one float per "
                                       f"completion")
+        if getattr(values, "ndim", None) == 0 or isinstance(values, (str, bytes, numbers.Number)):
+            raise RewardFunctionError(f"reward function '{self.name}' returned {type(values).__name__}, not a "
+                                      f"list of floats")
         try:
             values = list(values)
         except TypeError:
@@ -63,11 +117,15 @@ class RewardFunction:
         if len(values) != len(completions):
             raise RewardFunctionError(f"reward function '{self.name}' returned {len(values)} values for "
                                       f"{len(completions)} completions")
+        numbers_ = []
         for index, value in enumerate(values):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise RewardFunctionError(f"reward function '{self.name}' returned {value!r} for completion "
+            number = _as_number(value)
+            if number is None or not math.isfinite(number):
+                shown = number if number is not None else value
+                raise RewardFunctionError(f"reward function '{self.name}' returned {shown!r} for completion "
                                           f"{index}; every reward must be a finite number")
-        return torch.tensor(values, dtype=torch.float32)
+            numbers_.append(number)
+        return torch.tensor(numbers_, dtype=torch.float32)
 
 
 def load_reward_function(spec: str) -> RewardCallable:
@@ -92,6 +150,14 @@ def load_reward_function(spec: str) -> RewardCallable:
             module = importlib.import_module(module_name)
     except ImportError as error:
         raise UsageError(f"field 'reward_functions': cannot import '{module_name}' ({error})") from None
+    except UsageError:
+        raise
+    except SyntaxError as error:  # the user's file: name the line, never a traceback from our side
+        raise UsageError(f"{error.filename or module_name}:{error.lineno}: syntax error in the reward module "
+                         f"({error.msg})") from None
+    except Exception as error:  # raised while the user's module ran its top level
+        raise UsageError(f"field 'reward_functions': importing '{module_name}' raised {type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}") from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UsageError(f"field 'reward_functions': '{module_name}' has no function '{function_name}'")
@@ -114,13 +180,15 @@ def reward_functions(specs: str, weights: str = "") -> list[RewardFunction]:
     return [RewardFunction(name, load_reward_function(name), weight) for name, weight in zip(names, values)]
 
 
-def combined_rewards(functions: Sequence[RewardFunction], prompts: list[str],
-                     completions: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+def combined_rewards(functions: Sequence[RewardFunction], prompts: list, completions: list,
+                     **columns: list) -> tuple[Tensor, dict[str, Tensor]]:
     """r = sum_j w_j f_j over the functions, and each function's own rewards (for the logs).
 
+    Args:
+        columns: keyword arguments for the functions (`RewardFunction.__call__`).
     Returns:
         ((N,) float32 weighted sum, {name: (N,) rewards of that function}).
     """
-    each = {function.name: function(prompts, completions) for function in functions}
+    each = {function.name: function(prompts, completions, **columns) for function in functions}
     total = sum(function.weight * each[function.name] for function in functions)
     return total, each

@@ -58,7 +58,7 @@ from advantage.lm.generation import generate
 from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt
 from advantage.lm.models import ScalarHeadModel
 from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_prompts, validate_online
-from advantage.lm.session import DataOrder, LMRun, LMSession, StepWindow, add_lora, fingerprint, \
+from advantage.lm.session import DataOrder, LMRun, LMSession, StepWindow, add_lora, end_ids, fingerprint, \
     learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require
 from advantage.lm.sft import collate_examples, completion_nll, tokenize_pairs
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate, kl_loss_term
@@ -198,14 +198,15 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
     # The policy and its frozen reference (the SFT model: a copy, or the base model with LoRA's adapters off), the
     # reward (a frozen reward model or functions) and the value model (from the reward model, else the policy).
     model, tokenizer = load_policy(config)
-    pad, eos, length = pad_id(tokenizer), tokenizer.eos_token_id, max_length(config, model)
+    pad, ends, length = pad_id(tokenizer), end_ids(tokenizer, model), max_length(config, model)
     train_prompts, eval_prompts = load_prompts(config, session.run_dir, tokenizer, length)
-    scorer = Scorer(config, tokenizer)
+    scorer = Scorer(config, tokenizer, ends)
     if scorer.model is not None:
         scorer.model.requires_grad_(False)
     ptx_examples = []
     if config.ptx_coef > 0:
-        ptx_examples, _ = tokenize_pairs(sft_pairs(load_rows(config.ptx_data, "sft"), tokenizer), tokenizer, length)
+        ptx_examples, _ = tokenize_pairs(sft_pairs(load_rows(config.ptx_data, "sft"), tokenizer), tokenizer, length,
+                                         ends)
     reference = None if config.lora_r else copy.deepcopy(model).eval().requires_grad_(False)
     if config.value_model == "separate":  # its own body, copied before any adapter
         value_model = copy.deepcopy(scorer.model) if scorer.model is not None else \
@@ -253,7 +254,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
 
     def held_out() -> dict[str, float]:
         with mixed_precision(config):
-            return evaluate(model, eval_prompts, scorer, config, eos, pad)
+            return evaluate(model, eval_prompts, scorer, config, pad)
 
     if step == 0 and evaluating:
         last = session.metrics.log(0, session.elapsed(), held_out())
@@ -267,7 +268,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
         with mixed_precision(config):
             generated = generate(model, [prompt.ids for prompt in prompts], samples_per_prompt=per_prompt,
                                  max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
-                                 eos_id=eos, pad_id=pad, temperature=config.temperature, top_k=config.top_k,
+                                 eos_id=ends, pad_id=pad, temperature=config.temperature, top_k=config.top_k,
                                  top_p=config.top_p, generator=generator)
         generation_s = time.perf_counter() - began
         trained = time.perf_counter()

@@ -28,7 +28,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from advantage.errors import NonFiniteLossError, UsageError
+from advantage.lm.models import quiet_transformers
 from advantage.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from advantage.run.config import apply_overrides, load_yaml_mapping, param, save_config
 from advantage.run.metrics import MetricsWriter, truncate_jsonl
@@ -53,15 +54,19 @@ DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 class LMConfig:
     """Fields every language-model stage has."""
 
-    model: str = param("builtin:small", "a local Hugging Face model directory (model + tokenizer), or "
-                                        "builtin:nano|tiny|small (random weights, character tokenizer; append "
-                                        "-llama for the Llama architecture, e.g. builtin:nano-llama)")
+    model: str = param("builtin:small", "a local Hugging Face model directory (model + tokenizer), a .gguf file "
+                                        "(dequantised on load; `advantage fetch-model`), or builtin:nano|tiny|small "
+                                        "(random weights, character tokenizer; append -llama for the Llama "
+                                        "architecture, e.g. builtin:nano-llama)")
     data: str = param("", "training data: a .jsonl or .parquet file or a datasets directory (TRL columns)")
     eval_data: str = param("", "held-out data in the same format (empty: no evaluation unless --task)")
     task: Literal["none", "arithmetic"] = param("none", "a built-in task instead of --data: its train/eval files "
                                                         "are generated into RUN_DIR/data")
     task_max_operand: int = param(99, "arithmetic task: operands lie in 0..max_operand")
     task_operations: str = param("+", "arithmetic task: operations to draw from, any of + - *")
+    task_format: Literal["text", "chat"] = param(
+        "text", "arithmetic task: text (\"23+58=\" -> \"81\", for the built-in models) or chat (conversational "
+                "rows, \"What is 23 + 58?\" -> \"23 + 58 = 81\", with an answer column, for a chat model)")
     task_train_size: int = param(1000, "arithmetic task: training prompts")
     task_eval_size: int = param(100, "arithmetic task: held-out prompts (disjoint from the training ones)")
     seed: int = param(1, "seed of the initial weights (built-in models), LoRA initialisation and data order")
@@ -160,20 +165,6 @@ def validate_lm(config: LMConfig) -> None:
 
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No progress bars from transformers while saving and loading (transformers 5 shows them by default)."""
-    from transformers.utils import logging as transformers_logging
-
-    enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            transformers_logging.enable_progress_bar()
-
-
 # ---------------------------------------------------------------------------------------------------------- models
 
 
@@ -208,6 +199,14 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def end_ids(tokenizer, model) -> tuple[int, ...]:
+    """The ids that end a completion for this model: its tokenizer's EOS first, then its generation config's
+    end tokens (`tokenizer.end_token_ids`)."""
+    from advantage.lm.tokenizer import end_token_ids
+
+    return end_token_ids(tokenizer, getattr(model, "generation_config", None))
+
+
 def add_lora(model, config: LMConfig):
     """Wrap `model` in a PEFT LoRA model (only the adapters train); the adapters' initialisation is seeded."""
     from peft import LoraConfig, get_peft_model
@@ -240,7 +239,8 @@ def task_files(config: LMConfig, run_dir: Path) -> dict[str, Path]:
     """Write the built-in task's files into RUN_DIR/data (once; they depend only on the config) and return them."""
     from advantage.lm.tasks import ArithmeticTask
 
-    task = ArithmeticTask(max_operand=config.task_max_operand, operations=config.task_operations)
+    task = ArithmeticTask(max_operand=config.task_max_operand, operations=config.task_operations,
+                          chat=config.task_format == "chat")
     directory = run_dir / "data"
     names = [f"{kind}_{split}" for kind in ("sft", "preference", "ranking") for split in ("train", "eval")]
     if all((directory / f"{name}.jsonl").is_file() for name in names):
@@ -612,6 +612,7 @@ class LMSession:
         whose adapters the stage merges itself) is written by its own `save_pretrained`: body, head and tokenizer,
         which `ScalarHeadModel.from_pretrained` reads back.
         """
+        from advantage.lm.fetch import is_gguf
         from advantage.lm.models import ScalarHeadModel, save_pretrained
 
         if not self.processes.is_main:  # rank 0 writes final/; the weights are the same everywhere
@@ -625,7 +626,7 @@ class LMSession:
                     model = model.merge_and_unload()
                 elif hasattr(model, "peft_config"):
                     base = self.config.model
-                    if base.startswith(BUILTIN_PREFIX):
+                    if base.startswith(BUILTIN_PREFIX) or is_gguf(base):  # the adapter's base must be a directory
                         base_model = load_policy(self.config)[0]
                         base = str(save_pretrained(base_model, tokenizer, self.run_dir / "base_model").absolute())
                     else:
@@ -677,7 +678,7 @@ def resolve_config(stage: str, fields: dict[str, Any], config_file: str | Path |
 def default_run_dir(stage: str, config: LMConfig) -> Path:
     """runs/STAGE-MODEL-seedS, MODEL being the built-in name or the model directory's name."""
     name = config.model.replace(BUILTIN_PREFIX, "builtin-") if config.model.startswith(BUILTIN_PREFIX) \
-        else Path(config.model).name
+        else Path(config.model).name.removesuffix(".gguf")
     return Path("runs") / f"{stage}-{name}-seed{config.seed}"
 
 

@@ -9,8 +9,9 @@ instead of sampled, and R(tau) = 1 for every one of them. The loss of one optimi
     L(theta) = - (1 / N_tokens) sum_{examples n} sum_{completion tokens t} log pi_theta(a_t^n | s_t^n),
 
 where N_tokens counts the completion tokens of the whole batch. Prompt tokens are states, never actions: they are
-masked out. Every completion ends with the tokenizer's EOS token (appended unless the text already ends with it),
-so the model learns to stop.
+masked out. Every completion ends with exactly one end token, so the model learns to stop where sampling stops: a
+chat template's end of turn (without the newline ChatML writes after it), or the EOS appended to plain text
+(`tokenizer.end_completion`).
 
 Normalisation. N_tokens is counted over the whole batch before any forward pass, and every micro-batch's loss is
 its sum divided by that same N_tokens; the micro-batches' gradients add up in `.grad` to exactly the gradient of
@@ -35,7 +36,8 @@ seconds since the start of the run (carried across resumes). Names:
     charts/epoch            passes over the training data so far
     charts/skipped_updates  steps skipped because the loss was not finite
     eval/nll                the same mean NLL on the held-out examples (logged at step 0 and every eval_every)
-    eval/exact_match        fraction of held-out prompts whose greedy completion (up to EOS) equals the reference
+    eval/exact_match        fraction of held-out prompts whose greedy completion (up to its end token) equals the
+                            reference
 """
 
 from __future__ import annotations
@@ -51,10 +53,11 @@ import torch
 from torch import Tensor, nn
 
 from advantage.lm.data import load_rows, sft_pairs
-from advantage.lm.logprobs import collate, token_log_probs
-from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, Processes, StepWindow, add_lora, fingerprint, \
-    learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, task_files, \
-    total_steps, validate_lm
+from advantage.lm.logprobs import collate, masked_log_probs
+from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, Processes, StepWindow, add_lora, end_ids, \
+    fingerprint, learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, \
+    task_files, total_steps, validate_lm
+from advantage.lm.tokenizer import end_completion, end_token_ids, strip_end_tokens
 from advantage.objectives.masking import aggregate
 from advantage.run.config import param
 
@@ -66,7 +69,7 @@ class SFTConfig(LMConfig):
     packing: bool = param(False, "pack each micro-batch's examples into rows of max_length tokens, attention "
                                  "isolated per example (same loss, less padding)")
     max_new_tokens: int = param(0, "tokens generated per held-out prompt for exact match; 0 = the longest "
-                                   "reference completion (with its EOS)")
+                                   "reference completion (with its end token)")
 
 
 CONFIG = SFTConfig
@@ -83,26 +86,34 @@ def validate(config: SFTConfig) -> None:
 
 @dataclass(frozen=True)
 class SFTExample:
-    """One tokenized example: the prompt (the initial state) and the completion (the actions, ending with EOS)."""
+    """One tokenized example: the prompt (the initial state) and the completion (the actions, ending with one end
+    token)."""
 
     prompt_ids: list[int]
     completion_ids: list[int]
 
 
-def tokenize_pairs(pairs: Sequence[tuple[str, str]], tokenizer, length: int) -> tuple[list[SFTExample], int]:
-    """Token ids of (prompt, completion) texts, EOS appended, cut to `length` tokens; also how many were cut.
+def tokenize_pairs(pairs: Sequence[tuple[str, str]], tokenizer, length: int,
+                   end_ids: Sequence[int] | None = None) -> tuple[list[SFTExample], int]:
+    """Token ids of (prompt, completion) texts, each completion ending with one end token, cut to `length` tokens;
+    also how many were cut.
 
     The prompt is encoded with the tokenizer's special tokens (a Llama tokenizer adds its BOS; a BOS already
-    written by a chat template is not doubled), the completion without. An empty prompt (a `text` row) becomes the
-    BOS token, or, for tokenizers without one, the first token of the text: the first action needs a state.
+    written by a chat template is not doubled), the completion without. The completion ends right after its last
+    end token (a chat template's end of turn, without the newline some templates write after it), or gets the EOS
+    appended if it has none (`tokenizer.end_completion`). An empty prompt (a `text` row) becomes the BOS token, or,
+    for tokenizers without one, the first token of the text: the first action needs a state.
+
+    Args:
+        end_ids: the ids that end a completion (`tokenizer.end_token_ids`; the first is the one appended);
+            default the tokenizer's EOS alone.
     """
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id
+    end_ids = tuple(end_ids) if end_ids else end_token_ids(tokenizer)
     examples, cut = [], 0
     for prompt, completion in pairs:
         prompt_ids = encode_prompt(tokenizer, prompt) if prompt else []
-        completion_ids = list(tokenizer.encode(completion, add_special_tokens=False))
-        if not completion_ids or completion_ids[-1] != eos:
-            completion_ids.append(eos)
+        completion_ids = end_completion(tokenizer.encode(completion, add_special_tokens=False), end_ids)
         if not prompt_ids:
             prompt_ids = [bos] if bos is not None else [completion_ids.pop(0)]
         if len(prompt_ids) + len(completion_ids) > length:
@@ -206,9 +217,8 @@ def completion_nll(model: nn.Module, batch: TokenBatch, num_tokens: int) -> Tens
         num_tokens: completion tokens of the whole batch (all micro-batches), so that the shares add up to the
             token-level mean of the batch.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, use_cache=False).logits  # (B, T, V)
-    log_probs = token_log_probs(logits, batch.input_ids)  # (B, T): log pi(x_t | x_<t), seed 003's actions
+    # (B, T): log pi(x_t | x_<t) at the completion tokens, seed 003's actions (the head runs on those alone)
+    log_probs = masked_log_probs(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.loss_mask)
     return aggregate(-log_probs, batch.loss_mask, "token", num_tokens=max(num_tokens, 1))
 
 
@@ -251,41 +261,39 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[SFTExample], micro
 # -------------------------------------------------------------------------------------------------------- evaluation
 
 
-def greedy_completions(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: int, pad: int,
-                       batch_size: int = 32) -> list[list[int]]:
-    """Greedy decoding of every prompt (left-padded batches, model.generate); each result is cut before its EOS."""
-    from transformers import GenerationConfig
+def greedy_completions(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                       end_ids: int | Sequence[int], pad: int, batch_size: int = 32) -> list[list[int]]:
+    """Greedy decoding of every prompt (`generation.generate`, batches of `batch_size`); each result is cut before
+    the end token that stopped it (any of `end_ids`)."""
+    from advantage.lm.generation import generate
 
-    settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    ends = (end_ids,) if isinstance(end_ids, int) else tuple(end_ids)
     results = []
     for start in range(0, len(prompts), batch_size):
-        batch = collate(prompts[start:start + batch_size], [[]] * len(prompts[start:start + batch_size]), pad,
-                        "left")
-        output = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                generation_config=settings)  # (B, T + new)
-        for row in output[:, batch.input_ids.shape[1]:].tolist():
-            results.append(row[:row.index(eos)] if eos in row else row)
+        generated = generate(model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens, eos_id=ends,
+                             pad_id=pad, greedy=True)
+        results.extend(strip_end_tokens(completion, ends) for completion in generated.completions)
     return results
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, examples: Sequence[SFTExample], batch_size: int, pad: int,
-             max_new_tokens: int = 0) -> dict[str, float]:
+             max_new_tokens: int = 0, end_ids: Sequence[int] | None = None) -> dict[str, float]:
     """eval/nll (token-mean NLL of the held-out completions) and eval/exact_match (greedy decoding).
 
-    A completion matches when the decoded text of the greedy tokens before EOS equals the decoded reference
-    (without its EOS), both stripped of surrounding whitespace.
+    A completion matches when the decoded text of the greedy tokens before their end token equals the decoded
+    reference (without its end token), both stripped of surrounding whitespace.
     """
     was_training = model.training
     model.eval()
     num_tokens = completion_tokens(examples)
     nll = sum(float(completion_nll(model, collate_examples(examples[start:start + batch_size], pad), num_tokens))
               for start in range(0, len(examples), batch_size))
-    eos = tokenizer.eos_token_id
+    ends = tuple(end_ids) if end_ids else end_token_ids(tokenizer)
     budget = max_new_tokens or max(len(example.completion_ids) for example in examples)
-    generated = greedy_completions(model, [example.prompt_ids for example in examples], budget, eos, pad,
+    generated = greedy_completions(model, [example.prompt_ids for example in examples], budget, ends, pad,
                                    batch_size)
-    references = [[token for token in example.completion_ids if token != eos] for example in examples]
+    references = [strip_end_tokens(example.completion_ids, ends) for example in examples]
     matches = [tokenizer.decode(output, skip_special_tokens=True).strip()
                == tokenizer.decode(reference, skip_special_tokens=True).strip()
                for output, reference in zip(generated, references)]
@@ -303,8 +311,8 @@ def _data_paths(config: SFTConfig, run_dir: Path) -> tuple[str, str]:
     return config.data, config.eval_data
 
 
-def _examples(rows, tokenizer, length: int, what: str) -> list[SFTExample]:
-    examples, cut = tokenize_pairs(sft_pairs(rows, tokenizer), tokenizer, length)
+def _examples(rows, tokenizer, length: int, what: str, end_ids: Sequence[int]) -> list[SFTExample]:
+    examples, cut = tokenize_pairs(sft_pairs(rows, tokenizer), tokenizer, length, end_ids)
     if cut:
         print(f"advantage: {cut} of {len(examples)} {what} examples are longer than max_length={length} tokens "
               f"and were cut at the right", file=sys.stderr)
@@ -325,9 +333,9 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
     train_rows = load_rows(train_path, "sft")  # malformed data stops the run here, before the model loads
     eval_rows = load_rows(eval_path, "sft") if eval_path else []
     model, tokenizer = load_policy(config)
-    pad, length = pad_id(tokenizer), max_length(config, model)
-    train_examples = _examples(train_rows, tokenizer, length, "training")
-    eval_examples = _examples(eval_rows, tokenizer, length, "evaluation") if eval_rows else []
+    pad, length, ends = pad_id(tokenizer), max_length(config, model), end_ids(tokenizer, model)
+    train_examples = _examples(train_rows, tokenizer, length, "training", ends)
+    eval_examples = _examples(eval_rows, tokenizer, length, "evaluation", ends) if eval_rows else []
     if config.lora_r:
         model = add_lora(model, config)
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
@@ -346,7 +354,7 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
 
     def held_out() -> dict[str, float]:
         with mixed_precision(config):
-            return evaluate(model, tokenizer, eval_examples, micro_size, pad, config.max_new_tokens)
+            return evaluate(model, tokenizer, eval_examples, micro_size, pad, config.max_new_tokens, ends)
 
     if step == 0 and evaluating:  # the starting point, for comparison
         last = session.metrics.log(0, session.elapsed(), held_out())

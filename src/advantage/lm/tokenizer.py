@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from advantage.errors import UsageError
 
@@ -92,3 +94,53 @@ def load_tokenizer(path: str | os.PathLike):
     except (OSError, ValueError, TypeError, KeyError) as error:
         reason = " ".join(str(error).split())[:200]
         raise UsageError(f"no loadable tokenizer in {str(path)!r}: {reason}") from None
+
+
+# ------------------------------------------------------------------------------------------------- end of an answer
+
+
+def end_token_ids(tokenizer, generation_config: Any = None) -> tuple[int, ...]:
+    """Every token id that ends a completion: the tokenizer's EOS first, then each id of the model's
+    `generation_config.eos_token_id` (one id, or a list as for Llama 3's <|end_of_text|>, <|eom_id|>, <|eot_id|>).
+
+    The first id is the one appended to a completion that has none (`end_completion`); generation stops on any of
+    them (`generation.generate`).
+
+    Raises:
+        UsageError: neither the tokenizer nor the generation config names an end token.
+    """
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    configured = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if configured is not None:
+        for token in ([configured] if isinstance(configured, int) else configured):
+            if int(token) not in ids:
+                ids.append(int(token))
+    if not ids:
+        raise UsageError("the tokenizer has no eos token and the model's generation config names none: a "
+                         "completion could never end")
+    return tuple(ids)
+
+
+def end_completion(completion_ids: Sequence[int], end_ids: Sequence[int]) -> list[int]:
+    """A completion's token ids ending with exactly one end token: those after its last end token dropped, or
+    `end_ids[0]` appended if it has none.
+
+    A chat template closes an assistant turn with its end-of-turn token and often a newline after it (ChatML:
+    "42<|im_end|>\\n"). Generation stops at the end token, so the policy never writes what follows it: training on
+    it, or appending another EOS after it, would teach tokens that sampling never produces and would make a reward
+    model score a different position (the appended EOS) from the one it is read at on sampled answers (the end
+    token). So the answer is cut right after its end token, and training, sampling and scoring see the same ids.
+    """
+    ends = set(end_ids)
+    for position in range(len(completion_ids) - 1, -1, -1):
+        if completion_ids[position] in ends:
+            return list(completion_ids[:position + 1])
+    return [*completion_ids, end_ids[0]]
+
+
+def strip_end_tokens(completion_ids: Sequence[int], end_ids: Sequence[int]) -> list[int]:
+    """The completion's ids without its end tokens (the text of the answer, for decoding)."""
+    ends = set(end_ids)
+    return [token for token in completion_ids if token not in ends]

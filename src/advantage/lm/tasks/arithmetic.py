@@ -12,6 +12,12 @@ Conventions (chosen so that the files make sense to a reader and to any trainer)
   in a chat template, and `module:function` users can point at `advantage.lm.tasks.arithmetic:reward`.
 - Everything random comes from the seed: the same seed gives the same files; the wrong answers of a row depend
   only on the seed and the prompt.
+
+The chat format (`chat=True`, for a real instruct model with a chat template) asks the same questions as a user
+would, "What is 23 + 58?", in conversational rows (a list of messages), with the answer in a column of its own
+(`answer`, as verifiable-reward data sets have it), and replies in a model's own words, "23 + 58 = 81". Its verifier
+is `answer_is_last_number`: the reply is right when the last number in it is the answer, so "23 + 58 = 81", "The
+answer is 81." and "81" are right, "23 + 58 = 80" and an answer cut off before its number are not.
 """
 
 from __future__ import annotations
@@ -40,15 +46,40 @@ def answer(prompt: str) -> str:
     return str(OPERATIONS[operation](int(left), int(right)))
 
 
-def reward(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+def reward(prompts: Sequence, completions: Sequence, **columns) -> list[float]:
     """1.0 for each completion whose leading number (after leading whitespace) equals the answer, else 0.0.
 
-    This is also the signature of user reward functions given as `module:function`.
+    This is also the signature of user reward functions given as `module:function` (`lm.rewards`): prompts and
+    completions are strings, or conversations (the question is then read from the prompt's last user message, the
+    answer from the completion's content); other keyword arguments (the data's other columns) are not needed.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    return [1.0 if _leading_number(completion) == answer(prompt) else 0.0
+    return [1.0 if _leading_number(_text(completion)) == answer(_text(prompt)) else 0.0
             for prompt, completion in zip(prompts, completions)]
+
+
+_LAST_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def answer_is_last_number(prompts: Sequence, completions: Sequence, answer: Sequence[str], **columns) -> list[float]:
+    """1.0 for each completion whose last number equals the `answer` column, else 0.0 (the chat format's verifier).
+
+    A reward function as TRL users write one: prompts and completions are strings or conversations, the ground truth
+    comes from the data's `answer` column. Thousands separators are ignored ("1,234" is 1234).
+    """
+    if not len(prompts) == len(completions) == len(answer):
+        raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions, {len(answer)} answers")
+    rewards = []
+    for completion, truth in zip(completions, answer):
+        numbers = _LAST_NUMBER.findall(_text(completion))
+        rewards.append(1.0 if numbers and numbers[-1].replace(",", "") == str(truth).strip() else 0.0)
+    return rewards
+
+
+def _text(value) -> str:
+    """A string as it is; a conversation as its last message's content (the question, or the reply)."""
+    return value if isinstance(value, str) else str(value[-1]["content"])
 
 
 def _leading_number(completion: str) -> str:
@@ -62,6 +93,7 @@ class ArithmeticTask:
 
     max_operand: int = 99
     operations: str = "+"
+    chat: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_operand, bool) or not isinstance(self.max_operand, int) or self.max_operand < 1:
@@ -101,23 +133,23 @@ class ArithmeticTask:
 
     def sft_rows(self, n: int, seed: int) -> list[dict[str, str]]:
         """n rows {"prompt": "23+58=", "completion": "81\\n"}."""
-        return [_sft_row(prompt) for prompt in self.prompts(n, seed)]
+        return [self._sft_row(prompt) for prompt in self.prompts(n, seed)]
 
     def preference_rows(self, n: int, seed: int) -> list[dict[str, str]]:
         """n rows {"prompt", "chosen" (right), "rejected" (a plausible wrong answer)}: Bradley-Terry pairs
         (seed 004)."""
-        return [_preference_row(prompt, seed) for prompt in self.prompts(n, seed)]
+        return [self._preference_row(prompt, seed) for prompt in self.prompts(n, seed)]
 
     def preference_rows_for(self, prompts: Sequence[str], pairs_per_prompt: int) -> list[dict[str, str]]:
         """`pairs_per_prompt` Bradley-Terry rows for each of `prompts` (the right answer against wrong answers drawn
         with seeds 0, 1, ...; two draws may give the same wrong answer). More pairs per prompt than the task files'
         one give a reward model or DPO enough comparisons to learn from a few dozen prompts."""
-        return [_preference_row(prompt, seed) for seed in range(pairs_per_prompt) for prompt in prompts]
+        return [self._preference_row(prompt, seed) for seed in range(pairs_per_prompt) for prompt in prompts]
 
     def ranking_rows(self, n: int, k: int, seed: int) -> list[dict[str, object]]:
         """n rows {"prompt", "responses": k distinct answers, best first}: the right answer, then wrong ones by
         increasing absolute error. For K-wise comparisons (seed 000) and Plackett-Luce (seed 004)."""
-        return [_ranking_row(prompt, k, seed) for prompt in self.prompts(n, seed)]
+        return [self._ranking_row(prompt, k, seed) for prompt in self.prompts(n, seed)]
 
     def write_task_files(self, directory: str | os.PathLike, n_train: int = 1000, n_eval: int = 100,
                          seed: int = 0, ranking_k: int = 4) -> dict[str, Path]:
@@ -134,15 +166,55 @@ class ArithmeticTask:
         paths = {}
         for split, split_prompts in splits.items():
             contents = {
-                "sft": [_sft_row(prompt) for prompt in split_prompts],
-                "preference": [_preference_row(prompt, seed) for prompt in split_prompts],
-                "ranking": [_ranking_row(prompt, ranking_k, seed) for prompt in split_prompts],
+                "sft": [self._sft_row(prompt) for prompt in split_prompts],
+                "preference": [self._preference_row(prompt, seed) for prompt in split_prompts],
+                "ranking": [self._ranking_row(prompt, ranking_k, seed) for prompt in split_prompts],
             }
             for kind, rows in contents.items():
                 path = directory / f"{kind}_{split}.jsonl"
                 write_jsonl(rows, path)
                 paths[f"{kind}_{split}"] = path
         return paths
+
+
+    # The rows of each kind, in the task's format: text ("23+58=" -> "81\n") or chat (a user question, a reply).
+
+    def _sft_row(self, prompt: str) -> dict:
+        row = _sft_row(prompt)
+        if not self.chat:
+            return row
+        return {"prompt": _question(prompt), "completion": _reply(prompt, answer(prompt)), "answer": answer(prompt)}
+
+    def _preference_row(self, prompt: str, seed: int) -> dict:
+        row = _preference_row(prompt, seed)
+        if not self.chat:
+            return row
+        return {"prompt": _question(prompt), "chosen": _reply(prompt, row["chosen"].strip()),
+                "rejected": _reply(prompt, row["rejected"].strip()), "answer": answer(prompt)}
+
+    def _ranking_row(self, prompt: str, k: int, seed: int) -> dict:
+        row = _ranking_row(prompt, k, seed)
+        if not self.chat:
+            return row
+        return {"prompt": _question(prompt),
+                "responses": [f"{_spaced(prompt)} = {value.strip()}" for value in row["responses"]],
+                "answer": answer(prompt)}
+
+
+def _spaced(prompt: str) -> str:
+    """ "23+58=" -> "23 + 58" """
+    left, operation, right = _QUESTION.findall(prompt)[-1]
+    return f"{left} {operation} {right}"
+
+
+def _question(prompt: str) -> list[dict[str, str]]:
+    """The chat format's prompt: one user message asking the question."""
+    return [{"role": "user", "content": f"What is {_spaced(prompt)}?"}]
+
+
+def _reply(prompt: str, value: str) -> list[dict[str, str]]:
+    """The chat format's reply: the assistant writes the sum out, "23 + 58 = 81"."""
+    return [{"role": "assistant", "content": f"{_spaced(prompt)} = {value}"}]
 
 
 def _sft_row(prompt: str) -> dict[str, str]:
