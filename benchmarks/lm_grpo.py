@@ -43,7 +43,8 @@ def count_a(prompts, completions):
     return [completion.count("a") / max(len(completion), 1) for completion in completions]
 
 
-def child(bench_dir: str, threads: int, beta: float, model_dir: str = "", lora_r: int = 0, steps: int = 8) -> dict:
+def child(bench_dir: str, threads: int, beta: float, model_dir: str = "", lora_r: int = 0, steps: int = 8,
+          accumulation: int = 1, checkpointing: bool = False) -> dict:
     """Our side of one measurement, in this (fresh) process."""
     import torch
 
@@ -60,6 +61,7 @@ def child(bench_dir: str, threads: int, beta: float, model_dir: str = "", lora_r
     config = grpo.CONFIG(model=model_dir, data=str(work / "prompts.jsonl"), batch_size=8, group_size=8,
                          max_new_tokens=32, min_new_tokens=32, max_steps=steps, learning_rate=1e-6,
                          lora_r=lora_r, lora_alpha=2.0 * lora_r if lora_r else 16.0,
+                         gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing,
                          lr_schedule="linear", clip_range=0.2, num_iterations=1, aggregation="token", beta=beta,
                          temperature=1.0, reward_functions=f"{os.path.abspath(__file__)}:count_a",
                          max_length=128, threads=threads, progress=False, tensorboard=False,
@@ -94,7 +96,9 @@ def last_json_line(command: list[str], threads: int, tag: str) -> dict:
 def run_ours(args) -> dict:
     return last_json_line([sys.executable, os.path.abspath(__file__), "--child", "--bench-dir", args.bench_dir,
                            "--threads", str(args.threads), "--beta", str(args.beta), "--model-dir", args.model_dir,
-                           "--lora-r", str(args.lora_r), "--steps", str(args.steps)], args.threads, "advantage grpo")
+                           "--lora-r", str(args.lora_r), "--steps", str(args.steps), "--accumulation",
+                           str(args.accumulation)] + (["--checkpointing"] if args.checkpointing else []),
+                          args.threads, "advantage grpo")
 
 
 def run_trl(args) -> dict:
@@ -120,11 +124,15 @@ def main() -> None:
     parser.add_argument("--model-dir", default="", help="a Hugging Face model directory (default: tiny_lm's model)")
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank, alpha 2R (0: full fine-tuning)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="our side: micro-batches per step (memory only: the same result)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="our side: gradient checkpointing (TRL's GRPO default)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.bench_dir, args.threads, args.beta, args.model_dir, args.lora_r, args.steps)),
-              flush=True)
+        print(json.dumps(child(args.bench_dir, args.threads, args.beta, args.model_dir, args.lora_r, args.steps,
+                               args.accumulation, args.checkpointing)), flush=True)
         return
     results = []
     for index in range(args.runs):

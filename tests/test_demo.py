@@ -41,7 +41,14 @@ def test_the_demo_runs_every_part_and_writes_its_run_directories(quick_demo):
     # The SFT model against itself: the sampler's log-probabilities and a forward pass agree, so its KL is 0.
     assert abs(comparison["SFT (start)"]["kl_to_reference"]) < 1e-4
     assert all(row["kl_to_reference"] > 1e-3 for name, row in comparison.items() if name != "SFT (start)")
-    # Part 3: the exact checks.
+    # Part 3: the real chat model, before and after GRPO.
+    real = summary["real_model"]
+    assert real["model"] == "smollm2-135m-instruct" and real["steps"] == QUICK.real_model_steps
+    assert (Path(real["run_dir"]) / "final" / "config.json").exists() and Path(real["run_dir"]).parent == out / "real"
+    assert all(0 <= real["accuracy"][when] <= 1 for when in ("before", "after"))
+    assert len(real["examples"]) == 6 and all(example["question"].startswith("What is ") for example in
+                                                real["examples"])
+    # Part 4: the exact checks.
     assert len(summary["verify"]) >= 25 and all(row["passed"] for row in summary["verify"])
     assert re.search(r"exact checks: (\d+)/\1 pass", done.stderr)
 
@@ -51,12 +58,14 @@ def test_the_report_embeds_every_figure_and_renders_in_headless_chromium(quick_d
     assert done.returncode == 0, done.stderr[-3000:]
     page = (out / "report" / "index.html").read_text()
     images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)"', page)
-    # Learning curves, KL and clip fraction, steps/s, the aligned policies, and the five stages' training curves.
-    assert len(images) == 9, [alt for alt, _ in images]
+    # Learning curves, KL and clip fraction, steps/s, the aligned policies, the five stages' training curves and the
+    # real model's GRPO.
+    assert len(images) == 10, [alt for alt, _ in images]
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in images)
-    assert len(list((out / "report").glob("*.png"))) == 9
+    assert len(list((out / "report").glob("*.png"))) == 10
     assert "src=\"http" not in page and "href=\"http" not in page  # self-contained: nothing to fetch
-    for text in ("REINFORCE, total return (psi_1)", "TRPO", "Greedy completions", "RLHF-PPO", "PASS"):
+    for text in ("REINFORCE, total return (psi_1)", "TRPO", "Greedy completions", "RLHF-PPO", "A real chat model",
+                 "smollm2-135m-instruct", "PASS"):
         assert text in page, text
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -66,7 +75,7 @@ def test_the_report_embeds_every_figure_and_renders_in_headless_chromium(quick_d
     dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom", url], capture_output=True, text=True,
                          timeout=120)
     # The page's own script counts the images that finished loading with a non-zero size.
-    assert 'data-images="9/9"' in dom.stdout, dom.stdout[:500] + dom.stderr[-1000:]
+    assert 'data-images="10/10"' in dom.stdout, dom.stdout[:500] + dom.stderr[-1000:]
     shot = tmp_path / "report.png"
     subprocess.run([*flags, "--window-size=1200,6000", f"--screenshot={shot}", url], capture_output=True,
                    timeout=120)
@@ -79,7 +88,7 @@ def test_report_rebuilds_the_page_from_the_demo_directory(quick_demo, tmp_path, 
     assert cli.main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "again" / "index.html")
     page = (tmp_path / "again" / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == 9 and "Exact checks" in page
+    assert page.count("data:image/png;base64,") == 10 and "Exact checks" in page
 
 
 def test_re_running_the_demo_keeps_the_finished_runs(quick_demo):

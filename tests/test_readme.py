@@ -7,8 +7,9 @@ commands read). A command whose comment says "exit 2: MESSAGE" must fail with ex
 that contains MESSAGE; every other command must succeed.
 
 Budgets are cut so the whole README runs in a couple of minutes; the flags are appended, and the last value of a
-flag wins: training runs get --total-steps 4096 (6144 when resuming), language-model stages --max-steps 2,
-evaluations --episodes 2, and everything --progress false. `bash scripts/main.sh` is the session's quick demo
+flag wins: training runs get --total-steps 4096 (6144 when resuming), language-model stages --max-steps 2 and
+--eval-max-prompts 4, `advantage pairs` --max-prompts 8, evaluations --episodes 2 (or --eval-max-prompts 4 for a
+language model), and everything --progress false. `bash scripts/main.sh` is the session's quick demo
 (tests/test_demo.py checks what it wrote). `bash scripts/test.sh` is this very suite: the test checks that CI runs
 exactly it.
 """
@@ -123,9 +124,12 @@ def _budget(argv: list[str]) -> list[str]:
     if argv[0] == "train":
         return [*argv, "--total-steps", "6144" if "--resume" in argv else "4096", "--progress", "false"]
     if argv[0] in LM_STAGES:
-        return [*argv, "--max-steps", "2", "--progress", "false"]
+        return [*argv, "--max-steps", "2", "--eval-max-prompts", "4", "--progress", "false"]
+    if argv[0] == "pairs":
+        return [*argv, "--max-prompts", "8", "--progress", "false"]
     if argv[0] == "eval":
-        return [*argv, "--episodes", "2"]
+        language_model = cli._is_language_model(Path(argv[1]))
+        return [*argv, *(["--eval-max-prompts", "4"] if language_model else ["--episodes", "2"])]
     return argv
 
 

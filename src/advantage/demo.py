@@ -9,7 +9,10 @@
    preference pairs (Bradley-Terry), then RLHF-PPO against that reward model, DPO on the same pairs and GRPO on the
    task's exact-match reward, all three from the same SFT model; then every policy's held-out accuracy, reward-model
    score and KL to the SFT model (`advantage.lm.compare`).
-3. The exact checks of `advantage verify`.
+3. A real chat model: SmolLM2-135M-Instruct (fetched once into the cache, `advantage.lm.fetch`) with LoRA, GRPO on
+   two-number addition asked in chat form, the verifier reading the data's answer column; its held-out accuracy
+   and a few of its answers before and after (`--no-real-model` leaves this part out).
+4. The exact checks of `advantage verify`.
 
 Every run writes its usual run directory under OUT (classic/..., lm/...), so each can be resumed, re-plotted or
 re-run alone; the demo itself can be re-run on the same OUT and skips what is finished (an interrupted run
@@ -70,13 +73,23 @@ class DemoPlan:
     grpo_steps: int
     pairs_per_prompt: int
     compare_samples: int
+    real_model_steps: int
+    real_model_eval_prompts: int
 
 
 FULL = DemoPlan(classic_steps=80_000, classic_seeds=(1, 2, 3), model="builtin:tiny", sft_steps=150,
                 reward_steps=400, rlhf_steps=200, dpo_steps=150, grpo_steps=150, pairs_per_prompt=10,
-                compare_samples=16)
+                compare_samples=16, real_model_steps=25, real_model_eval_prompts=200)
 QUICK = DemoPlan(classic_steps=10_000, classic_seeds=(1,), model="builtin:nano", sft_steps=40, reward_steps=20,
-                 rlhf_steps=4, dpo_steps=10, grpo_steps=4, pairs_per_prompt=2, compare_samples=4)
+                 rlhf_steps=4, dpo_steps=10, grpo_steps=4, pairs_per_prompt=2, compare_samples=4, real_model_steps=2,
+                 real_model_eval_prompts=8)
+
+# Part 3: the real model, its task and the verifier (as in the README's "Aligning a real chat model on a laptop").
+REAL_MODEL = "smollm2-135m-instruct"
+REAL_TASK = dict(max_operand=50, n_train=1000, n_eval=200, seed=0)
+VERIFIER = "advantage.lm.tasks.arithmetic:answer_is_last_number"
+REAL_GRPO = dict(lora_r=16, lora_alpha=32.0, group_size=8, batch_size=8, max_new_tokens=16, learning_rate=1e-4,
+                 beta=0.0, seed=1, reward_functions=VERIFIER)
 
 # The arithmetic task of part 2: one-digit addition, 80 training and 20 held-out prompts (all 100 questions).
 TASK = dict(task="arithmetic", task_max_operand=9, task_train_size=80, task_eval_size=20, seed=1)
@@ -104,7 +117,7 @@ def run_classic(plan: DemoPlan, out: Path, progress: bool = True) -> list[dict[s
             for seed in plan.classic_seeds]
     for number, (index, variant, seed) in enumerate(runs, start=1):
         run_dir = out / "classic" / f"{index}-{variant.name}-seed{seed}"
-        _say(f"[1/3 policy gradient {number}/{len(runs)}] {variant.label}, seed {seed}: {run_dir}")
+        _say(f"[1/4 policy gradient {number}/{len(runs)}] {variant.label}, seed {seed}: {run_dir}")
         fields = dict(variant.fields, env_id="CartPole-v1", seed=seed, total_steps=plan.classic_steps,
                       progress=progress, label=variant.label)
         if _finished(run_dir):
@@ -154,24 +167,24 @@ def run_language_models(plan: DemoPlan, out: Path, progress: bool = True) -> dic
 
     lm = out / "lm"
     model = dict(TASK, max_new_tokens=4)
-    _say(f"[2/3 language models 1/5] SFT of {plan.model} on one-digit addition: {lm / 'sft'}")
+    _say(f"[2/4 language models 1/5] SFT of {plan.model} on one-digit addition: {lm / 'sft'}")
     sft = _lm_stage("sft", lm / "sft", progress, model=plan.model, **TASK, learning_rate=3e-3, batch_size=16,
                     max_steps=plan.sft_steps, warmup_steps=5, lr_schedule="cosine", eval_every=plan.sft_steps)
     start = str(sft / "final")
     train_pairs, eval_pairs = preference_files(sft, lm / "data", plan.pairs_per_prompt)
-    _say(f"[2/3 language models 2/5] reward model (Bradley-Terry) on {train_pairs}: {lm / 'reward'}")
+    _say(f"[2/4 language models 2/5] reward model (Bradley-Terry) on {train_pairs}: {lm / 'reward'}")
     reward = _lm_stage("reward", lm / "reward", progress, model=start, data=str(train_pairs),
                        eval_data=str(eval_pairs), loss="bt", learning_rate=3e-4, batch_size=32,
                        max_steps=plan.reward_steps, lr_schedule="cosine", seed=1)
-    _say(f"[2/3 language models 3/5] RLHF-PPO against the reward model, KL coefficient 1.0: {lm / 'rlhf'}")
+    _say(f"[2/4 language models 3/5] RLHF-PPO against the reward model, KL coefficient 1.0: {lm / 'rlhf'}")
     rlhf = _lm_stage("rlhf", lm / "rlhf", progress, model=start, reward_model=str(reward / "final"), **model,
                      batch_size=16, samples_per_prompt=8, max_steps=plan.rlhf_steps, ppo_epochs=2,
                      num_minibatches=1, learning_rate=3e-4, kl_coef=1.0, lr_schedule="constant", log_every=2)
-    _say(f"[2/3 language models 4/5] DPO on the same pairs, beta 0.1: {lm / 'dpo'}")
+    _say(f"[2/4 language models 4/5] DPO on the same pairs, beta 0.1: {lm / 'dpo'}")
     dpo = _lm_stage("dpo", lm / "dpo", progress, model=start, data=str(train_pairs), eval_data=str(eval_pairs),
                     loss="sigmoid", beta=0.1, learning_rate=5e-4, batch_size=32, max_steps=plan.dpo_steps,
                     lr_schedule="cosine", warmup_steps=min(10, plan.dpo_steps // 2), seed=1)
-    _say(f"[2/3 language models 5/5] GRPO on the exact-match reward, group 8, k3 KL 0.04: {lm / 'grpo'}")
+    _say(f"[2/4 language models 5/5] GRPO on the exact-match reward, group 8, k3 KL 0.04: {lm / 'grpo'}")
     grpo = _lm_stage("grpo", lm / "grpo", progress, model=start, **model, batch_size=16, group_size=8,
                      max_steps=plan.grpo_steps, learning_rate=5e-4, lr_schedule="constant", beta=0.04,
                      log_every=5)
@@ -190,6 +203,51 @@ def run_language_models(plan: DemoPlan, out: Path, progress: bool = True) -> dic
             "prompts": prompts[:SHOWN_COMPLETIONS], "comparison": [asdict(row) for row in figures]}
 
 
+def run_real_model(plan: DemoPlan, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Part 3: GRPO with LoRA on SmolLM2-135M-Instruct; its held-out accuracy and answers before and after."""
+    from advantage.lm.evaluate import evaluate_model
+    from advantage.lm.fetch import DEFAULT_CACHE, fetch_model
+    from advantage.lm.online import OnlineConfig
+    from advantage.lm.tasks import ArithmeticTask
+
+    real = out / "real"
+    _say(f"[3/4 a real chat model 1/3] {REAL_MODEL} (fetched once into {DEFAULT_CACHE}), two-number addition")
+    model = fetch_model(REAL_MODEL, DEFAULT_CACHE / "models" / REAL_MODEL)
+    data = real / "data"
+    if not (data / "sft_eval.jsonl").exists():
+        ArithmeticTask(max_operand=REAL_TASK["max_operand"], chat=True).write_task_files(
+            data, n_train=REAL_TASK["n_train"], n_eval=REAL_TASK["n_eval"], seed=REAL_TASK["seed"])
+    run_dir = real / "grpo"
+    _say(f"[3/4 a real chat model 2/3] GRPO with LoRA r 16, {plan.real_model_steps} steps of 8 questions x 8 "
+         f"answers: {run_dir}")
+    _lm_stage("grpo", run_dir, progress, model=str(model), data=str(data / "sft_train.jsonl"),
+              eval_data=str(data / "sft_eval.jsonl"), eval_max_prompts=plan.real_model_eval_prompts,
+              max_steps=plan.real_model_steps, eval_every=plan.real_model_steps, **REAL_GRPO)
+    _say("[3/4 a real chat model 3/3] answers before and after")
+    answers = {}
+    for name, policy in (("before", model), ("after", run_dir / "final")):
+        settings = OnlineConfig(model=str(policy), data=str(data / "sft_eval.jsonl"),
+                                eval_data=str(data / "sft_eval.jsonl"), reward_functions=VERIFIER,
+                                max_new_tokens=REAL_GRPO["max_new_tokens"], eval_max_prompts=SHOWN_COMPLETIONS,
+                                progress=False)
+        answers[name] = evaluate_model(settings, shown=SHOWN_COMPLETIONS)["examples"]
+    evaluations = [row for row in _metrics(run_dir) if "eval/reward" in row]
+    accuracy = {"before": evaluations[0]["eval/reward"], "after": evaluations[-1]["eval/reward"]}
+    _say(f"  held-out accuracy ({plan.real_model_eval_prompts} questions, greedy): {accuracy['before']:.3f} -> "
+         f"{accuracy['after']:.3f}")
+    questions = [json.loads(line) for line in (data / "sft_eval.jsonl").read_text().splitlines()[:SHOWN_COMPLETIONS]]
+    return {"model": REAL_MODEL, "run_dir": str(run_dir), "steps": plan.real_model_steps,
+            "eval_prompts": plan.real_model_eval_prompts, "accuracy": accuracy,
+            "examples": [{"question": question["prompt"][-1]["content"], "answer": question["answer"],
+                          "before": before[1], "before_right": before[2] == 1.0,
+                          "after": after[1], "after_right": after[2] == 1.0}
+                         for question, before, after in zip(questions, answers["before"], answers["after"])]}
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def run_verify(seed: int = 0) -> list[dict[str, Any]]:
     """Part 3: the rows of `advantage verify` (NaN written as None, for JSON)."""
     from advantage.verify import format_table, run_all
@@ -200,8 +258,13 @@ def run_verify(seed: int = 0) -> list[dict[str, Any]]:
             for row in rows]
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool = True) -> Path:
-    """Run the three parts into `out`, write OUT/demo.json and the report; return the report's path.
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool = True,
+             real_model: bool = True) -> Path:
+    """Run the parts into `out`, write OUT/demo.json and the report; return the report's path.
+
+    Args:
+        real_model: run part 3 (SmolLM2 with GRPO; fetched once through the package index).
+
 
     Raises:
         UsageError: `out` exists and holds something other than a demo.
@@ -222,13 +285,18 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     clock = time.perf_counter()
     language = run_language_models(plan, out, progress)
     seconds["language models"] = time.perf_counter() - clock
+    real = None
+    if real_model:
+        clock = time.perf_counter()
+        real = run_real_model(plan, out, progress)
+        seconds["real chat model"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    _say("[3/3 exact checks] advantage verify")
+    _say("[4/4 exact checks] advantage verify")
     checks = run_verify()
     seconds["exact checks"] = time.perf_counter() - clock
 
     summary = {"plan": asdict(plan), "quick": quick, "classic": classic, "language_models": language,
-               "verify": checks, "seconds": seconds}
+               "real_model": real, "verify": checks, "seconds": seconds}
     _write_json(summary, summary_path)
     from advantage.run.report import write_html_report
 

@@ -133,9 +133,9 @@ def test_the_chat_format_asks_as_a_user_and_keeps_the_answer_in_a_column(tmp_pat
     task = ArithmeticTask(max_operand=99, chat=True)
     row = task.sft_rows(1, seed=0)[0]
     question = row["prompt"][0]["content"]
-    left, right = (int(number) for number in question.removeprefix("What is ").removesuffix("?").split(" + "))
-    assert row["prompt"] == [{"role": "user", "content": f"What is {left} + {right}?"}]
-    assert row["completion"] == [{"role": "assistant", "content": f"{left} + {right} = {left + right}"}]
+    left, right = (int(number) for number in question.split("?")[0].removeprefix("What is ").split(" + "))
+    assert row["prompt"] == [{"role": "user", "content": f"What is {left} + {right}? Answer with the number only."}]
+    assert row["completion"] == [{"role": "assistant", "content": str(left + right)}]
     assert row["answer"] == str(left + right)
     pair = task.preference_rows(1, seed=0)[0]
     assert answer_is_last_number([pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]], [pair["answer"]] * 2) == \

@@ -96,8 +96,10 @@ def test_grpo_under_torchrun_shares_the_prompts_and_writes_once(tmp_path):
     offline stages' batches, differ from one process's); the loss normalisation over processes is proven exact in
     tests/lm/test_grpo_stage.py. Here: it runs, logs every step once, and rank 0's final/ loads and differs from the
     start."""
+    # A reward with a spread in every group (the random model's answers are all wrong): a gradient at every step.
+    (tmp_path / "length.py").write_text("def length(prompts, completions):\n    return [len(c) for c in completions]\n")
     command = ["grpo", *COMMON, "--group-size", "4", "--max-new-tokens", "4", "--beta", "0.04",
-               "--out", str(tmp_path / "two")]
+               "--reward-functions", f"{tmp_path / 'length.py'}:length", "--out", str(tmp_path / "two")]
     run(command, 2)
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]

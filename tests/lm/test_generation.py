@@ -289,7 +289,12 @@ def test_a_peft_lora_model_generates(models):
     # Random (not zero) LoRA B matrices, so the adapter changes the outputs and must be used.
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
     lora = get_peft_model(base, config)
+    weights = {name: parameter.detach().clone() for name, parameter in lora.named_parameters()}
+    # Sampling runs on the weights with the adapters folded in (generation.adapters_folded)...
     generated = generate(lora, PROMPTS, samples_per_prompt=2, max_new_tokens=6, eos_id=-1, pad_id=PAD, greedy=True)
+    # ...and afterwards every weight is bit for bit what it was, the adapters switched on again.
+    assert all(torch.equal(parameter, weights[name]) for name, parameter in lora.named_parameters())
+    assert all(not module.disable_adapters for module in lora.modules() if hasattr(module, "lora_A"))
     lora.eval()
     expected = [slow_greedy(lora, prompt, 6) for prompt in PROMPTS]
     assert generated.completions == repeated(expected, 2)

@@ -160,13 +160,21 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora):
     assert [row["step"] for row in metrics(tmp_path / "killed")] == [row["step"] for row in metrics(tmp_path / "whole")]
 
 
-def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     base = ["grpo", "--task", "arithmetic", "--task-max-operand", "9", "--task-train-size", "8", "--task-eval-size",
             "2", "--model", "builtin:nano", "--max-steps", "1", "--progress", "false", "--tensorboard", "false"]
     cases = [(["--group-size", "1"], "field 'group_size' must be >= 2"),
              (["--reward-functions", "nomodule_q:f"], "cannot import 'nomodule_q'"),
              (["--reward-functions", "tests_rewards_nan.py:f"], "no file"),
-             (["--top-p", "0"], "field 'top_p' must be in (0, 1]")]
+             (["--top-p", "0"], "field 'top_p' must be in (0, 1]"),
+             (["--max-new-tokens", "128"], "field 'max_new_tokens' (128) leaves no room for a prompt in "
+                                           "max_length=128"),
+             (["--reward-functions", "syntax_error.py:f"], "syntax_error.py:2: syntax error in the reward module"),
+             (["--reward-functions", "raises_on_import.py:f"], "importing 'raises_on_import.py' raised "
+                                                               "ZeroDivisionError: division by zero")]
+    (tmp_path / "syntax_error.py").write_text("def f(prompts, completions):\n    return [1.0 for c in\n")
+    (tmp_path / "raises_on_import.py").write_text("x = 1 / 0\n")
+    monkeypatch.chdir(tmp_path)
     for flags, needle in cases:
         assert cli.main([*base, *flags, "--out", str(tmp_path / "x")]) == 2
         error = capsys.readouterr().err.strip()
@@ -176,6 +184,10 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert cli.main([*base, "--reward-functions", f"{source}:f", "--out", str(tmp_path / "nan")]) == 2
     error = capsys.readouterr().err.strip()
     assert f"reward function '{source}:f' returned nan for completion 0" in error and len(error.splitlines()) == 1
+    # Prompts longer than max_length - max_new_tokens keep their end, and the run says so.
+    assert cli.main([*base, "--max-length", "6", "--max-new-tokens", "4", "--out", str(tmp_path / "cut")]) == 0
+    assert "prompts are longer than max_length - max_new_tokens = 2 tokens and were cut at the left" in \
+        capsys.readouterr().err
 
 
 def test_grpo_raises_the_reward_of_a_quick_sft_model(arithmetic_sft, tmp_path):

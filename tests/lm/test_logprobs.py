@@ -170,7 +170,8 @@ def test_chunked_head_has_the_gradient_of_the_whole_forward_pass(models):
         model.zero_grad(set_to_none=True)
     model.eval()
     for name, gradient in gradients[0].items():
-        assert torch.allclose(gradient, gradients[1][name], atol=1e-6), name
+        # float rounding only: within a millionth of the tensor's largest entry (entries reach ~50 here)
+        assert (gradient - gradients[1][name]).abs().max() <= 1e-6 * gradient.abs().max(), name
 
 
 class LargestTensor(TorchDispatchMode):

@@ -126,7 +126,8 @@ def _segments(packed, examples):
 
 
 def test_batch_8x1_equals_2x4_equals_1x8_after_an_optimizer_step(tmp_path):
-    """Through the training loop: one AdamW step gives the same parameters for any accumulation (atol 1e-6).
+    """Through the training loop: one AdamW step gives the same parameters for any accumulation, and with gradient
+    checkpointing (atol 1e-6): both are memory knobs only.
 
     Adam's first step is lr * g / (|g| + eps) per entry, so an entry whose gradient is near eps = 1e-8 (some are
     analytically zero, such as the key biases: softmax ignores a constant added to every key) moves by about lr
@@ -136,9 +137,10 @@ def test_batch_8x1_equals_2x4_equals_1x8_after_an_optimizer_step(tmp_path):
     data = tmp_path / "train.jsonl"
     write_jsonl([{"prompt": p, "completion": c} if p else {"text": c} for p, c in PAIRS], data)
     finals = []
-    for accumulation in (1, 4, 8):
+    for accumulation, checkpointing in ((1, False), (4, False), (8, False), (2, True)):
         run = train(quiet(data=str(data), batch_size=8, gradient_accumulation_steps=accumulation, max_steps=1,
-                          learning_rate=1e-4), tmp_path / f"accumulate{accumulation}")
+                          learning_rate=1e-4, gradient_checkpointing=checkpointing),
+                    tmp_path / f"accumulate{accumulation}-{checkpointing}")
         finals.append(load_file(str(run.run_dir / "final" / "model.safetensors")))
     initial = build_model("nano", seed=1).state_dict()
     for name, tensor in finals[0].items():

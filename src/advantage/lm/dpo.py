@@ -224,6 +224,7 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
     pad, length, ends = pad_id(tokenizer), max_length(config, model), end_ids(tokenizer, model)
     train_examples = tokenize_rankings(train_rows, kind, tokenizer, length, "training", ends)
     eval_examples = tokenize_rankings(eval_rows, kind, tokenizer, length, "evaluation", ends) if eval_rows else []
+    eval_examples = eval_examples[:config.eval_max_prompts or None]
     if config.ranking_answers == "best_worst":
         train_examples = best_and_worst(train_examples)
     processes = session.processes

@@ -97,6 +97,49 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def _foldable_lora_layers(model: nn.Module) -> list:
+    """The PEFT LoRA linear layers of `model` if every one is plain LoRA, active and unmerged; else []."""
+    if not hasattr(model, "peft_config") or not hasattr(model, "disable_adapter"):
+        return []
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layers = [module for module in model.modules() if isinstance(module, LoraLinear)]
+    for layer in layers:
+        if layer.merged or layer.disable_adapters or any(name in layer.lora_variant for name in layer.active_adapters):
+            return []  # merged, disabled, or a variant (DoRA, ...) whose update is not a weight delta
+    return layers
+
+
+@contextlib.contextmanager
+def adapters_folded(model: nn.Module) -> Iterator[None]:
+    """Run a PEFT LoRA model on its base weights with the adapters folded in, W + (alpha / r) B A, for sampling.
+
+    A LoRA layer computes W x + s B (A x): two extra small products per adapted matrix at every decoding step (a fifth
+    of the decoding time of SmolLM2-135M with r = 16 on a CPU). Folded weights give the same outputs up to float
+    rounding at the cost of the base model alone. The folded weights are new tensors, put in place of the base
+    weights' data and taken out again afterwards: the base weights are restored exactly (never unmerged by
+    subtraction), so training and its exact resume are unaffected. Outside PEFT LoRA (or for variants such as DoRA)
+    this does nothing.
+    """
+    layers = _foldable_lora_layers(model)
+    if not layers:
+        yield
+        return
+    originals = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters if name in layer.lora_A)
+                originals.append((weight, weight.data))
+                weight.data = weight.data + delta
+        with model.disable_adapter():
+            yield
+    finally:
+        for weight, data in originals:
+            weight.data = data
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """The prompts as one left-padded batch, so that every row's last token is in the last column.
 
@@ -149,11 +192,16 @@ def sample_tokens(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, t
     Args:
         logits: (N, V) the model's next-token logits (any float dtype; computed in float32).
         temperature, top_k, top_p: the distribution is softmax(filter_logits(logits / temperature, top_k, top_p)).
-        generator: the random source of `torch.multinomial`.
+        generator: the random source of the one uniform number each row draws.
         greedy: take the most likely token instead of sampling (its log-probability is still reported).
 
     Returns:
         tokens (N,) long and log_probs (N,) float32.
+
+    Sampling is by the inverse of the cumulative distribution: with u ~ U[0, 1) per row, the token is the first
+    whose cumulative probability exceeds u. One random number per row instead of `torch.multinomial`'s one per
+    vocabulary entry, which with a real vocabulary (49,152) took a fifth of a decoding step on the CPU. Cumulative
+    sums are float32: a token's probability is resolved to about 1e-7.
     """
     logits = logits.float()
     if temperature != 1.0:
@@ -162,7 +210,13 @@ def sample_tokens(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, t
     if greedy:
         tokens = log_probs.argmax(dim=-1)
     else:
-        tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+        cumulative = log_probs.exp().cumsum(dim=-1)  # (N, V), non-decreasing; flat over filtered tokens
+        total = cumulative[:, -1:]  # (N, 1), 1 up to rounding
+        uniform = torch.rand((len(logits), 1), generator=generator, device=logits.device)  # (N, 1)
+        # The first token whose cumulative sum exceeds u * total has a positive probability; the threshold stays
+        # below the total, so one always exists (u * total can round up to the total itself).
+        threshold = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+        tokens = torch.searchsorted(cumulative, threshold, right=True).squeeze(-1)
     return tokens, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -389,7 +443,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
 
     Args:
         model: a transformers causal LM (Qwen2, Llama, GPT-2 style) or a PEFT model around one; it is put in eval
-            mode for the call and left in the mode it had.
+            mode for the call and left in the mode it had. LoRA adapters are folded into the weights for the call
+            (`adapters_folded`: the same distribution up to float rounding, at the base model's cost).
         prompts: B non-empty token-id lists, of any lengths.
         samples_per_prompt: G; the prompt is computed once and its key-value cache shared by its G samples.
         max_new_tokens: the longest completion.
@@ -419,7 +474,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, greedy=greedy)
     stops = StopSequences(stop_sequences, device)
     extra = _model_inputs(model)
-    with _eval_mode(model):
+    with _eval_mode(model), adapters_folded(model):
         prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (B, P)
         width = prompt_ids.shape[1]
         cache = key_value_cache(model, width + max_new_tokens)

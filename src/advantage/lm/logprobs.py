@@ -29,7 +29,7 @@ are actions need a log-probability, and only the chosen token's entry of each ro
 (B, T, hidden), the hidden states of the positions that score an action are gathered (N, hidden), and the
 language-model head runs on them in chunks of `LOGITS_CHUNK_ELEMENTS // V` rows (`head_log_probs`): each chunk's
 logits are reduced to log softmax(logits)[target] and dropped, and in training the chunk is checkpointed, so its
-logits are recomputed in the backward pass instead of being kept. At most one chunk's logits (64 MiB) exist at any
+logits are recomputed in the backward pass instead of being kept. At most one chunk's logits (16 MiB) exist at any
 time, in training, reference and scoring passes alike, at the price of running the head twice in the backward
 pass (a few per cent of a step). Models whose logits are not plain `lm_head(hidden)` are detected once (the head's
 output is compared with the model's own logits) and use the whole forward pass instead.
@@ -170,8 +170,10 @@ def picked_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
     return picked.float()
 
 
-# Elements of one chunk of logits (float32: 64 MiB): the most that exists at any time in `head_log_probs`.
-LOGITS_CHUNK_ELEMENTS = 1 << 24
+# Elements of one chunk of logits (float32: 16 MiB): the most that exists at any time in `head_log_probs`. Below
+# glibc's 32 MiB mmap ceiling, so that the chunks are served from the heap again and again rather than mapped and
+# unmapped (page faults on every chunk cost as much as its arithmetic on a CPU).
+LOGITS_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -273,6 +275,43 @@ def _chunk_log_probs(hidden: Tensor, targets: Tensor, head: nn.Module, finish: C
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _FrozenHeadLogProbs(torch.autograd.Function):
+    """log softmax(F.linear(h, W, b) / T)[target] for a head that does not train, with its gradient with respect to
+    h computed in the forward pass, chunk by chunk, so that the backward pass needs no logits at all.
+
+    Each log-probability depends on its own hidden state only, and d log softmax(z)[a] / dz = e_a - softmax(z), so
+    d log pi_n / d h_n = (e_{a_n} - p_n) W / T is one hidden-sized row per token: kept instead of the V-wide logits.
+    The backward pass multiplies it by the incoming gradient. This saves the recomputation of every chunk's logits
+    that checkpointing needs (about a third of the head's work) whenever the head is frozen, as with LoRA.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
+                rows: int) -> Tensor:
+        picked = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+        gradient = torch.empty_like(hidden)
+        for start in range(0, len(targets), rows):
+            chunk, chosen = hidden[start:start + rows], targets[start:start + rows].unsqueeze(-1)
+            logits = F.linear(chunk, weight, bias).float()  # (n, V): as `_chunk_log_probs` computes them
+            if temperature != 1.0:
+                logits = logits / temperature
+            normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            # The same operations as `_chunk_log_probs`: with or without gradients, the same bits.
+            picked[start:start + rows] = logits.gather(-1, chosen).squeeze(-1) - normaliser.squeeze(-1)
+            probabilities = logits.sub_(normaliser).exp_()  # (n, V) softmax, in the logits' own memory
+            probabilities.scatter_add_(-1, chosen, torch.full_like(chosen, -1, dtype=probabilities.dtype))
+            # (p - e_a) W / T = - d log pi / d h
+            step = probabilities.to(weight.dtype) @ weight
+            gradient[start:start + rows] = (step / -temperature).to(hidden.dtype)
+        ctx.save_for_backward(gradient)
+        return picked
+
+    @staticmethod
+    def backward(ctx, incoming: Tensor):
+        (gradient,) = ctx.saved_tensors
+        return incoming.unsqueeze(-1).to(gradient.dtype) * gradient, None, None, None, None, None
+
+
 def head_log_probs(parts: HeadParts, hidden: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
     """log pi(target_n | state_n) from the body's hidden state of each state, the head run in chunks.
 
@@ -283,11 +322,17 @@ def head_log_probs(parts: HeadParts, hidden: Tensor, targets: Tensor, temperatur
         temperature: the logits are divided by it.
 
     Returns:
-        (N,) float32. At most `LOGITS_CHUNK_ELEMENTS` logits exist at once; with gradients on, each chunk is
-        checkpointed (its logits recomputed in the backward pass, not kept).
+        (N,) float32. At most `LOGITS_CHUNK_ELEMENTS` logits exist at once. With gradients on, a frozen plain
+        linear head (LoRA, a frozen base) gets its gradient with respect to the hidden states in the forward pass
+        (`_FrozenHeadLogProbs`); a trained head has each chunk checkpointed (its logits recomputed in the backward
+        pass, not kept).
     """
     rows = max(1, LOGITS_CHUNK_ELEMENTS // parts.vocabulary_size)
     tracking = torch.is_grad_enabled() and (hidden.requires_grad or parts.head.weight.requires_grad)
+    head = parts.head
+    if tracking and type(head) is nn.Linear and not head.weight.requires_grad and parts.finish is None \
+            and (head.bias is None or not head.bias.requires_grad):
+        return _FrozenHeadLogProbs.apply(hidden, targets, head.weight, head.bias, temperature, rows)
     pieces = []
     for start in range(0, len(targets), rows):
         arguments = (hidden[start:start + rows], targets[start:start + rows], parts.head, parts.finish, temperature)

@@ -8,6 +8,7 @@ Seed 003's token MDP, sampled: a prompt is the initial state, the policy writes 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,8 @@ class OnlineConfig(LMConfig):
                                     "distribution)")
     top_k: int = param(0, "sample among the k most likely tokens (0: all)")
     top_p: float = param(1.0, "nucleus sampling: the smallest set of tokens with this much probability")
-    eval_max_prompts: int = param(200, "held-out prompts evaluated (greedy) at each evaluation")
+    eval_max_prompts: int = param(200, "held-out prompts evaluated (greedy) at each evaluation, the first ones of the "
+                                       "held-out data (0: all)")
 
 
 def validate_online(config: OnlineConfig) -> None:
@@ -64,7 +66,6 @@ def validate_online(config: OnlineConfig) -> None:
             config.temperature)
     require(config.top_k >= 0, "top_k", "must be >= 0", config.top_k)
     require(0 < config.top_p <= 1, "top_p", "must be in (0, 1]", config.top_p)
-    require(config.eval_max_prompts >= 0, "eval_max_prompts", "must be >= 0", config.eval_max_prompts)
     require(not (config.reward_model and config.reward_functions), "reward_model",
             "and reward_functions exclude each other", config.reward_model)
     require(bool(config.reward_model or config.reward_functions or config.task != "none"), "reward_functions",
@@ -107,14 +108,22 @@ def load_prompts(config: OnlineConfig, run_dir: Path, tokenizer, length: int) ->
     train_rows = load_rows(train_path, "prompt")
     eval_rows = load_rows(eval_path, "prompt") if eval_path else []
     room = length - config.max_new_tokens  # a prompt leaves room for the longest completion
+    if room < 1:
+        raise UsageError(f"field 'max_new_tokens' ({config.max_new_tokens}) leaves no room for a prompt in "
+                         f"max_length={length} tokens (the model's context); lower it or raise max_length")
 
-    def examples(rows) -> list[PromptExample]:
+    def examples(rows, what: str) -> list[PromptExample]:
         texts = prompt_texts(rows, tokenizer)
-        return [PromptExample(text, encode_prompt(tokenizer, text)[-max(room, 1):], row.columns["prompt"],
+        encoded = [encode_prompt(tokenizer, text) for text in texts]
+        cut = sum(len(ids) > room for ids in encoded)
+        if cut:  # the end of a prompt (the question, the generation prompt) matters most: its start is dropped
+            print(f"advantage: {cut} of {len(encoded)} {what} prompts are longer than max_length - max_new_tokens = "
+                  f"{room} tokens and were cut at the left", file=sys.stderr)
+        return [PromptExample(text, ids[-room:], row.columns["prompt"],
                               {name: value for name, value in row.columns.items() if name != "prompt"})
-                for row, text in zip(rows, texts)]
+                for row, text, ids in zip(rows, texts, encoded)]
 
-    return examples(train_rows), examples(eval_rows)[:config.eval_max_prompts]
+    return examples(train_rows, "training"), examples(eval_rows, "held-out")[:config.eval_max_prompts or None]
 
 
 # --------------------------------------------------------------------------------------------------------- rewards

@@ -38,6 +38,7 @@ class PairsConfig(OnlineConfig):
 
     samples_per_prompt: int = param(4, "answers sampled per prompt (K); the pair is a best and a worst of them")
     split: str = param("train", "with --task: which prompts, train or eval")
+    max_prompts: int = param(0, "prompts sampled, the first ones of the data (0: all)")
     batch_size: int = param(8, "prompts sampled together (memory only)")
     out: str = param("pairs.jsonl", "the JSONL file to write")
 
@@ -48,6 +49,7 @@ def validate(config: PairsConfig) -> None:
     require(config.samples_per_prompt >= 2, "samples_per_prompt", "must be >= 2 (a pair needs two answers)",
             config.samples_per_prompt)
     require(config.split in ("train", "eval"), "split", "must be train or eval", config.split)
+    require(config.max_prompts >= 0, "max_prompts", "must be >= 0", config.max_prompts)
     require(config.out.endswith(".jsonl"), "out", "must name a .jsonl file", config.out)
 
 
@@ -73,7 +75,7 @@ def sample_pairs(config: PairsConfig) -> dict[str, float]:
     out = Path(config.out)
     with tempfile.TemporaryDirectory() as scratch:  # a built-in task's files, read once
         train_prompts, eval_prompts = load_prompts(config, Path(scratch), tokenizer, max_length(config, model))
-    prompts = eval_prompts if config.split == "eval" else train_prompts
+    prompts = (eval_prompts if config.split == "eval" else train_prompts)[:config.max_prompts or None]
     if not prompts:
         raise UsageError("field 'split': no eval prompts (give --eval-data, or use --task)")
     scorer = Scorer(config, tokenizer, ends)

@@ -367,6 +367,7 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
     pad, length, ends = pad_id(tokenizer), max_length(config, policy), end_ids(tokenizer, policy)
     train_examples = tokenize_rankings(train_rows, kind, tokenizer, length, "training", ends)
     eval_examples = tokenize_rankings(eval_rows, kind, tokenizer, length, "evaluation", ends) if eval_rows else []
+    eval_examples = eval_examples[:config.eval_max_prompts or None]
     if config.ranking_answers == "best_worst":
         train_examples = best_and_worst(train_examples)
 

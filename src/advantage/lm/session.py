@@ -89,6 +89,9 @@ class LMConfig:
     mixed_precision: Literal["no", "bf16"] = param(
         "no", "bf16: forward and backward passes under torch.autocast in bfloat16 (weights, optimizer state and "
               "losses stay in float32); only faster on CPUs with bfloat16 instructions (AVX512-BF16, AMX)")
+    gradient_checkpointing: bool = param(
+        False, "keep only each layer's input in the forward pass and recompute the rest in the backward pass "
+               "(activation memory / number of layers, about a third more compute; TRL's default for DPO and GRPO)")
     lora_r: int = param(0, "LoRA rank; 0 trains every weight")
     lora_alpha: float = param(16.0, "LoRA scale alpha (the update is alpha / r x B A)")
     lora_dropout: float = param(0.0, "dropout on the LoRA input")
@@ -97,6 +100,8 @@ class LMConfig:
     lora_merge: bool = param(True, "final/ holds the merged model (plain transformers); false: the LoRA adapter "
                                    "(PEFT format) whose base model is the model directory or RUN_DIR/base_model")
     eval_every: int = param(0, "optimizer steps between evaluations; 0 = about every 10% of the run")
+    eval_max_prompts: int = param(0, "held-out examples evaluated at each evaluation, the first ones of the held-out "
+                                     "data (0: all)")
     log_every: int = param(1, "optimizer steps between metrics lines (values are averaged over them)")
     checkpoint_every: int = param(0, "optimizer steps between checkpoints; 0 = about every 10% of the run")
     keep_checkpoints: int = param(2, "how many of the newest checkpoints to keep")
@@ -149,6 +154,7 @@ def validate_lm(config: LMConfig) -> None:
     require(config.lora_alpha > 0, "lora_alpha", "must be > 0", config.lora_alpha)
     require(0 <= config.lora_dropout < 1, "lora_dropout", "must be in [0, 1)", config.lora_dropout)
     require(config.eval_every >= 0, "eval_every", "must be >= 0", config.eval_every)
+    require(config.eval_max_prompts >= 0, "eval_max_prompts", "must be >= 0", config.eval_max_prompts)
     require(config.log_every >= 1, "log_every", "must be >= 1", config.log_every)
     require(config.checkpoint_every >= 0, "checkpoint_every", "must be >= 0", config.checkpoint_every)
     require(config.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", config.keep_checkpoints)
@@ -191,6 +197,13 @@ def load_policy(config: LMConfig):
             model, tokenizer = load_causal_lm(config.model, dtype=config.dtype)
     if tokenizer.eos_token_id is None:
         raise UsageError(f"the tokenizer of {config.model!r} has no eos token (needed to end completions)")
+    if config.gradient_checkpointing:
+        # Non-reentrant checkpointing: gradients reach LoRA adapters without the inputs requiring grad. transformers
+        # renamed the method in 5.x (the old name warns).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train(), tokenizer
 
 

@@ -336,6 +336,7 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
     pad, length, ends = pad_id(tokenizer), max_length(config, model), end_ids(tokenizer, model)
     train_examples = _examples(train_rows, tokenizer, length, "training", ends)
     eval_examples = _examples(eval_rows, tokenizer, length, "evaluation", ends) if eval_rows else []
+    eval_examples = eval_examples[:config.eval_max_prompts or None]
     if config.lora_r:
         model = add_lora(model, config)
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state

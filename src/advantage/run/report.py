@@ -517,6 +517,35 @@ def _lm_section(lm_runs: list[RunInfo], demos: list[dict[str, Any]], out: Path) 
     return "\n".join(parts)
 
 
+def _real_model_section(demos: list[dict[str, Any]]) -> str:
+    """The demo's real chat model: held-out accuracy before and after GRPO, and a few answers (the demo supplies
+    every figure, the verifier's judgement included)."""
+    parts = []
+    for demo in demos:
+        real = demo.get("real_model")
+        if not real:
+            continue
+        accuracy = real["accuracy"]
+        parts.append("<h2>A real chat model</h2>")
+        parts.append(f"<p>{html.escape(real['model'])} with LoRA (r 16), {real['steps']} GRPO steps of 8 questions "
+                     f"x 8 sampled answers on two-number addition asked in chat form; the reward is the verifier "
+                     f"reading the data's answer column. Held-out accuracy of the greedy answer on "
+                     f"{real['eval_prompts']} questions:</p>")
+        parts.append(_table(["", "held-out accuracy"], [["before (the instruct model)", accuracy["before"]],
+                                                        ["after GRPO", accuracy["after"]]]))
+        rows = []
+        for example in real["examples"]:
+            cells = [_Raw(html.escape(example["question"])), _Raw(html.escape(example["answer"]))]
+            for said, right in ((example["before"], example["before_right"]),
+                                (example["after"], example["after_right"])):
+                css = "right" if right else "wrong"
+                cells.append(_Raw(f'<span class="{css}">{html.escape(said.strip()) or "(empty)"}</span>'))
+            rows.append(cells)
+        parts.append("<p>Greedy answers before and after (green: the verifier says right):</p>")
+        parts.append(_table(["question", "answer", "before", "after"], rows, text_columns=4))
+    return "\n".join(parts)
+
+
 def _verify_section(demos: list[dict[str, Any]]) -> str:
     rows = [row for demo in demos for row in demo.get("verify") or []]
     if not rows:
@@ -558,6 +587,7 @@ def write_html_report(paths: list[Path], out: Path, window: int = 20, title: str
         sections.append(_classic_section(classic, out, window))
     if lm_runs or any((demo.get("language_models") or {}).get("comparison") for demo in demos):
         sections.append(_lm_section(lm_runs, demos, out))
+    sections.append(_real_model_section(demos))
     sections.append(_verify_section(demos))
     heading = html.escape(title or "advantage report")
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{heading}</title>"

@@ -14,10 +14,12 @@ Conventions (chosen so that the files make sense to a reader and to any trainer)
   only on the seed and the prompt.
 
 The chat format (`chat=True`, for a real instruct model with a chat template) asks the same questions as a user
-would, "What is 23 + 58?", in conversational rows (a list of messages), with the answer in a column of its own
-(`answer`, as verifiable-reward data sets have it), and replies in a model's own words, "23 + 58 = 81". Its verifier
-is `answer_is_last_number`: the reply is right when the last number in it is the answer, so "23 + 58 = 81", "The
-answer is 81." and "81" are right, "23 + 58 = 80" and an answer cut off before its number are not.
+would, "What is 23 + 58? Answer with the number only.", in conversational rows (a list of messages), with the answer
+in a column of its own (`answer`, as verifiable-reward data sets have it); the reply of the demonstrations is the
+number, "81". Its verifier is `answer_is_last_number`: a reply is right when the last number in it is the answer, so
+"81", "23 + 58 = 81" and "The answer is 81." are right, "23 + 58 = 80" and an answer cut off before its number are
+not. (SmolLM2-135M-Instruct answers 29% of held-out questions with operands up to 50 right this way, greedily within
+16 tokens; without the instruction to answer with the number only, most of its answers run past that budget.)
 """
 
 from __future__ import annotations
@@ -183,21 +185,20 @@ class ArithmeticTask:
         row = _sft_row(prompt)
         if not self.chat:
             return row
-        return {"prompt": _question(prompt), "completion": _reply(prompt, answer(prompt)), "answer": answer(prompt)}
+        return {"prompt": _question(prompt), "completion": _reply(answer(prompt)), "answer": answer(prompt)}
 
     def _preference_row(self, prompt: str, seed: int) -> dict:
         row = _preference_row(prompt, seed)
         if not self.chat:
             return row
-        return {"prompt": _question(prompt), "chosen": _reply(prompt, row["chosen"].strip()),
-                "rejected": _reply(prompt, row["rejected"].strip()), "answer": answer(prompt)}
+        return {"prompt": _question(prompt), "chosen": _reply(row["chosen"].strip()),
+                "rejected": _reply(row["rejected"].strip()), "answer": answer(prompt)}
 
     def _ranking_row(self, prompt: str, k: int, seed: int) -> dict:
         row = _ranking_row(prompt, k, seed)
         if not self.chat:
             return row
-        return {"prompt": _question(prompt),
-                "responses": [f"{_spaced(prompt)} = {value.strip()}" for value in row["responses"]],
+        return {"prompt": _question(prompt), "responses": [value.strip() for value in row["responses"]],
                 "answer": answer(prompt)}
 
 
@@ -207,14 +208,18 @@ def _spaced(prompt: str) -> str:
     return f"{left} {operation} {right}"
 
 
+CHAT_INSTRUCTION = "Answer with the number only."
+
+
 def _question(prompt: str) -> list[dict[str, str]]:
-    """The chat format's prompt: one user message asking the question."""
-    return [{"role": "user", "content": f"What is {_spaced(prompt)}?"}]
+    """The chat format's prompt: one user message asking the question, "What is 23 + 58? Answer with the number
+    only." """
+    return [{"role": "user", "content": f"What is {_spaced(prompt)}? {CHAT_INSTRUCTION}"}]
 
 
-def _reply(prompt: str, value: str) -> list[dict[str, str]]:
-    """The chat format's reply: the assistant writes the sum out, "23 + 58 = 81"."""
-    return [{"role": "assistant", "content": f"{_spaced(prompt)} = {value}"}]
+def _reply(value: str) -> list[dict[str, str]]:
+    """The chat format's reply: the number."""
+    return [{"role": "assistant", "content": value}]
 
 
 def _sft_row(prompt: str) -> dict[str, str]:
