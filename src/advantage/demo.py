@@ -272,6 +272,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     out = Path(out)
     plan = QUICK if quick else FULL
     summary_path = out / "demo.json"
+    from advantage.run.checkpoint import check_run_directory
+
+    check_run_directory(out)
     if out.exists() and any(out.iterdir()) and not summary_path.exists() and not (out / "classic").exists():
         raise UsageError(f"{out}: exists and is not a demo directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)

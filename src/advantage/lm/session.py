@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from advantage.errors import NonFiniteLossError, UsageError
 from advantage.lm.models import quiet_transformers
-from advantage.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from advantage.run.checkpoint import check_run_directory, list_checkpoints, load_checkpoint, save_checkpoint
 from advantage.run.config import apply_overrides, load_yaml_mapping, param, save_config
 from advantage.run.metrics import MetricsWriter, truncate_jsonl
 from advantage.run.progress import Progress
@@ -515,6 +515,8 @@ class LMSession:
         elif (self.run_dir / "config.yaml").exists():
             raise UsageError(f"run directory '{self.run_dir}' already holds a run; pass --resume {self.run_dir} "
                              f"to continue it, or choose another --out")
+        else:
+            check_run_directory(self.run_dir)
         self.processes = Processes()
         shards = self.processes.world_size * config.gradient_accumulation_steps
         if config.batch_size % shards:

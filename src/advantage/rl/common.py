@@ -24,7 +24,8 @@ import torch
 from advantage.errors import NonFiniteLossError, UsageError
 from advantage.rl.envs import SpaceInfo, load_normalization_state, make_vector_env, normalization_state, \
     space_info
-from advantage.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
+from advantage.run.checkpoint import check_run_directory, list_checkpoints, load_checkpoint, save_checkpoint, \
+    save_weights
 from advantage.run.config import atomic_write_text, param, save_config
 from advantage.run.metrics import MetricsWriter
 from advantage.run.progress import Progress
@@ -136,6 +137,8 @@ class Session:
         elif (self.run_dir / "config.yaml").exists():
             raise UsageError(f"run directory '{self.run_dir}' already holds a run; pass --resume {self.run_dir} "
                              f"to continue it, or choose another --out")
+        else:
+            check_run_directory(self.run_dir)
         self.metrics: MetricsWriter | None = None
         self.progress: Progress | None = None
         self._clock_start = time.perf_counter()

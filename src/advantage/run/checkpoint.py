@@ -32,6 +32,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(descriptor)
 
 
+def check_run_directory(run_dir: str | os.PathLike) -> None:
+    """Refuse, in one line, an --out that cannot become a run directory: a file, a path through a file, or a place
+    this process may not write (checked before anything is written, so nothing is left behind).
+
+    Raises:
+        UsageError: naming --out and the path at fault.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out '{run_dir}' is a file, not a directory; choose another --out")
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out '{run_dir}': '{existing}' is a file, so no directory can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out '{run_dir}': '{existing}' is not writable by this user")
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module],
                     state: dict[str, Any], keep: int = 3) -> Path:
     """Write a checkpoint for `step` atomically and keep only the newest `keep` checkpoints.
