@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from advantage.lm.generation import Generated, generate, key_value_cache
+from advantage.lm.generation import Generated, generate, key_value_cache, sample_tokens
 from advantage.lm.logprobs import collate, completion_log_probs
 from advantage.lm.models import build_model
 
@@ -333,3 +333,17 @@ def test_min_new_tokens_forbids_eos_until_then():
                     min_new_tokens=3)
     for completion in held.completions:
         assert eos not in completion[:3] and len(completion) >= 3
+
+
+def test_sample_tokens_draws_each_token_with_its_probability():
+    """The inverse-CDF sampler: over 200,000 rows each token's frequency is within 5 standard errors of its
+    probability, a masked token (-inf) is never drawn, and the reported log-probability is the token's own."""
+    logits = torch.tensor([2.0, 0.5, -1.0, float("-inf"), 1.0, -3.0])
+    probabilities = torch.softmax(logits, dim=-1)
+    rows = 200_000
+    tokens, log_probs = sample_tokens(logits.expand(rows, -1), generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(tokens, minlength=len(logits)).double() / rows
+    standard_errors = (probabilities.double() * (1 - probabilities.double()) / rows).sqrt()
+    assert frequencies[3] == 0
+    assert bool(((frequencies - probabilities.double()).abs() <= 5 * standard_errors + 1e-12).all()), frequencies
+    assert torch.allclose(log_probs, torch.log_softmax(logits, dim=-1)[tokens])
