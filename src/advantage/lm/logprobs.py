@@ -31,7 +31,8 @@ language-model head runs on them in chunks of max(`LOGITS_CHUNK_ELEMENTS // V`, 
 (`head_log_probs`): each chunk's logits are reduced to log softmax(logits)[target] and dropped, and in training the
 chunk is checkpointed, so its logits are recomputed in the backward pass instead of being kept (a frozen head's
 gradient is formed in the forward pass instead). At most one chunk's logits (16 MiB, or 256 rows: 48 MiB at V 49k,
-148 MiB at V 152k) exist at any time, in training, reference and scoring passes alike. Models whose logits are not plain `lm_head(hidden)` are detected once (the head's
+148 MiB at V 152k) exist at any time, in training, reference and scoring passes alike. Models whose logits are not
+plain `lm_head(hidden)` are detected once (the head's
 output is compared with the model's own logits) and use the whole forward pass instead.
 """
 
@@ -170,13 +171,14 @@ def picked_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
     return picked.float()
 
 
-# Elements of one chunk of logits (float32: 16 MiB): the most that exists at any time in `head_log_probs`. Below
-# glibc's 32 MiB mmap ceiling, so that the chunks are served from the heap again and again rather than mapped and
-# unmapped (page faults on every chunk cost as much as its arithmetic on a CPU).
+# Elements of one chunk of logits (float32: 16 MiB) in `head_log_probs`. Below glibc's 32 MiB mmap ceiling, so that
+# small vocabularies' chunks are served from the heap again and again rather than mapped and unmapped (page faults
+# on every chunk cost as much as its arithmetic on a CPU).
 LOGITS_CHUNK_ELEMENTS = 1 << 22
-# ...but never fewer rows than this: every chunk reads the whole (V, hidden) head weight (and, when the head is
-# trained, adds a whole (V, hidden) gradient), so with a large vocabulary tiny chunks spend their time moving the
-# weight rather than multiplying (Qwen2.5's 151,936 x 896 head: 27-row chunks made a training pass 2.3x slower).
+# ...but never fewer rows than this, which wins from V = 16k on: every chunk reads the whole (V, hidden) head weight
+# (and, when the head is trained, adds a whole (V, hidden) gradient), so with a large vocabulary tiny chunks spend
+# their time moving the weight rather than multiplying (Qwen2.5's 151,936 x 896 head: 27-row chunks made a
+# training pass 2.2x slower, benchmarks/README.md).
 MIN_CHUNK_ROWS = 256
 
 
@@ -326,10 +328,10 @@ def head_log_probs(parts: HeadParts, hidden: Tensor, targets: Tensor, temperatur
         temperature: the logits are divided by it.
 
     Returns:
-        (N,) float32. At most max(`LOGITS_CHUNK_ELEMENTS`, `MIN_CHUNK_ROWS` x V) logits exist at once. With gradients on, a frozen plain
-        linear head (LoRA, a frozen base) gets its gradient with respect to the hidden states in the forward pass
-        (`_FrozenHeadLogProbs`); a trained head has each chunk checkpointed (its logits recomputed in the backward
-        pass, not kept).
+        (N,) float32. At most max(`LOGITS_CHUNK_ELEMENTS`, `MIN_CHUNK_ROWS` x V) logits exist at once. With
+        gradients on, a frozen plain linear head (LoRA, a frozen base) gets its gradient with respect to the hidden
+        states in the forward pass (`_FrozenHeadLogProbs`); a trained head has each chunk checkpointed (its logits
+        recomputed in the backward pass, not kept).
     """
     rows = max(1, MIN_CHUNK_ROWS, LOGITS_CHUNK_ELEMENTS // parts.vocabulary_size)
     tracking = torch.is_grad_enabled() and (hidden.requires_grad or parts.head.weight.requires_grad)
