@@ -12,6 +12,7 @@ from pathlib import Path
 
 from advantage.errors import UsageError
 from advantage.rl.api import ALGORITHMS, algorithm_module
+from advantage.run.checkpoint import removed_if_it_fails
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,9 +71,9 @@ LM_RUN_DIRECTORY = (" Writes a run directory: config.yaml, metrics.jsonl (step =
 
 
 # The language-model fields `advantage eval` takes (the others are training settings).
-EVAL_LM_FIELDS = ("eval_data", "task", "task_format", "task_max_operand", "task_operations", "task_train_size",
-                  "task_eval_size", "reward_functions", "reward_weights", "reward_model", "max_new_tokens",
-                  "eval_max_prompts", "dtype", "mixed_precision", "threads")
+EVAL_LM_FIELDS = ("eval_data", "task", "task_format", "task_max_operand", "task_max_second_operand",
+                  "task_operations", "task_train_size", "task_eval_size", "reward_functions", "reward_weights",
+                  "reward_model", "max_new_tokens", "eval_max_prompts", "dtype", "mixed_precision", "threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the seeds end to end: CartPole policy gradients, RLHF/DPO/GRPO on a small LM, GRPO on a real one, checks",
         description="Run the seeds' story and write a report: (1) REINFORCE (total return, reward-to-go, baseline), "
                     "A2C, PPO-clip, PPO with the adaptive KL penalty and TRPO on CartPole-v1 with the same budget "
-                    "and seeds; (2) SFT of a small transformer on one-digit addition, a reward model, then RLHF-PPO, "
-                    "DPO and GRPO from the SFT model, compared on accuracy, reward and KL; (3) GRPO with LoRA on a "
+                    "and seeds; (2) SFT of a small transformer on addition (\"73+8=\"), a reward model, then RLHF-PPO, "
+                    "DPO and GRPO from the SFT model, compared on 200 held-out questions; (3) GRPO with LoRA on a "
                     "real chat model (SmolLM2-135M-Instruct), its held-out accuracy and answers before and after; "
                     "(4) advantage verify. About 15 minutes on 2 CPU cores (--quick: under 3). Every run writes its "
                     "run directory under "
@@ -225,7 +226,8 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     config = resolve_config(args.algorithm, flags, args.config, not args.no_preset, source="command line")
     out = Path(args.out) if args.out else Path("runs") / f"{args.algorithm}-{config.env_id}-seed{config.seed}"
-    algorithm_module(args.algorithm).train(config, out)
+    with removed_if_it_fails(out):
+        algorithm_module(args.algorithm).train(config, out)
     return 0
 
 
@@ -241,7 +243,8 @@ def run_lm_stage(args: argparse.Namespace) -> int:
             return 0
         config = session.resolve_config(stage, flags, args.config, source="command line")
         out = Path(args.out) if args.out else session.default_run_dir(stage, config)
-        session.stage_module(stage).train(config, out)
+        with removed_if_it_fails(out):
+            session.stage_module(stage).train(config, out)
         return 0
     finally:
         session.close_processes()

@@ -5,10 +5,11 @@
    adaptive KL penalty and TRPO, every one with the same environment-step budget and the same seeds. The
    learning curves show what the seeds promise: each step from psi_1 to psi_3 lowers the variance, and the trust
    region methods learn in fewer steps.
-2. Language models (seeds 003, 004) on the built-in arithmetic task: SFT of a small transformer, a reward model on
-   preference pairs (Bradley-Terry), then RLHF-PPO against that reward model, DPO on the same pairs and GRPO on the
-   task's exact-match reward, all three from the same SFT model; then every policy's held-out accuracy, reward-model
-   score and KL to the SFT model (`advantage.lm.compare`).
+2. Language models (seeds 003, 004) on the built-in arithmetic task ("73+8=": a number below 100 plus a digit, 800
+   training and 200 held-out questions): SFT of a small transformer, a reward model on preference pairs
+   (Bradley-Terry), then RLHF-PPO against that reward model, DPO on the same pairs and GRPO on the task's
+   exact-match reward, all three from the same SFT model; then every policy's held-out accuracy, reward-model score
+   and KL to the SFT model (`advantage.lm.compare`).
 3. A real chat model: SmolLM2-135M-Instruct (fetched once into the cache, `advantage.lm.fetch`) with LoRA, GRPO on
    two-number addition asked in chat form, the verifier reading the data's answer column; its held-out accuracy
    and a few of its answers before and after (`--no-real-model` leaves this part out).
@@ -77,8 +78,8 @@ class DemoPlan:
     real_model_eval_prompts: int
 
 
-FULL = DemoPlan(classic_steps=80_000, classic_seeds=(1, 2, 3), model="builtin:tiny", sft_steps=150,
-                reward_steps=400, rlhf_steps=200, dpo_steps=150, grpo_steps=150, pairs_per_prompt=10,
+FULL = DemoPlan(classic_steps=80_000, classic_seeds=(1, 2, 3), model="builtin:tiny", sft_steps=3000,
+                reward_steps=400, rlhf_steps=200, dpo_steps=150, grpo_steps=200, pairs_per_prompt=2,
                 compare_samples=16, real_model_steps=25, real_model_eval_prompts=200)
 QUICK = DemoPlan(classic_steps=10_000, classic_seeds=(1,), model="builtin:nano", sft_steps=40, reward_steps=20,
                  rlhf_steps=4, dpo_steps=10, grpo_steps=4, pairs_per_prompt=2, compare_samples=4, real_model_steps=2,
@@ -91,8 +92,10 @@ VERIFIER = "advantage.lm.tasks.arithmetic:answer_is_last_number"
 REAL_GRPO = dict(lora_r=16, lora_alpha=32.0, group_size=8, batch_size=8, max_new_tokens=16, learning_rate=1e-4,
                  beta=0.0, seed=1, reward_functions=VERIFIER)
 
-# The arithmetic task of part 2: one-digit addition, 80 training and 20 held-out prompts (all 100 questions).
-TASK = dict(task="arithmetic", task_max_operand=9, task_train_size=80, task_eval_size=20, seed=1)
+# The arithmetic task of part 2: a number below 100 plus a digit ("73+8="), 800 training and 200 held-out prompts
+# (all 1,000 questions): the held-out ones are enough to tell policies apart, and learnable by the tiny model.
+TASK = dict(task="arithmetic", task_max_operand=99, task_max_second_operand=9, task_train_size=800,
+            task_eval_size=200, seed=1)
 SHOWN_COMPLETIONS = 6
 
 
@@ -149,7 +152,7 @@ def preference_files(sft_run: Path, out: Path, pairs_per_prompt: int) -> tuple[P
     from advantage.lm.data import load_rows, write_jsonl
     from advantage.lm.tasks import ArithmeticTask
 
-    task = ArithmeticTask(max_operand=TASK["task_max_operand"])
+    task = ArithmeticTask(max_operand=TASK["task_max_operand"], max_second_operand=TASK["task_max_second_operand"])
     paths = []
     for split in ("train", "eval"):
         prompts = [row.columns["prompt"] for row in load_rows(sft_run / "data" / f"sft_{split}.jsonl", "prompt")]
@@ -167,9 +170,10 @@ def run_language_models(plan: DemoPlan, out: Path, progress: bool = True) -> dic
 
     lm = out / "lm"
     model = dict(TASK, max_new_tokens=4)
-    _say(f"[2/4 language models 1/5] SFT of {plan.model} on one-digit addition: {lm / 'sft'}")
+    _say(f"[2/4 language models 1/5] SFT of {plan.model} on addition of a digit to a number below 100: {lm / 'sft'}")
     sft = _lm_stage("sft", lm / "sft", progress, model=plan.model, **TASK, learning_rate=3e-3, batch_size=16,
-                    max_steps=plan.sft_steps, warmup_steps=5, lr_schedule="cosine", eval_every=plan.sft_steps)
+                    max_steps=plan.sft_steps, warmup_steps=min(20, plan.sft_steps // 4), lr_schedule="cosine",
+                    eval_every=plan.sft_steps)
     start = str(sft / "final")
     train_pairs, eval_pairs = preference_files(sft, lm / "data", plan.pairs_per_prompt)
     _say(f"[2/4 language models 2/5] reward model (Bradley-Terry) on {train_pairs}: {lm / 'reward'}")
@@ -185,8 +189,8 @@ def run_language_models(plan: DemoPlan, out: Path, progress: bool = True) -> dic
                     loss="sigmoid", beta=0.1, learning_rate=5e-4, batch_size=32, max_steps=plan.dpo_steps,
                     lr_schedule="cosine", warmup_steps=min(10, plan.dpo_steps // 2), seed=1)
     _say(f"[2/4 language models 5/5] GRPO on the exact-match reward, group 8, k3 KL 0.04: {lm / 'grpo'}")
-    grpo = _lm_stage("grpo", lm / "grpo", progress, model=start, **model, batch_size=16, group_size=8,
-                     max_steps=plan.grpo_steps, learning_rate=5e-4, lr_schedule="constant", beta=0.04,
+    grpo = _lm_stage("grpo", lm / "grpo", progress, model=start, **model, batch_size=32, group_size=8,
+                     max_steps=plan.grpo_steps, learning_rate=3e-4, lr_schedule="constant", beta=0.04,
                      log_every=5)
     _say("  comparing the policies on the held-out prompts")
     prompts = [row.columns["prompt"] for row in load_rows(sft / "data" / "sft_eval.jsonl", "prompt")]

@@ -57,6 +57,16 @@ def test_prompts_are_deterministic_distinct_and_in_range():
         task.prompts(201, seed=0)
 
 
+def test_a_smaller_second_operand_gives_every_pair_once_and_only_those():
+    task = ArithmeticTask(max_operand=99, max_second_operand=9)
+    every = task.prompts(task.n_questions, seed=0)
+    pairs = {tuple(map(int, re.fullmatch(r"(\d+)\+(\d+)=", prompt).groups())) for prompt in every}
+    assert task.n_questions == 1000 and pairs == {(a, b) for a in range(100) for b in range(10)}
+    assert ArithmeticTask(max_operand=9, max_second_operand=9).prompts(100, 1) == ArithmeticTask(9).prompts(100, 1)
+    with pytest.raises(UsageError, match="max_second_operand must be an integer >= 1"):
+        ArithmeticTask(max_second_operand=0)
+
+
 def test_bad_task_settings_are_usage_errors():
     with pytest.raises(UsageError, match="operations must be distinct characters from"):
         ArithmeticTask(operations="/")

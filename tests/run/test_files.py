@@ -3,10 +3,11 @@
 import os
 import stat
 
+import pytest
 import torch
 from torch import nn
 
-from advantage.run.checkpoint import save_checkpoint, save_weights
+from advantage.run.checkpoint import removed_if_it_fails, save_checkpoint, save_weights
 from advantage.run.config import atomic_write_text
 
 
@@ -27,3 +28,29 @@ def test_atomic_files_and_checkpoints_get_the_usual_permissions(tmp_path):
         assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") and "tmp" in p.name]
     finally:
         os.umask(mask)
+
+
+def _fail_after(run_dir, write_checkpoint):
+    with pytest.raises(RuntimeError, match="step 3"):
+        with removed_if_it_fails(run_dir):
+            run_dir.mkdir(exist_ok=True)
+            (run_dir / "config.yaml").write_text("a: 1\n")
+            (run_dir / "tensorboard").mkdir()
+            if write_checkpoint:
+                save_checkpoint(run_dir, 2, {"net": nn.Linear(2, 1)}, {"step": 2})
+            raise RuntimeError("bad data at step 3")
+
+
+def test_a_run_that_fails_before_a_checkpoint_removes_what_it_wrote_and_only_that(tmp_path):
+    _fail_after(tmp_path / "fresh", write_checkpoint=False)
+    assert not (tmp_path / "fresh").exists()  # made by the run: gone
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep\n")
+    _fail_after(mine, write_checkpoint=False)
+    assert sorted(os.listdir(mine)) == ["notes.txt"]  # there before: kept, with what was in it
+    _fail_after(tmp_path / "resumable", write_checkpoint=True)
+    assert sorted(os.listdir(tmp_path / "resumable")) == ["checkpoints", "config.yaml", "tensorboard"]
+    with removed_if_it_fails(tmp_path / "done"):  # a run that succeeds keeps everything
+        (tmp_path / "done").mkdir()
+    assert (tmp_path / "done").is_dir()

@@ -66,7 +66,7 @@ from advantage.lm.models import ScalarHeadModel
 from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, StepWindow, add_lora, end_ids, fingerprint, \
     learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, task_files, \
     total_steps, validate_lm
-from advantage.lm.sft import tokenize_pairs
+from advantage.lm.sft import keep_trainable, tokenize_pairs
 from advantage.objectives.preference import bradley_terry_loss, kwise_pairwise_loss, plackett_luce_loss
 from advantage.run.config import param
 
@@ -156,19 +156,24 @@ def tokenize_rankings(rows: Sequence[Row], kind: str, tokenizer, length: int, wh
     """Token ids of every row's prompt and answers (each ending with one end token, `sft.tokenize_pairs`; each
     prompt + answer cut to `length` tokens).
 
-    A preference row becomes the ranking (chosen, rejected). Cuts are reported on stderr, as in sft.
+    A preference row becomes the ranking (chosen, rejected). Cuts are reported on stderr, as in sft; rows left with
+    nothing to compare (an answer cut to no token, or all cut to the same tokens) are left out (`sft.keep_trainable`).
     """
     texts = [(prompt, [chosen, rejected]) for prompt, chosen, rejected in preference_triples(rows, tokenizer)] \
         if kind == "preference" else rankings(rows, tokenizer)
-    examples, cut = [], 0
+    examples, cut, trainable = [], 0, []
     for prompt, answers in texts:
         pairs, count = tokenize_pairs([(prompt, answer) for answer in answers], tokenizer, length, end_ids)
         cut += count
         examples.append(RankedExample(pairs[0].prompt_ids, [pair.completion_ids for pair in pairs]))
+        # An answer cut to nothing, or answers cut to the same tokens, leave no difference to learn a preference from.
+        answers_ids = [tuple(pair.completion_ids) for pair in pairs]
+        trainable.append(all(answers_ids) and not (count and len(set(answers_ids)) == 1))
+    keep = keep_trainable(trainable, [row.where for row in rows], length, what, "rows")
     if cut:
         print(f"advantage: {cut} {what} answers are longer than max_length={length} tokens (with the prompt) and "
               f"were cut at the right", file=sys.stderr)
-    return examples
+    return [examples[index] for index in keep]
 
 
 def best_and_worst(examples: Sequence[RankedExample]) -> list[RankedExample]:

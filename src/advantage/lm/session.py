@@ -40,8 +40,9 @@ from torch import Tensor, nn
 
 from advantage.errors import NonFiniteLossError, UsageError
 from advantage.lm.models import quiet_transformers
-from advantage.run.checkpoint import check_run_directory, list_checkpoints, load_checkpoint, save_checkpoint
-from advantage.run.config import apply_overrides, load_yaml_mapping, param, save_config
+from advantage.run.checkpoint import (check_run_directory, list_checkpoints, load_checkpoint,
+                                      removed_if_it_fails, save_checkpoint)
+from advantage.run.config import apply_overrides, load_config_file, load_yaml_mapping, param, save_config
 from advantage.run.metrics import MetricsWriter, truncate_jsonl
 from advantage.run.progress import Progress
 
@@ -63,6 +64,8 @@ class LMConfig:
     task: Literal["none", "arithmetic"] = param("none", "a built-in task instead of --data: its train/eval files "
                                                         "are generated into RUN_DIR/data")
     task_max_operand: int = param(99, "arithmetic task: operands lie in 0..max_operand")
+    task_max_second_operand: int = param(0, "arithmetic task: the second operand lies in 0..this (0: in "
+                                            "0..task_max_operand like the first)")
     task_operations: str = param("+", "arithmetic task: operations to draw from, any of + - *")
     task_format: Literal["text", "chat"] = param(
         "text", "arithmetic task: text (\"23+58=\" -> \"81\", for the built-in models) or chat (conversational "
@@ -168,6 +171,8 @@ def validate_lm(config: LMConfig) -> None:
                 config.eval_data)
         require(config.task_train_size >= 1, "task_train_size", "must be >= 1", config.task_train_size)
         require(config.task_eval_size >= 1, "task_eval_size", "must be >= 1", config.task_eval_size)
+        require(config.task_max_second_operand >= 0, "task_max_second_operand", "must be >= 0",
+                config.task_max_second_operand)
 
 
 
@@ -240,9 +245,13 @@ def add_lora(model, config: LMConfig):
 
 def max_length(config: LMConfig, model) -> int:
     """The longest sequence: `config.max_length`, or the model's position limit capped at 2048."""
+    positions = getattr(model.config, "max_position_embeddings", None)
     if config.max_length:
+        if positions and config.max_length > positions:
+            raise UsageError(f"field 'max_length' ({config.max_length}) is beyond the {positions} positions of model "
+                             f"'{config.model}'")
         return config.max_length
-    return min(int(getattr(model.config, "max_position_embeddings", None) or 2048), 2048)
+    return min(int(positions or 2048), 2048)
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -253,6 +262,7 @@ def task_files(config: LMConfig, run_dir: Path) -> dict[str, Path]:
     from advantage.lm.tasks import ArithmeticTask
 
     task = ArithmeticTask(max_operand=config.task_max_operand, operations=config.task_operations,
+                          max_second_operand=config.task_max_second_operand or None,
                           chat=config.task_format == "chat")
     directory = run_dir / "data"
     names = [f"{kind}_{split}" for kind in ("sft", "preference", "ranking") for split in ("train", "eval")]
@@ -686,7 +696,7 @@ def resolve_config(stage: str, fields: dict[str, Any], config_file: str | Path |
     """The config of `stage`: its defaults < a YAML config file < `fields`."""
     config = stage_module(stage).CONFIG()
     if config_file:
-        config = apply_overrides(config, load_yaml_mapping(config_file), str(config_file))
+        config = apply_overrides(config, load_config_file(config_file, stage), str(config_file))
     return apply_overrides(config, fields, source)
 
 
@@ -701,7 +711,9 @@ def train(stage: str, out: str | Path | None = None, config_file: str | Path | N
     """Run a language-model stage ("sft", "reward", "dpo") and return its LMRun; `fields` are any fields of the stage's
     config."""
     config = resolve_config(stage, fields, config_file)
-    return stage_module(stage).train(config, Path(out) if out else default_run_dir(stage, config))
+    out = Path(out) if out else default_run_dir(stage, config)
+    with removed_if_it_fails(out):
+        return stage_module(stage).train(config, out)
 
 
 def resume(run_dir: str | Path, stage: str | None = None, **fields: Any) -> LMRun:

@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from advantage.errors import UsageError
 from advantage.lm.data import load_rows, sft_pairs
 from advantage.lm.logprobs import collate, masked_log_probs
 from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, Processes, StepWindow, add_lora, end_ids, \
@@ -313,10 +314,36 @@ def _data_paths(config: SFTConfig, run_dir: Path) -> tuple[str, str]:
 
 def _examples(rows, tokenizer, length: int, what: str, end_ids: Sequence[int]) -> list[SFTExample]:
     examples, cut = tokenize_pairs(sft_pairs(rows, tokenizer), tokenizer, length, end_ids)
+    keep = keep_trainable([bool(example.completion_ids) for example in examples], [row.where for row in rows],
+                          length, what, "examples")
     if cut:
         print(f"advantage: {cut} of {len(examples)} {what} examples are longer than max_length={length} tokens "
               f"and were cut at the right", file=sys.stderr)
-    return examples
+    return [examples[index] for index in keep]
+
+
+def keep_trainable(trainable: Sequence[bool], where: Sequence[str], length: int, what: str,
+                   kind: str) -> list[int]:
+    """The indices of the examples that still hold a token to learn from once cut to `length`.
+
+    A prompt that fills the whole context leaves its completion nothing: such an example would train on no token
+    at all (sft) or compare answers cut to nothing (reward, dpo). They are left out with a warning that counts them;
+    if none is left, the run stops with one line naming the first such row.
+
+    Raises:
+        UsageError: when no example is trainable.
+    """
+    keep = [index for index, ok in enumerate(trainable) if ok]
+    if len(keep) == len(trainable):
+        return keep
+    first = where[trainable.index(False)]
+    if not keep:
+        raise UsageError(f"{first}: the prompt fills all max_length={length} tokens, so no {what} {kind[:-1]} has a "
+                         f"token left to train on; raise --max-length or shorten the prompts")
+    print(f"advantage: {len(trainable) - len(keep)} of {len(trainable)} {what} {kind} have no token left to train on "
+          f"once cut to max_length={length} (the prompt fills it; the first: {first}) and are left out",
+          file=sys.stderr)
+    return keep
 
 
 def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun:

@@ -60,7 +60,7 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
     torch.set_num_threads(config.threads)
     batch_size = config.num_steps * config.num_envs
     iterations = max(1, config.total_steps // batch_size)
-    session = Session("a2c", config, run_dir, resume, iterations, batch_size)
+    session = Session("a2c", config, run_dir, resume, iterations, batch_size, unit="rollout")
     env, space = make_env(config)
     torch.manual_seed(config.seed)
     policy = Policy(space, initial_log_std=config.initial_log_std, **config.networks())

@@ -17,7 +17,8 @@ from typing import Any
 from advantage.errors import UsageError
 from advantage.rl.common import Run
 from advantage.rl.presets import preset_for
-from advantage.run.config import apply_overrides, load_yaml_mapping
+from advantage.run.checkpoint import removed_if_it_fails
+from advantage.run.config import apply_overrides, load_config_file, load_yaml_mapping
 
 ALGORITHMS = ("reinforce", "a2c", "ppo", "trpo", "dqn")
 
@@ -36,7 +37,7 @@ def resolve_config(algorithm: str, fields: dict[str, Any], config_file: str | Pa
     """The config of `algorithm`: defaults < preset for the environment < config file < `fields`."""
     module = algorithm_module(algorithm)
     config = module.CONFIG()
-    from_file = load_yaml_mapping(config_file) if config_file else {}
+    from_file = load_config_file(config_file, algorithm) if config_file else {}
     env_id = fields.get("env_id") or from_file.get("env_id") or config.env_id
     if use_preset:
         preset = preset_for(algorithm, str(env_id))
@@ -59,7 +60,8 @@ def train(algorithm: str, out: str | Path | None = None, config_file: str | Path
     """
     config = resolve_config(algorithm, fields, config_file, use_preset)
     out = Path(out) if out else Path("runs") / f"{algorithm}-{config.env_id}-seed{config.seed}"
-    return algorithm_module(algorithm).train(config, out)
+    with removed_if_it_fails(out):
+        return algorithm_module(algorithm).train(config, out)
 
 
 def resume(run_dir: str | Path, **fields: Any) -> Run:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,10 +116,12 @@ class Session:
         resume: continue from the newest checkpoint in run_dir.
         iterations: total number of iterations of the run (for the default checkpoint interval).
         steps_per_iteration: environment steps per iteration.
+        unit: what one iteration is ("rollout"); when given, a fresh run whose total_steps is less than one
+            iteration says on stderr that it trains a whole one.
     """
 
     def __init__(self, algorithm: str, config: RLConfig, run_dir: str | Path, resume: bool, iterations: int,
-                 steps_per_iteration: int):
+                 steps_per_iteration: int, unit: str = ""):
         self.algorithm = algorithm
         self.config = config
         self.run_dir = Path(run_dir)
@@ -131,6 +134,7 @@ class Session:
         self.consecutive_nonfinite = 0
         self.skipped_updates = 0
         self.checkpoint_path: Path | None = None
+        self._start_note = ""
         if resume:
             checkpoints = list_checkpoints(self.run_dir)
             self.checkpoint_path = checkpoints[-1] if checkpoints else None
@@ -139,6 +143,9 @@ class Session:
                              f"to continue it, or choose another --out")
         else:
             check_run_directory(self.run_dir)
+            if unit and config.total_steps < steps_per_iteration:  # more than asked for: say so, once it starts
+                self._start_note = (f"advantage: total_steps={config.total_steps} is less than one {unit} "
+                                    f"({steps_per_iteration} steps); training one {unit}, {steps_per_iteration} steps")
         self.metrics: MetricsWriter | None = None
         self.progress: Progress | None = None
         self._clock_start = time.perf_counter()
@@ -160,6 +167,8 @@ class Session:
         # environment, an unsupported action space) leaves no run directory behind.
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.run_dir / "config.yaml", self.algorithm)
+        if self._start_note:
+            print(self._start_note, file=sys.stderr)
         state = None
         if self.checkpoint_path is not None:
             state = load_checkpoint(self.checkpoint_path, modules)

@@ -123,7 +123,7 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
     torch.set_num_threads(config.threads)
     steps_per_iteration = config.train_frequency * config.num_envs
     iterations = max(1, config.total_steps // steps_per_iteration)
-    session = Session("dqn", config, run_dir, resume, iterations, steps_per_iteration)
+    session = Session("dqn", config, run_dir, resume, iterations, steps_per_iteration, unit="iteration")
     env, space = make_env(config)
     if not space.discrete:
         raise UsageError(f"dqn needs a Discrete action space; env '{config.env_id}' has Box actions")

@@ -9,9 +9,11 @@ A directory that exists under its final name is complete; half-written ones only
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,35 @@ def check_run_directory(run_dir: str | os.PathLike) -> None:
         raise UsageError(f"--out '{run_dir}': '{existing}' is a file, so no directory can be made under it")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--out '{run_dir}': '{existing}' is not writable by this user")
+
+
+@contextlib.contextmanager
+def removed_if_it_fails(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Run a fresh run's training inside this: if it raises before its first checkpoint, what it wrote is removed.
+
+    A run that fails (a reward function that raises, data that turns out bad at step 3, ...) before any checkpoint
+    has nothing to resume from, yet its config.yaml would make the fixed command refuse the same --out. So every
+    entry the run created in `run_dir` is deleted, and `run_dir` itself if the run made it; entries that were there
+    before are kept. Once a checkpoint exists the directory stays, and `--resume` continues it. Only an Exception
+    triggers this (Ctrl-C keeps the partial logs to look at); under torchrun only rank 0 deletes.
+    """
+    run_dir = Path(run_dir)
+    existed = run_dir.is_dir()
+    before = set(os.listdir(run_dir)) if existed else set()
+    try:
+        yield
+    except Exception:
+        if int(os.environ.get("RANK", "0")) == 0 and run_dir.is_dir() and not list_checkpoints(run_dir):
+            if not existed:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                for name in set(os.listdir(run_dir)) - before:
+                    entry = run_dir / name
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module],

@@ -110,6 +110,19 @@ def load_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def load_config_file(path: str | os.PathLike, algorithm: str) -> dict[str, Any]:
+    """The fields of a --config file for `algorithm`; a run's own config.yaml may be given as it is.
+
+    config.yaml names its algorithm (or stage); that entry is dropped when it matches, and a file written for
+    another algorithm is refused in one line rather than half-applied.
+    """
+    fields = load_yaml_mapping(path)
+    written_for = fields.pop("algorithm", algorithm)
+    if written_for != algorithm:
+        raise UsageError(f"{path}: this config is for '{written_for}', not '{algorithm}'")
+    return fields
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """The config as a plain mapping (for YAML, metrics and TensorBoard)."""
     return dataclasses.asdict(config)

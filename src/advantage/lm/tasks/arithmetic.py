@@ -91,15 +91,24 @@ def _leading_number(completion: str) -> str:
 
 @dataclass(frozen=True)
 class ArithmeticTask:
-    """Questions "a op b =" with operands in 0..max_operand and op drawn from `operations` (a string of + - *)."""
+    """Questions "a op b =" with a in 0..max_operand, b in 0..max_second_operand (default: max_operand too) and op
+    drawn from `operations` (a string of + - *).
+
+    A small second operand ("73+8=") keeps the skill small (copy the tens, add two digits, carry) while the
+    questions are many (100 x 10): a model can then be judged on hundreds of questions it never saw.
+    """
 
     max_operand: int = 99
     operations: str = "+"
     chat: bool = False
+    max_second_operand: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_operand, bool) or not isinstance(self.max_operand, int) or self.max_operand < 1:
             raise UsageError(f"arithmetic task: max_operand must be an integer >= 1, got {self.max_operand!r}")
+        second = self.max_second_operand
+        if second is not None and (isinstance(second, bool) or not isinstance(second, int) or second < 1):
+            raise UsageError(f"arithmetic task: max_second_operand must be an integer >= 1, got {second!r}")
         unknown = set(self.operations) - set(OPERATIONS)
         if not self.operations or unknown or len(set(self.operations)) != len(self.operations):
             raise UsageError(f"arithmetic task: operations must be distinct characters from "
@@ -108,7 +117,11 @@ class ArithmeticTask:
     @property
     def n_questions(self) -> int:
         """How many distinct prompts exist."""
-        return len(self.operations) * (self.max_operand + 1) ** 2
+        return len(self.operations) * (self.max_operand + 1) * (self._second_max + 1)
+
+    @property
+    def _second_max(self) -> int:
+        return self.max_operand if self.max_second_operand is None else self.max_second_operand
 
     def prompts(self, n: int, seed: int) -> list[str]:
         """n distinct prompts, drawn without replacement; the same seed gives the same list."""
@@ -117,11 +130,11 @@ class ArithmeticTask:
         if n > self.n_questions:
             raise UsageError(f"arithmetic task: asked for {n} distinct prompts, but max_operand={self.max_operand} "
                              f"and operations {self.operations!r} give only {self.n_questions}")
-        side = self.max_operand + 1
+        pairs = (self.max_operand + 1) * (self._second_max + 1)
         result = []
         for index in random.Random(seed).sample(range(self.n_questions), n):
-            operation, pair = divmod(index, side * side)
-            left, right = divmod(pair, side)
+            operation, pair = divmod(index, pairs)
+            left, right = divmod(pair, self._second_max + 1)
             result.append(f"{left}{self.operations[operation]}{right}=")
         return result
 
