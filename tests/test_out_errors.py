@@ -34,16 +34,22 @@ def test_an_out_that_is_a_file_is_refused_in_one_line(command, under, tmp_path, 
 
 
 
+ONLINE = {"grpo": COMMANDS["grpo"],
+          "rlhf": ["rlhf", *SMALL_LM, "--samples-per-prompt", "2", "--max-new-tokens", "4"]}
+
+
+@pytest.mark.parametrize("stage", sorted(ONLINE))
 @pytest.mark.parametrize("body, needle", [("raise RuntimeError('the grader is down')", "the grader is down"),
                                           ("return [1.0]", "returned 1 values for")],
                          ids=["raises", "wrong-count"])
-def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_and_the_fixed_command_runs(body, needle,
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_and_the_fixed_command_runs(stage, body, needle,
                                                                                                  tmp_path, capsys):
-    """Issue 13, item 1: a reward function failing mid-run stops grpo with its one line, and no config.yaml,
-    metrics.jsonl or tensorboard/ stays behind to refuse the rerun of the fixed command on the same --out."""
+    """Issue 13, item 1: a reward function failing mid-run stops grpo or rlhf with its one line, and no
+    config.yaml, metrics.jsonl or tensorboard/ stays behind to refuse the rerun of the fixed command on the same
+    --out."""
     out, rewards = tmp_path / "run", tmp_path / "rf.py"
     rewards.write_text(f"def f(prompts, completions):\n    {body}\n")
-    command = [*COMMANDS["grpo"], "--reward-functions", f"{rewards}:f", "--tensorboard", "true", "--out", str(out)]
+    command = [*ONLINE[stage], "--reward-functions", f"{rewards}:f", "--tensorboard", "true", "--out", str(out)]
     code = cli.main(command)
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1 and needle in error[0], error
