@@ -60,8 +60,8 @@ from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_
 from advantage.lm.session import DataOrder, LMRun, LMSession, Processes, StepWindow, add_lora, end_ids, \
     fingerprint, learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require
 from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
-from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate
-from advantage.objectives.masking import AGGREGATIONS
+from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate, kl_reward_penalty
+from advantage.objectives.masking import AGGREGATIONS, masked_sum
 from advantage.run.config import param
 
 @dataclass
@@ -236,9 +236,9 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRu
             for rollout in rollouts:
                 current = rollout.old_log_probs if rollout.old_log_probs is not None else \
                     _log_probs_without_grad(model, rollout.batch, config.temperature)
-                per_token = kl_estimate(current, rollout.ref_log_probs, config.kl_estimator)
-                penalties.append((per_token * rollout.batch.answer_mask).sum(dim=-1))  # sum_t k(a_t)
-            rewards = rewards - config.beta * torch.cat(penalties)
+                per_token = kl_reward_penalty(current, rollout.ref_log_probs, config.beta, config.kl_estimator)
+                penalties.append(masked_sum(per_token, rollout.batch.answer_mask, dim=-1))  # -beta sum_t k(a_t)
+            rewards = rewards + torch.cat(penalties)
 
         # 4. A_i = (r_i - mean(r)) / std(r) within each group (seed 000).
         advantages = group_normalized_advantages(rewards, config.group_size, scale_by_std=config.scale_rewards)

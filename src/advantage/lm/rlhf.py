@@ -55,18 +55,18 @@ from torch import Tensor, nn
 
 from advantage.lm.data import load_rows, sft_pairs
 from advantage.lm.generation import generate
-from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt
+from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt, masked_log_probs
 from advantage.lm.models import ScalarHeadModel
 from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_prompts, validate_online
 from advantage.lm.session import DataOrder, LMRun, LMSession, StepWindow, add_lora, end_ids, fingerprint, \
     learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require
-from advantage.lm.sft import collate_examples, completion_nll, tokenize_pairs
+from advantage.lm.sft import collate_examples, tokenize_pairs
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate, kl_loss_term
-from advantage.objectives.masking import masked_whiten
+from advantage.objectives.masking import aggregate, masked_whiten
 from advantage.objectives.policy_gradient import clipped_value_loss, explained_variance
 from advantage.objectives.ppo import adaptive_kl_beta, clipped_surrogate_loss
 from advantage.objectives.returns import gae, shift_to_next
-from advantage.objectives.rlhf import shaped_token_rewards, terminal_at_last_token
+from advantage.objectives.rlhf import ptx_loss, shaped_token_rewards, terminal_at_last_token
 from advantage.run.config import param
 
 
@@ -375,15 +375,16 @@ def ppo_step(model: nn.Module, value_model: ScalarHeadModel, rollout: Rollout, p
                                                 config.clip_range, mask, num_tokens=num_tokens)
     if config.kl_placement == "loss" and kl_coef > 0:
         kl_terms = kl_loss_term(log_probs, picked(ref_log_probs), kl_coef, config.kl_estimator)
-        policy_loss = policy_loss + (kl_terms * mask).sum() / num_tokens
+        policy_loss = policy_loss + aggregate(kl_terms, mask, "token", num_tokens=num_tokens)
     ptx = torch.zeros(())
     if config.ptx_coef > 0:
         # PPO-ptx (seed 000): + gamma E_{x ~ D_pretrain}[log pi(x)], as a loss, on a batch that cycles the data.
         start = (step * config.ptx_batch_size) % len(ptx_examples)
         chosen = [ptx_examples[(start + i) % len(ptx_examples)] for i in range(config.ptx_batch_size)]
         pretraining = collate_examples(chosen, pad)
-        nll = completion_nll(model, pretraining, int(pretraining.loss_mask.sum()))
-        ptx = config.ptx_coef * nll / processes.world_size
+        pretrain_log_probs = masked_log_probs(model, pretraining.input_ids, pretraining.attention_mask,
+                                              pretraining.position_ids, pretraining.loss_mask)
+        ptx = ptx_loss(pretrain_log_probs, pretraining.loss_mask, config.ptx_coef) / processes.world_size
     (policy_loss + ptx).backward()
 
     values = value_model.answer_values(batch).float()

@@ -39,7 +39,17 @@ from advantage.objectives.trust_region import (
     backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_grad, natural_gradient_step,
 )
 
-import types as _types
-
-__all__ = [name for name, value in dict(globals()).items()
-           if not name.startswith("_") and not isinstance(value, _types.ModuleType)]
+__all__ = [
+    "adaptive_kl_beta", "aggregate", "backtracking_line_search", "bradley_terry_loss",
+    "bradley_terry_probability", "categorical_entropy", "categorical_kl", "clipped_surrogate_loss",
+    "clipped_surrogate_terms", "clipped_value_loss", "conjugate_gradient", "cpi_loss", "discounted_returns",
+    "dpo_implicit_rewards", "dpo_loss", "episode_return_per_step", "explained_variance", "fill_padding",
+    "fisher_vector_product", "flat_grad", "gae", "gaussian_entropy", "gaussian_kl",
+    "group_normalized_advantages", "grpo_loss", "importance_ratio", "importance_sampling_estimate",
+    "kl_estimate", "kl_k1", "kl_k2", "kl_k3", "kl_loss_term", "kl_penalty_surrogate_loss", "kl_reward_penalty",
+    "kwise_pairwise_loss", "last_token_index", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
+    "n_step_advantage", "n_step_returns", "natural_gradient_step", "normalize_advantages",
+    "plackett_luce_dpo_loss", "plackett_luce_log_likelihood", "plackett_luce_loss", "policy_gradient_loss",
+    "psi", "ptx_loss", "shaped_token_rewards", "shift_to_next", "surrogate_stats", "td_residual",
+    "terminal_at_last_token", "total_return", "value_loss",
+]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from advantage.objectives.policy_gradient import clipped_value_loss, explained_variance, normalize_advantages, value_loss
-from advantage.objectives.ppo import SurrogateStats, adaptive_kl_beta, clipped_surrogate_terms, importance_ratio, \
+from advantage.objectives.ppo import SurrogateStats, adaptive_kl_beta, clipped_surrogate_loss, \
     kl_penalty_surrogate_loss, surrogate_stats
 from advantage.objectives.returns import gae
 from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
@@ -147,8 +147,8 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 if config.normalize_advantage and index.numel() > 1:
                     minibatch_advantages = normalize_advantages(minibatch_advantages)
                 if config.variant == "clip":
-                    policy_loss = clipped_surrogate_terms(importance_ratio(log_probs, old_log_probs[index]),
-                                                          minibatch_advantages, clip).mean()
+                    policy_loss, _ = clipped_surrogate_loss(log_probs, old_log_probs[index], minibatch_advantages,
+                                                            clip)
                 else:
                     kl = policy.kl(old_params[index], params, old_log_std)
                     policy_loss = kl_penalty_surrogate_loss(log_probs, old_log_probs[index], minibatch_advantages,
