@@ -80,13 +80,15 @@ def main() -> None:
                             str(args.sps_steps)], out)["sps"])
         print(json.dumps({"ppo_cleanrl_defaults_sps": speed[-1], "seed": seed}), flush=True)
     goal = f"{args.threshold:g}"
-    print(f"\n{args.env_id}\n| algorithm (preset) | solved | median steps to {goal} | median seconds to {goal} | steps/s |")
+    print(f"\n{args.env_id}\n| algorithm (preset) | solved | median steps to {goal} | median seconds to {goal} "
+          f"| steps/s |")
     print("|---|---|---|---|---|")
     for algorithm, n_solved, n, step, time_s, sps in table:
         print(f"| {algorithm} | {n_solved}/{n} | {step if step is None else f'{step:,.0f}'} | "
               f"{time_s if time_s is None else f'{time_s:.1f}'} | {sps:,.0f} |")
     if speed:
-        print(f"\nPPO with CleanRL's ppo.py defaults (4 envs x 128 steps, 4 minibatches, 4 epochs), {args.sps_steps} steps: "
+        print(f"\nPPO with CleanRL's ppo.py defaults (4 envs x 128 steps, 4 minibatches, 4 epochs), "
+              f"{args.sps_steps} steps: "
               f"median {statistics.median(speed):,.0f} steps/s over seeds {args.seeds}")
 
 

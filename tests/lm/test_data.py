@@ -6,8 +6,17 @@ import os
 import pytest
 
 from advantage.errors import UsageError
-from advantage.lm.data import (Row, load_rows, preference_triples, prompts, rankings, rows_from_records, sft_pairs,
-                               validate, write_jsonl)
+from advantage.lm.data import (
+    Row,
+    load_rows,
+    preference_triples,
+    prompts,
+    rankings,
+    rows_from_records,
+    sft_pairs,
+    validate,
+    write_jsonl,
+)
 
 # A template with visible markers, so the tests can see exactly where the prompt ends and the reply begins.
 CHAT_TEMPLATE = (
@@ -171,7 +180,8 @@ def test_save_to_disk_directory(tmp_path):
 
     splits = tmp_path / "splits"
     datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "Q"}])}).save_to_disk(str(splits))
-    with pytest.raises(UsageError, match=r"splits: holds splits \(train\), not one dataset; give one split's directory"):
+    with pytest.raises(UsageError,
+                       match=r"splits: holds splits \(train\), not one dataset; give one split's directory"):
         load_rows(splits)
 
 

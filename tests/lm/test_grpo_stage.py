@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from lm_helpers import metrics, small_config, train_and_kill_after_second_checkpoint
 from transformers import PreTrainedModel
 
 from advantage import cli
@@ -15,7 +16,6 @@ from advantage.lm.logprobs import collate_shared_prompt
 from advantage.lm.models import build_model
 from advantage.lm.rewards import RewardFunction, RewardFunctionError, load_reward_function, reward_functions
 from advantage.objectives.grpo import group_normalized_advantages
-from lm_helpers import metrics, small_config, train_and_kill_after_second_checkpoint
 
 torch.set_num_threads(1)
 

@@ -9,9 +9,17 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from advantage.lm.logprobs import (PromptCompletionBatch, answer_log_probs, answer_sequence_log_probs, collate,
-                                   collate_shared_prompt, completion_log_probs, position_ids_from_attention_mask,
-                                   sequence_log_probs, token_log_probs)
+from advantage.lm.logprobs import (
+    PromptCompletionBatch,
+    answer_log_probs,
+    answer_sequence_log_probs,
+    collate,
+    collate_shared_prompt,
+    completion_log_probs,
+    position_ids_from_attention_mask,
+    sequence_log_probs,
+    token_log_probs,
+)
 from advantage.lm.models import build_model
 
 torch.set_num_threads(1)

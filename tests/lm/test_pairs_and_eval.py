@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from lm_helpers import metrics
 
 from advantage import cli
 from advantage.lm.data import load_rows, preference_triples
 from advantage.lm.models import save_builtin
-from lm_helpers import metrics
 
 torch.set_num_threads(1)
 

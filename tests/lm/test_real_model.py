@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from lm_helpers import metrics
 from torch import nn
 
 from advantage import cli
@@ -24,7 +25,6 @@ from advantage.lm.rewards import RewardFunction
 from advantage.lm.session import end_ids, pad_id
 from advantage.lm.sft import tokenize_pairs
 from advantage.lm.tokenizer import end_token_ids
-from lm_helpers import metrics
 
 torch.set_num_threads(1)
 QUESTION = [{"role": "user", "content": "What is 2 + 2?"}]

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_helpers import arithmetic_preferences, metrics, small_config, train_and_kill_after_second_checkpoint
 from safetensors.torch import load_file
 
 from advantage import cli
@@ -14,13 +15,21 @@ from advantage.lm import session as lm_session
 from advantage.lm.data import write_jsonl
 from advantage.lm.logprobs import collate_shared_prompt
 from advantage.lm.models import ScalarHeadModel, build_model
-from advantage.lm.reward import PairwiseTally, RankedExample, RewardConfig, accumulate_gradients, best_and_worst, \
-    collate_rankings, ranking_loss, ranking_rewards, train
+from advantage.lm.reward import (
+    PairwiseTally,
+    RankedExample,
+    RewardConfig,
+    accumulate_gradients,
+    best_and_worst,
+    collate_rankings,
+    ranking_loss,
+    ranking_rewards,
+    train,
+)
 from advantage.lm.session import quiet_transformers
 from advantage.lm.sft import SFTConfig
 from advantage.lm.sft import train as train_sft
 from advantage.lm.tokenizer import build_char_tokenizer
-from lm_helpers import arithmetic_preferences, metrics, small_config, train_and_kill_after_second_checkpoint
 
 torch.set_num_threads(1)
 
@@ -236,7 +245,8 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora):
         assert expected.keys() == actual.keys() and not any("lora" in key for key in actual)
         for key in expected:
             assert torch.equal(expected[key], actual[key]), key
-    strip = lambda rows: [{k: v for k, v in row.items() if k not in ("time_s", "charts/tokens_per_s")} for row in rows]
+    def strip(rows):
+        return [{k: v for k, v in row.items() if k not in ("time_s", "charts/tokens_per_s")} for row in rows]
     assert strip(metrics(resumed.run_dir)) == strip(metrics(reference.run_dir))
 
     checkpoint = load_file(str(sorted((tmp_path / "killed" / "checkpoints").glob("step_*"))[-1] /

@@ -4,6 +4,7 @@ exact resume, and learning on the arithmetic task with a reward model trained by
 
 import pytest
 import torch
+from lm_helpers import arithmetic_preferences, metrics, small_config, train_and_kill_after_second_checkpoint
 
 from advantage import cli
 from advantage.lm import session as lm_session
@@ -12,7 +13,6 @@ from advantage.lm.models import ScalarHeadModel
 from advantage.lm.reward import RewardConfig
 from advantage.lm.reward import train as train_reward
 from advantage.lm.rlhf import RLHFConfig, advantages_and_returns, train
-from lm_helpers import arithmetic_preferences, metrics, small_config, train_and_kill_after_second_checkpoint
 
 torch.set_num_threads(1)
 

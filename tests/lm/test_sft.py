@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from lm_helpers import metrics, small_config, train_and_kill_after_second_checkpoint
 from safetensors.torch import load_file
 
 from advantage import cli
@@ -16,11 +17,18 @@ from advantage.errors import UsageError
 from advantage.lm import session as lm_session
 from advantage.lm.data import write_jsonl
 from advantage.lm.models import build_model
-from advantage.lm.sft import SFTConfig, accumulate_gradients, collate_examples, completion_nll, greedy_completions, \
-    pack_examples, tokenize_pairs, train
 from advantage.lm.session import DataOrder, LMSession, learning_rate_at
+from advantage.lm.sft import (
+    SFTConfig,
+    accumulate_gradients,
+    collate_examples,
+    completion_nll,
+    greedy_completions,
+    pack_examples,
+    tokenize_pairs,
+    train,
+)
 from advantage.lm.tokenizer import build_char_tokenizer
-from lm_helpers import metrics, small_config, train_and_kill_after_second_checkpoint
 
 torch.set_num_threads(1)
 
@@ -224,7 +232,8 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora):
     assert expected.keys() == actual.keys() and not any("lora" in key for key in actual)  # merged: plain weights
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
-    strip = lambda rows: [{k: v for k, v in row.items() if k not in ("time_s", "charts/tokens_per_s")} for row in rows]
+    def strip(rows):
+        return [{k: v for k, v in row.items() if k not in ("time_s", "charts/tokens_per_s")} for row in rows]
     assert strip(metrics(resumed.run_dir)) == strip(metrics(reference.run_dir))
 
 

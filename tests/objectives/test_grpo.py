@@ -48,7 +48,8 @@ def test_group_advantages_hand_values():
 @given(num_groups=st.integers(1, 6), g=st.integers(2, 10), seed=st.integers(0, 2 ** 31 - 1))
 def test_group_advantages_are_standardised_per_group(num_groups, g, seed):
     gen = torch.Generator().manual_seed(seed)
-    rewards = torch.randn(num_groups, g, dtype=D, generator=gen) * 3 + torch.randn(num_groups, 1, dtype=D, generator=gen)
+    group_offsets = torch.randn(num_groups, 1, dtype=D, generator=gen)
+    rewards = torch.randn(num_groups, g, dtype=D, generator=gen) * 3 + group_offsets
     adv = group_normalized_advantages(rewards, eps=0.0)
     assert_close(adv.mean(-1), torch.zeros(num_groups, dtype=D), atol=1e-12, rtol=0)
     assert_close(adv.std(-1, correction=0), torch.ones(num_groups, dtype=D))

@@ -11,8 +11,16 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from advantage.objectives.kl import (
-    categorical_entropy, categorical_kl, gaussian_entropy, gaussian_kl, kl_estimate, kl_k1, kl_k2, kl_k3,
-    kl_loss_term, kl_reward_penalty,
+    categorical_entropy,
+    categorical_kl,
+    gaussian_entropy,
+    gaussian_kl,
+    kl_estimate,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    kl_loss_term,
+    kl_reward_penalty,
 )
 
 D = torch.float64

@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from advantage.objectives import (
-    aggregate, clipped_surrogate_loss, cpi_loss, discounted_returns, explained_variance, gae, grpo_loss,
-    importance_sampling_estimate, masked_mean, n_step_advantage, shift_to_next, total_return,
+    aggregate,
+    clipped_surrogate_loss,
+    cpi_loss,
+    discounted_returns,
+    explained_variance,
+    gae,
+    grpo_loss,
+    importance_sampling_estimate,
+    masked_mean,
+    n_step_advantage,
+    shift_to_next,
+    total_return,
 )
 from advantage.objectives.rlhf import terminal_at_last_token
 

@@ -10,7 +10,12 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from advantage.objectives.policy_gradient import (
-    PSI_FORMS, clipped_value_loss, explained_variance, normalize_advantages, policy_gradient_loss, psi,
+    PSI_FORMS,
+    clipped_value_loss,
+    explained_variance,
+    normalize_advantages,
+    policy_gradient_loss,
+    psi,
     value_loss,
 )
 

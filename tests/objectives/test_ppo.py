@@ -12,8 +12,14 @@ from torch.testing import assert_close
 
 from advantage.objectives.policy_gradient import policy_gradient_loss
 from advantage.objectives.ppo import (
-    adaptive_kl_beta, clipped_surrogate_loss, clipped_surrogate_terms, cpi_loss, importance_ratio,
-    importance_sampling_estimate, kl_penalty_surrogate_loss, surrogate_stats,
+    adaptive_kl_beta,
+    clipped_surrogate_loss,
+    clipped_surrogate_terms,
+    cpi_loss,
+    importance_ratio,
+    importance_sampling_estimate,
+    kl_penalty_surrogate_loss,
+    surrogate_stats,
 )
 
 D = torch.float64

@@ -1,4 +1,4 @@
-"""Bradley-Terry, K-wise and Plackett-Luce reward losses; pairwise and listwise DPO (advantage.objectives.preference)."""
+"""Bradley-Terry, K-wise and Plackett-Luce reward losses; pairwise and listwise DPO (objectives.preference)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,14 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from advantage.objectives.preference import (
-    bradley_terry_loss, bradley_terry_probability, dpo_implicit_rewards, dpo_loss, kwise_pairwise_loss,
-    plackett_luce_dpo_loss, plackett_luce_log_likelihood, plackett_luce_loss,
+    bradley_terry_loss,
+    bradley_terry_probability,
+    dpo_implicit_rewards,
+    dpo_loss,
+    kwise_pairwise_loss,
+    plackett_luce_dpo_loss,
+    plackett_luce_log_likelihood,
+    plackett_luce_loss,
 )
 
 D = torch.float64

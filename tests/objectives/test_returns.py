@@ -18,8 +18,14 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from advantage.objectives.returns import (
-    discounted_returns, episode_return_per_step, gae, n_step_advantage, n_step_returns, shift_to_next,
-    td_residual, total_return,
+    discounted_returns,
+    episode_return_per_step,
+    gae,
+    n_step_advantage,
+    n_step_returns,
+    shift_to_next,
+    td_residual,
+    total_return,
 )
 
 F64 = torch.float64

@@ -12,7 +12,11 @@ from torch.testing import assert_close
 
 from advantage.objectives.kl import categorical_kl
 from advantage.objectives.trust_region import (
-    backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_grad, natural_gradient_step,
+    backtracking_line_search,
+    conjugate_gradient,
+    fisher_vector_product,
+    flat_grad,
+    natural_gradient_step,
 )
 
 D = torch.float64
@@ -268,7 +272,8 @@ def test_real_trpo_step_respects_trust_region(max_kl, seed):
     old_log_probs = policy_logits(theta_old, states).log_softmax(-1)[rows, actions].detach()
 
     def surrogate(theta):  # L(theta) = mean_t r_t A_t
-        return (torch.exp(policy_logits(theta, states).log_softmax(-1)[rows, actions] - old_log_probs) * advantages).mean()
+        log_probs = policy_logits(theta, states).log_softmax(-1)[rows, actions]
+        return (torch.exp(log_probs - old_log_probs) * advantages).mean()
 
     th = theta_old.clone().requires_grad_()
     g = flat_grad(surrogate(th), [th])

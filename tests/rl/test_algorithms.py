@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from rl_helpers import episodes, first_mean_return, last_mean_return
 from safetensors.torch import load_file
 
 from advantage.rl import a2c, dqn, ppo, reinforce, trpo
 from advantage.rl.common import Session
 from advantage.rl.presets import preset_for
 from advantage.run.config import apply_overrides
-from rl_helpers import episodes, first_mean_return, last_mean_return
 
 MODULES = {"reinforce": reinforce, "a2c": a2c, "ppo": ppo, "trpo": trpo, "dqn": dqn}
 

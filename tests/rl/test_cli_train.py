@@ -10,8 +10,8 @@ import pytest
 
 from advantage import cli
 from advantage.errors import NonFiniteLossError
-from advantage.rl.common import Session
 from advantage.rl import ppo
+from advantage.rl.common import Session
 
 
 def run(*args, timeout=600):

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
+from rl_helpers import first_mean_return, last_mean_return
 from safetensors.torch import load_file
 
 from advantage.rl import ppo
 from advantage.rl.presets import preset_for
 from advantage.run.config import apply_overrides
-from rl_helpers import first_mean_return, last_mean_return
 
 
 def cartpole_preset(**changes):

@@ -61,10 +61,36 @@ from torch import Tensor, nn
 
 from advantage.errors import UsageError
 from advantage.lm.logprobs import answer_sequence_log_probs
-from advantage.lm.reward import PairwiseTally, PreferenceDataConfig, RankedExample, RankingBatch, best_and_worst, \
-    collate_rankings, data_fingerprint, data_kind, load_preference_rows, tokenize_rankings, validate_preference_data
-from advantage.lm.session import DataOrder, LMRun, LMSession, Processes, StepWindow, add_lora, end_ids, \
-    learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, total_steps
+from advantage.lm.reward import (
+    PairwiseTally,
+    PreferenceDataConfig,
+    RankedExample,
+    RankingBatch,
+    best_and_worst,
+    collate_rankings,
+    data_fingerprint,
+    data_kind,
+    load_preference_rows,
+    tokenize_rankings,
+    validate_preference_data,
+)
+from advantage.lm.session import (
+    DataOrder,
+    LMRun,
+    LMSession,
+    Processes,
+    StepWindow,
+    add_lora,
+    end_ids,
+    learning_rate_at,
+    load_policy,
+    make_optimizer,
+    max_length,
+    mixed_precision,
+    pad_id,
+    require,
+    total_steps,
+)
 from advantage.objectives.preference import dpo_loss, plackett_luce_dpo_loss
 from advantage.run.config import param
 

@@ -57,12 +57,28 @@ from torch import Tensor, nn
 from advantage.lm.generation import Generated, generate
 from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt
 from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_prompts, validate_online
-from advantage.lm.session import DataOrder, LMRun, LMSession, Processes, StepWindow, add_lora, end_ids, \
-    fingerprint, learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require
+from advantage.lm.session import (
+    DataOrder,
+    LMRun,
+    LMSession,
+    Processes,
+    StepWindow,
+    add_lora,
+    end_ids,
+    fingerprint,
+    learning_rate_at,
+    load_policy,
+    make_optimizer,
+    max_length,
+    mixed_precision,
+    pad_id,
+    require,
+)
 from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate, kl_reward_penalty
 from advantage.objectives.masking import AGGREGATIONS, masked_sum
 from advantage.run.config import param
+
 
 @dataclass
 class GRPOConfig(OnlineConfig):

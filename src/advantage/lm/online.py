@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from advantage.errors import UsageError
-from advantage.lm.data import load_rows, prompts as prompt_texts
+from advantage.lm.data import load_rows
+from advantage.lm.data import prompts as prompt_texts
 from advantage.lm.generation import Generated, generate
 from advantage.lm.logprobs import collate_shared_prompt
 from advantage.lm.rewards import RewardFunction, combined_rewards, reward_functions

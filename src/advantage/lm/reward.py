@@ -63,9 +63,26 @@ from torch import Tensor
 from advantage.lm.data import Row, load_rows, preference_triples, rankings
 from advantage.lm.logprobs import SharedPromptBatch, collate_shared_prompt
 from advantage.lm.models import ScalarHeadModel
-from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, StepWindow, add_lora, end_ids, fingerprint, \
-    learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, task_files, \
-    total_steps, validate_lm
+from advantage.lm.session import (
+    DataOrder,
+    LMConfig,
+    LMRun,
+    LMSession,
+    StepWindow,
+    add_lora,
+    end_ids,
+    fingerprint,
+    learning_rate_at,
+    load_policy,
+    make_optimizer,
+    max_length,
+    mixed_precision,
+    pad_id,
+    require,
+    task_files,
+    total_steps,
+    validate_lm,
+)
 from advantage.lm.sft import keep_trainable, tokenize_pairs
 from advantage.objectives.preference import bradley_terry_loss, kwise_pairwise_loss, plackett_luce_loss
 from advantage.run.config import param

@@ -58,8 +58,22 @@ from advantage.lm.generation import generate
 from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt, masked_log_probs
 from advantage.lm.models import ScalarHeadModel
 from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_prompts, validate_online
-from advantage.lm.session import DataOrder, LMRun, LMSession, StepWindow, add_lora, end_ids, fingerprint, \
-    learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require
+from advantage.lm.session import (
+    DataOrder,
+    LMRun,
+    LMSession,
+    StepWindow,
+    add_lora,
+    end_ids,
+    fingerprint,
+    learning_rate_at,
+    load_policy,
+    make_optimizer,
+    max_length,
+    mixed_precision,
+    pad_id,
+    require,
+)
 from advantage.lm.sft import collate_examples, tokenize_pairs
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate, kl_loss_term
 from advantage.objectives.masking import aggregate, masked_whiten

@@ -40,8 +40,13 @@ from torch import Tensor, nn
 
 from advantage.errors import NonFiniteLossError, UsageError
 from advantage.lm.models import quiet_transformers
-from advantage.run.checkpoint import (check_run_directory, list_checkpoints, load_checkpoint,
-                                      removed_if_it_fails, save_checkpoint)
+from advantage.run.checkpoint import (
+    check_run_directory,
+    list_checkpoints,
+    load_checkpoint,
+    removed_if_it_fails,
+    save_checkpoint,
+)
 from advantage.run.config import apply_overrides, load_config_file, load_yaml_mapping, param, save_config
 from advantage.run.metrics import MetricsWriter, truncate_jsonl
 from advantage.run.progress import Progress

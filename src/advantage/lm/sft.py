@@ -55,9 +55,27 @@ from torch import Tensor, nn
 from advantage.errors import UsageError
 from advantage.lm.data import load_rows, sft_pairs
 from advantage.lm.logprobs import collate, masked_log_probs
-from advantage.lm.session import DataOrder, LMConfig, LMRun, LMSession, Processes, StepWindow, add_lora, end_ids, \
-    fingerprint, learning_rate_at, load_policy, make_optimizer, max_length, mixed_precision, pad_id, require, \
-    task_files, total_steps, validate_lm
+from advantage.lm.session import (
+    DataOrder,
+    LMConfig,
+    LMRun,
+    LMSession,
+    Processes,
+    StepWindow,
+    add_lora,
+    end_ids,
+    fingerprint,
+    learning_rate_at,
+    load_policy,
+    make_optimizer,
+    max_length,
+    mixed_precision,
+    pad_id,
+    require,
+    task_files,
+    total_steps,
+    validate_lm,
+)
 from advantage.lm.tokenizer import end_completion, end_token_ids, strip_end_tokens
 from advantage.objectives.masking import aggregate
 from advantage.run.config import param

@@ -15,28 +15,63 @@ docs/math.md maps every seed formula to its function and its test.
 
 from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
 from advantage.objectives.kl import (
-    categorical_entropy, categorical_kl, gaussian_entropy, gaussian_kl, kl_estimate, kl_k1, kl_k2, kl_k3,
-    kl_loss_term, kl_reward_penalty,
+    categorical_entropy,
+    categorical_kl,
+    gaussian_entropy,
+    gaussian_kl,
+    kl_estimate,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    kl_loss_term,
+    kl_reward_penalty,
 )
 from advantage.objectives.masking import aggregate, fill_padding, masked_mean, masked_sum, masked_var, masked_whiten
 from advantage.objectives.policy_gradient import (
-    clipped_value_loss, explained_variance, normalize_advantages, policy_gradient_loss, psi, value_loss,
+    clipped_value_loss,
+    explained_variance,
+    normalize_advantages,
+    policy_gradient_loss,
+    psi,
+    value_loss,
 )
 from advantage.objectives.ppo import (
-    adaptive_kl_beta, clipped_surrogate_loss, clipped_surrogate_terms, cpi_loss, importance_ratio,
-    importance_sampling_estimate, kl_penalty_surrogate_loss, surrogate_stats,
+    adaptive_kl_beta,
+    clipped_surrogate_loss,
+    clipped_surrogate_terms,
+    cpi_loss,
+    importance_ratio,
+    importance_sampling_estimate,
+    kl_penalty_surrogate_loss,
+    surrogate_stats,
 )
 from advantage.objectives.preference import (
-    bradley_terry_loss, bradley_terry_probability, dpo_implicit_rewards, dpo_loss, kwise_pairwise_loss,
-    plackett_luce_dpo_loss, plackett_luce_log_likelihood, plackett_luce_loss,
+    bradley_terry_loss,
+    bradley_terry_probability,
+    dpo_implicit_rewards,
+    dpo_loss,
+    kwise_pairwise_loss,
+    plackett_luce_dpo_loss,
+    plackett_luce_log_likelihood,
+    plackett_luce_loss,
 )
 from advantage.objectives.returns import (
-    discounted_returns, episode_return_per_step, gae, n_step_advantage, n_step_returns, shift_to_next,
-    td_residual, total_return,
+    discounted_returns,
+    episode_return_per_step,
+    gae,
+    n_step_advantage,
+    n_step_returns,
+    shift_to_next,
+    td_residual,
+    total_return,
 )
 from advantage.objectives.rlhf import last_token_index, ptx_loss, shaped_token_rewards, terminal_at_last_token
 from advantage.objectives.trust_region import (
-    backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_grad, natural_gradient_step,
+    backtracking_line_search,
+    conjugate_gradient,
+    fisher_vector_product,
+    flat_grad,
+    natural_gradient_step,
 )
 
 __all__ = [

@@ -11,10 +11,10 @@ token of a long one; `aggregation` makes that a choice (see advantage.objectives
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
-
-from typing import Literal
 
 from advantage.objectives.kl import KLEstimator, kl_estimate, kl_loss_term
 from advantage.objectives.masking import Aggregation, aggregate, fill_padding

@@ -55,7 +55,8 @@ def cpi_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask:
     return -aggregate(ratio * advantages.detach(), mask, aggregation, constant_length)
 
 
-def clipped_surrogate_terms(ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float | None = None) -> Tensor:
+def clipped_surrogate_terms(ratio: Tensor, advantages: Tensor, clip_low: float,
+                            clip_high: float | None = None) -> Tensor:
     """Per-element PPO-clip loss, -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) (seed 000, 003, 004 L^CLIP).
 
     `clip_high` defaults to `clip_low` (the symmetric clip of the seeds); a larger upper bound is the

@@ -49,7 +49,7 @@ def td_loss(q_taken: Tensor, targets: Tensor, kind: Literal["huber", "mse"] = "h
 
 
 def linear_schedule(start: float, end: float, duration: int, step: int) -> float:
-    """Linear interpolation from `start` to `end` over `duration` steps, then constant (the epsilon of epsilon-greedy)."""
+    """Linear interpolation from `start` to `end` over `duration` steps, then constant (epsilon-greedy's epsilon)."""
     if step >= duration:
         return end
     return start + (end - start) * step / duration

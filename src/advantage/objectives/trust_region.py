@@ -34,7 +34,8 @@ def flat_grad(output: Tensor, params: Sequence[Tensor], create_graph: bool = Fal
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
 
 
-def fisher_vector_product(mean_kl: Tensor, params: Sequence[Tensor], damping: float = 0.0) -> Callable[[Tensor], Tensor]:
+def fisher_vector_product(mean_kl: Tensor, params: Sequence[Tensor],
+                          damping: float = 0.0) -> Callable[[Tensor], Tensor]:
     """v -> (F + damping I) v, with F the Hessian of the mean KL at the current parameters.
 
     Args:
@@ -129,7 +130,8 @@ def backtracking_line_search(evaluate: Callable[[float], tuple[float, float]], e
     for attempt in range(1, max_backtracks + 1):
         improvement, kl = evaluate(fraction)
         finite = improvement == improvement and kl == kl  # NaN never passes
-        if finite and kl <= max_kl and improvement > 0 and improvement >= accept_ratio * fraction * expected_improvement:
+        enough = improvement >= accept_ratio * fraction * expected_improvement
+        if finite and kl <= max_kl and improvement > 0 and enough:
             return LineSearchResult(True, fraction, float(improvement), float(kl), attempt)
         fraction *= shrink
     return LineSearchResult(False, 0.0, 0.0, 0.0, max_backtracks)

@@ -12,11 +12,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from advantage.objectives.policy_gradient import explained_variance, normalize_advantages, policy_gradient_loss, \
-    value_loss
+from advantage.objectives.policy_gradient import (
+    explained_variance,
+    normalize_advantages,
+    policy_gradient_loss,
+    value_loss,
+)
 from advantage.objectives.returns import gae, n_step_advantage
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
-    validate_common
+from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, validate_common
 from advantage.rl.networks import FlatParameters, Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param

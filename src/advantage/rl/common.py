@@ -23,10 +23,14 @@ import gymnasium as gym
 import torch
 
 from advantage.errors import NonFiniteLossError, UsageError
-from advantage.rl.envs import SpaceInfo, load_normalization_state, make_vector_env, normalization_state, \
-    space_info
-from advantage.run.checkpoint import check_run_directory, list_checkpoints, load_checkpoint, save_checkpoint, \
-    save_weights
+from advantage.rl.envs import SpaceInfo, load_normalization_state, make_vector_env, normalization_state, space_info
+from advantage.run.checkpoint import (
+    check_run_directory,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
 from advantage.run.config import atomic_write_text, param, save_config
 from advantage.run.metrics import MetricsWriter
 from advantage.run.progress import Progress

@@ -14,12 +14,21 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from advantage.objectives.policy_gradient import clipped_value_loss, explained_variance, normalize_advantages, value_loss
-from advantage.objectives.ppo import SurrogateStats, adaptive_kl_beta, clipped_surrogate_loss, \
-    kl_penalty_surrogate_loss, surrogate_stats
+from advantage.objectives.policy_gradient import (
+    clipped_value_loss,
+    explained_variance,
+    normalize_advantages,
+    value_loss,
+)
+from advantage.objectives.ppo import (
+    SurrogateStats,
+    adaptive_kl_beta,
+    clipped_surrogate_loss,
+    kl_penalty_surrogate_loss,
+    surrogate_stats,
+)
 from advantage.objectives.returns import gae
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
-    validate_common
+from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, validate_common
 from advantage.rl.networks import FlatParameters, Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param

@@ -17,10 +17,14 @@ import torch
 from torch import nn
 
 from advantage.objectives.masking import masked_mean
-from advantage.objectives.policy_gradient import explained_variance, normalize_advantages, policy_gradient_loss, psi, \
-    value_loss
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
-    validate_common
+from advantage.objectives.policy_gradient import (
+    explained_variance,
+    normalize_advantages,
+    policy_gradient_loss,
+    psi,
+    value_loss,
+)
+from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, validate_common
 from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param
@@ -31,7 +35,8 @@ class ReinforceConfig(RLConfig):
     """REINFORCE's hyperparameters."""
 
     num_envs: int = param(8, "parallel environments = episodes per batch")
-    psi: Literal["total_return", "reward_to_go"] = param("reward_to_go", "weight of grad log pi: seed 004's psi_1 or psi_2")
+    psi: Literal["total_return", "reward_to_go"] = param("reward_to_go",
+                                                         "weight of grad log pi: seed 004's psi_1 or psi_2")
     baseline: Literal["none", "mean", "value"] = param("value", "subtract nothing, the batch mean, or a learned V(s_t)")
     gamma: float = param(0.99, "discount gamma")
     learning_rate: float = param(3e-3, "Adam learning rate of the policy")

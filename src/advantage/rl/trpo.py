@@ -16,10 +16,13 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from advantage.objectives.policy_gradient import explained_variance, normalize_advantages, value_loss
 from advantage.objectives.ppo import cpi_loss
 from advantage.objectives.returns import gae
-from advantage.objectives.trust_region import backtracking_line_search, fisher_vector_product, flat_grad, \
-    natural_gradient_step
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, \
-    validate_common
+from advantage.objectives.trust_region import (
+    backtracking_line_search,
+    fisher_vector_product,
+    flat_grad,
+    natural_gradient_step,
+)
+from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, validate_common
 from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param

@@ -298,8 +298,8 @@ def plot_series_panels(panels: list[tuple[str, dict[str, tuple[np.ndarray, np.nd
     handles, labels = axes[0][0].get_legend_handles_labels()
     for axis in axes[0][1:]:
         more = axis.get_legend_handles_labels()
-        handles += [h for h, l in zip(*more) if l not in labels]
-        labels += [l for l in more[1] if l not in labels]
+        handles += [handle for handle, label in zip(*more) if label not in labels]
+        labels += [label for label in more[1] if label not in labels]
     handles = handles if legend else []
     if handles:
         figure.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
