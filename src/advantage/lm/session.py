@@ -1,11 +1,10 @@
-"""What every language-model stage shares (sft, reward, dpo; rlhf, grpo later): the base config, the policy
+"""What every language-model stage shares (sft, reward, dpo, grpo, rlhf): the base config, the policy
 model (built-in or a local Hugging Face directory, optionally with LoRA), the data order, the learning-rate
 schedule, and the run session (directory, metrics, checkpoints, exact resume, final/).
 
 Names, used the same way in every stage:
 - an optimizer *step* is one update of the parameters; `step` in metrics.jsonl counts optimizer steps;
-- the *batch* is the `batch_size` examples one step learns from (all processes together, once torch.distributed
-  runs these stages);
+- the *batch* is the `batch_size` examples one step learns from (all processes together under torchrun);
 - a *micro-batch* is the part of the batch that goes through one forward and backward pass:
   batch_size / gradient_accumulation_steps examples. Gradients of the micro-batches add up in `.grad`.
 

@@ -17,8 +17,8 @@ Normalisation. N_tokens is counted over the whole batch before any forward pass,
 its sum divided by that same N_tokens; the micro-batches' gradients add up in `.grad` to exactly the gradient of
 L. So batch 8 x 1 micro-batch, 4 micro-batches of 2 and 8 of 1 give the same gradient (up to float rounding), and
 padding never matters (padded positions are masked and excluded from N_tokens). A per-micro-batch mean would weight
-tokens of short micro-batches more. Under torch.distributed (a later issue), N_tokens becomes the all-reduced count
-of the global batch, and the loss is multiplied by the world size to undo DDP's gradient averaging.
+tokens of short micro-batches more. Under torchrun, N_tokens is the count summed over the processes' shares of the
+batch, and their gradients are summed (`session.Processes`), so N processes compute the gradient of one.
 
 Packing (`packing`, off by default): the examples of each micro-batch are concatenated into as few rows of at most
 max_length tokens as fit, with attention isolated: a block-diagonal causal mask (each example attends only to its
