@@ -12,9 +12,9 @@ want="$(cat "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
-    # The constraint keeps every later resolution on the installed torch (peft and accelerate depend on torch).
+    # The constraint keeps every later resolution on the installed torch (peft, accelerate and others depend on torch).
     echo "torch==2.13.0" > "$venv/torch-constraint.txt"
-    "$venv/bin/python" -m pip install --quiet -c "$venv/torch-constraint.txt" -e "$root[test,mujoco,gguf]"
+    "$venv/bin/python" -m pip install --quiet -c "$venv/torch-constraint.txt" -e "$root[all,test]"
     echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -10,8 +10,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from advantage import cli
 from advantage.demo import CLASSIC_VARIANTS, QUICK, run_classic
+
+pytestmark = pytest.mark.slow  # the quick demo: about 3 minutes
 
 
 def test_the_demo_runs_every_part_and_writes_its_run_directories(quick_demo):
@@ -32,6 +36,8 @@ def test_the_demo_runs_every_part_and_writes_its_run_directories(quick_demo):
     assert sorted(language["run_dirs"]) == ["dpo", "grpo", "reward", "rlhf", "sft"]
     for run_dir in language["run_dirs"].values():
         assert Path(run_dir).parent == out / "lm" and (Path(run_dir) / "final" / "config.json").exists()
+    # Each shown prompt with its right answer (the report reads them; it knows no task): "73+8=" -> "81".
+    assert [str(eval(prompt.rstrip("="))) for prompt in language["prompts"]] == language["answers"]
     comparison = {row["name"]: row for row in language["comparison"]}
     assert list(comparison) == ["SFT (start)", "RLHF-PPO", "DPO", "GRPO"]
     for row in comparison.values():
@@ -53,6 +59,7 @@ def test_the_demo_runs_every_part_and_writes_its_run_directories(quick_demo):
     assert re.search(r"exact checks: (\d+)/\1 pass", done.stderr)
 
 
+@pytest.mark.browser
 def test_the_report_embeds_every_figure_and_renders_in_headless_chromium(quick_demo, tmp_path):
     out, done = quick_demo
     assert done.returncode == 0, done.stderr[-3000:]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from pathlib import Path
 import pytest
 
 from advantage import cli
+
+pytestmark = pytest.mark.slow  # the whole README, the real model included
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -94,6 +97,22 @@ def _commands(body: list[str], first_line: int) -> list[Step]:
 STEPS = readme_steps()
 
 
+def _last_mentions(steps: list[Step]) -> dict[int, list[str]]:
+    """{step index: the runs/X and models/X directories no later step names}."""
+    last = {}
+    for index, step in enumerate(steps):
+        for directory in re.findall(r"\b((?:runs|models)/[\w.-]+)", step.text):
+            last[directory] = index
+    done: dict[int, list[str]] = {}
+    for directory, index in last.items():
+        done.setdefault(index, []).append(directory)
+    return done
+
+
+LAST_MENTIONS = _last_mentions(STEPS)
+BIG_DIRECTORY = 100 * 2**20  # bytes: a real model's directory (0.5-0.6 GB); the small runs stay for the report
+
+
 def test_the_readme_has_what_the_issue_asks_for():
     kinds = [step.kind for step in STEPS]
     commands = [step.text for step in STEPS if step.kind == "command"]
@@ -115,7 +134,9 @@ def workspace(tmp_path_factory):
     """The reader's working directory: empty but for the repository's benchmark configs (the README names one)."""
     directory = tmp_path_factory.mktemp("reader")
     (directory / "benchmarks").symlink_to(ROOT / "benchmarks")
-    return directory
+    yield directory
+    # The README fetches the real model and trains it (over 1 GB here): freed now rather than at the session's end.
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _budget(argv: list[str]) -> list[str]:
@@ -180,3 +201,8 @@ def test_readme_step(step, workspace, quick_demo, monkeypatch, capsys):
         assert step.expected_error in lines[0], (step, lines[0])
     else:
         assert code == 0, (step, step.text, error[-3000:])
+    # The real model's directories are freed once no later command names them (the replay would hold 3 GB).
+    for directory in LAST_MENTIONS.get(STEPS.index(step), []):
+        path = workspace / directory
+        if path.is_dir() and sum(file.stat().st_size for file in path.rglob("*") if file.is_file()) > BIG_DIRECTORY:
+            shutil.rmtree(path)

@@ -59,9 +59,9 @@ LM_STAGES = {
     "rlhf": ("RLHF: PPO against a reward model with a KL penalty to the starting model (online RL)",
              "Fine-tune a causal LM with PPO on the token MDP: answers sampled for --batch-size prompts, scored by "
              "--reward-model (from `advantage reward`) or --reward-functions, per-token rewards -beta k(a_t) plus "
-             "the score at the last token (--kl-coef, adaptive towards --target-kl), GAE over tokens with a "
+             "the score at the last token (--beta, adaptive towards --target-kl), GAE over tokens with a "
              "separate value model (initialised from the reward model when given), clipped policy and value "
-             "losses over --ppo-epochs x --num-minibatches steps, and optionally PPO-ptx (--ptx-coef, --ptx-data). "
+             "losses over --update-epochs x --num-minibatches steps, and optionally PPO-ptx (--ptx-coef, --ptx-data). "
              "Prompts come from the `prompt` column of --data or a built-in --task."),
 }
 LM_RUN_DIRECTORY = (" Writes a run directory: config.yaml, metrics.jsonl (step = optimizer steps), TensorBoard "
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_single_flag(parser: argparse.ArgumentParser, config_class: type, field: dataclasses.Field) -> None:
-    from advantage.run.config import choices, field_type
+    from advantage.run.config import choices, field_type, renamed_fields
 
     flag = "--" + field.name.replace("_", "-")
     kind = field_type(config_class, field.name)
@@ -207,6 +207,11 @@ def _add_single_flag(parser: argparse.ArgumentParser, config_class: type, field:
     text = f"{field.metadata.get('help', '')}{extra} [default: {field.default}]".replace("%", "%%")
     aliases = ["--env"] if field.name == "env_id" else []  # the issue's and Gymnasium users' short spelling
     parser.add_argument(flag, *aliases, dest=f"cfg_{field.name}", default=None, metavar=metavar, help=text)
+    # A renamed field's old flag still works (hidden from --help); apply_overrides maps it, with a notice.
+    for old, new in renamed_fields(config_class).items():
+        if new == field.name:
+            parser.add_argument("--" + old.replace("_", "-"), dest=f"cfg_{old}", default=None, metavar=metavar,
+                                help=argparse.SUPPRESS)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -329,6 +334,13 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if all(row["passed"] for row in summary["verify"]) else 1
 
 
+# Which optional extra (pyproject.toml) brings each third-party module that only some commands import.
+EXTRA_OF_MODULE = {
+    "transformers": "lm", "tokenizers": "lm", "datasets": "lm", "pyarrow": "lm", "jinja2": "lm", "peft": "lm",
+    "gguf": "gguf", "matplotlib": "report", "mujoco": "mujoco",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `advantage` console script; returns the exit code."""
     parser = build_parser()
@@ -365,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("advantage: interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as error:
+        extra = EXTRA_OF_MODULE.get((error.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"advantage: error: advantage {args.command} needs the '{extra}' extra (module {error.name} is not "
+              f"installed): pip install 'advantage[{extra}]'", file=sys.stderr)
+        return 2
     parser.error(f"unknown command {args.command}")
     return 2
 

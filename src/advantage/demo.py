@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from advantage.errors import UsageError
+from advantage.run.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ def run_language_models(plan: DemoPlan, out: Path, progress: bool = True) -> dic
     """Part 2: SFT, reward model, then RLHF, DPO and GRPO from the SFT model; their comparison."""
     from advantage.lm.compare import compare_policies
     from advantage.lm.data import load_rows
+    from advantage.lm.tasks.arithmetic import answer
 
     lm = out / "lm"
     model = dict(TASK, max_new_tokens=4)
@@ -182,8 +184,8 @@ def run_language_models(plan: DemoPlan, out: Path, progress: bool = True) -> dic
                        max_steps=plan.reward_steps, lr_schedule="cosine", seed=1)
     _say(f"[2/4 language models 3/5] RLHF-PPO against the reward model, KL coefficient 1.0: {lm / 'rlhf'}")
     rlhf = _lm_stage("rlhf", lm / "rlhf", progress, model=start, reward_model=str(reward / "final"), **model,
-                     batch_size=16, samples_per_prompt=8, max_steps=plan.rlhf_steps, ppo_epochs=2,
-                     num_minibatches=1, learning_rate=3e-4, kl_coef=1.0, lr_schedule="constant", log_every=2)
+                     batch_size=16, samples_per_prompt=8, max_steps=plan.rlhf_steps, update_epochs=2,
+                     num_minibatches=1, learning_rate=3e-4, beta=1.0, lr_schedule="constant", log_every=2)
     _say(f"[2/4 language models 4/5] DPO on the same pairs, beta 0.1: {lm / 'dpo'}")
     dpo = _lm_stage("dpo", lm / "dpo", progress, model=start, data=str(train_pairs), eval_data=str(eval_pairs),
                     loss="sigmoid", beta=0.1, learning_rate=5e-4, batch_size=32, max_steps=plan.dpo_steps,
@@ -204,7 +206,8 @@ def run_language_models(plan: DemoPlan, out: Path, progress: bool = True) -> dic
              f"reward model {row.reward_model_score:+.2f}  KL to SFT {row.kl_to_reference:.3f}")
     return {"run_dirs": {name: str(path) for name, path in
                          {"sft": sft, "reward": reward, "rlhf": rlhf, "dpo": dpo, "grpo": grpo}.items()},
-            "prompts": prompts[:SHOWN_COMPLETIONS], "comparison": [asdict(row) for row in figures]}
+            "prompts": prompts[:SHOWN_COMPLETIONS], "answers": [answer(text) for text in prompts[:SHOWN_COMPLETIONS]],
+            "comparison": [asdict(row) for row in figures]}
 
 
 def run_real_model(plan: DemoPlan, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -320,6 +323,4 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
 
 
 def _write_json(value: Any, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=1) + "\n")
-    temporary.replace(path)
+    atomic_write_text(path, json.dumps(value, indent=1) + "\n")

@@ -206,7 +206,7 @@ ESTIMATORS: tuple[str, ...] = (
 
 
 def policy_gradient_samples(mdp: TabularMDP, logits: Tensor, batch: Trajectories, estimator: str,
-                            gamma: float = 1.0, lam: float = 0.9) -> Tensor:
+                            gamma: float = 1.0, gae_lambda: float = 0.9) -> Tensor:
     """Per-trajectory policy-gradient estimates g_n = sum_t psi_t grad log pi(a_t|s_t), shape (N, S, A).
 
     psi comes from advantage.objectives (psi / gae), the surrogate from `policy_gradient_loss` with the seeds'
@@ -231,9 +231,9 @@ def policy_gradient_samples(mdp: TabularMDP, logits: Tensor, batch: Trajectories
     elif estimator == "reward_to_go_baseline":
         weights = psi(estimator, batch.rewards, gamma, baseline=values, **common)
     elif estimator == "gae_exact_critic":
-        weights = gae(batch.rewards, values, next_values, gamma, lam, **common)
+        weights = gae(batch.rewards, values, next_values, gamma, gae_lambda, **common)
     elif estimator == "gae_wrong_critic":
-        weights = gae(batch.rewards, 0.5 * values, 0.5 * next_values, gamma, lam, **common)
+        weights = gae(batch.rewards, 0.5 * values, 0.5 * next_values, gamma, gae_lambda, **common)
     elif estimator == "reward_to_go_discounted":
         weights = psi("reward_to_go", batch.rewards, gamma, **common)
     elif estimator == "reward_to_go_discounted_gamma_t":
@@ -277,14 +277,14 @@ def compare_to_exact(samples: Tensor, exact: Tensor) -> EstimatorReport:
 
 
 def exact_moments(mdp: TabularMDP, logits: Tensor, estimator: str, gamma: float = 1.0,
-                  lam: float = 0.9) -> tuple[Tensor, float]:
+                  gae_lambda: float = 0.9) -> tuple[Tensor, float]:
     """Exact mean E[g] and total variance E||g - E[g]||^2 of a per-trajectory estimator, by enumeration.
 
     The estimator is evaluated on every trajectory and weighted by P_theta(tau): no sampling error at all.
     """
     batch = enumerate_trajectories(mdp)
     probs = trajectory_log_probability(mdp, logits.detach(), batch).exp()  # (num_trajectories,)
-    samples = policy_gradient_samples(mdp, logits, batch, estimator, gamma, lam).reshape(len(probs), -1)
+    samples = policy_gradient_samples(mdp, logits, batch, estimator, gamma, gae_lambda).reshape(len(probs), -1)
     mean = (probs.unsqueeze(-1) * samples).sum(0)
     variance = float((probs * ((samples - mean) ** 2).sum(-1)).sum())
     return mean.reshape(logits.shape), variance

@@ -84,7 +84,7 @@ def policy_gradient_checks(num_samples: int = 20000, seed: int = 0) -> list[Chec
     for estimator, label, formula, gamma, lam, unbiased in _PG_ROWS:
         mean, variance = exact.exact_moments(mdp, logits, estimator, gamma, lam)
         bias = exact.relative_error(mean, exact_gradients[gamma])
-        samples = exact.policy_gradient_samples(mdp, logits, batch, estimator, gamma=gamma, lam=lam)
+        samples = exact.policy_gradient_samples(mdp, logits, batch, estimator, gamma=gamma, gae_lambda=lam)
         report = exact.compare_to_exact(samples, exact_gradients[gamma])
         if unbiased:
             passed = bias < EXACT_TOLERANCE and report.max_z < Z_THRESHOLD

@@ -4,8 +4,8 @@ from pi), checked against the exact KL of the first answer token; the accuracies
 import torch
 
 from advantage.lm.compare import compare_policies
+from advantage.lm.examples import encode_prompt
 from advantage.lm.models import load_causal_lm, save_builtin, save_pretrained
-from advantage.lm.sft import encode_prompt
 
 PROMPTS = ["3+4=", "5+5=", "9+0=", "1+8="]
 

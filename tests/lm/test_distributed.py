@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from advantage.lm.session import DataOrder, Processes
 
+pytestmark = pytest.mark.distributed  # torchrun, two processes
+
 COMMON = ["--model", "builtin:nano", "--task", "arithmetic", "--task-max-operand", "9", "--task-train-size", "32",
           "--task-eval-size", "8", "--batch-size", "8", "--max-steps", "4", "--learning-rate", "1e-3",
           "--progress", "false", "--tensorboard", "false", "--threads", "1"]
@@ -113,7 +115,7 @@ def test_grpo_under_torchrun_shares_the_prompts_and_writes_once(tmp_path):
 
 def test_rlhf_under_torchrun_runs_and_writes_once(tmp_path):
     """RLHF-PPO with 2 processes (policy, reference and value model on each; gradients of both models summed)."""
-    command = ["rlhf", *COMMON, "--samples-per-prompt", "2", "--max-new-tokens", "4", "--ppo-epochs", "2",
+    command = ["rlhf", *COMMON, "--samples-per-prompt", "2", "--max-new-tokens", "4", "--update-epochs", "2",
                "--num-minibatches", "2", "--out", str(tmp_path / "two")]
     run(command, 2)
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]

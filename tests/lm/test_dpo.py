@@ -26,7 +26,7 @@ from advantage.lm.dpo import (
     train,
 )
 from advantage.lm.models import build_model
-from advantage.lm.reward import RankedExample, best_and_worst, collate_rankings, tokenize_rankings
+from advantage.lm.preferences import RankedExample, best_and_worst, collate_rankings, tokenize_rankings
 from advantage.lm.sft import SFTConfig
 from advantage.lm.sft import train as train_sft
 from advantage.lm.tokenizer import build_char_tokenizer
@@ -197,6 +197,7 @@ def test_reference_is_computed_once_and_no_second_model_is_kept(tmp_path, monkey
 # ------------------------------------------------------------------------------------------------------- learning
 
 
+@pytest.mark.learning
 def test_dpo_raises_the_held_out_preference_of_a_quick_sft_model(tmp_path):
     """One-digit addition: 60 SFT steps, then 150 DPO steps on the task's preference pairs (80 training prompts x 5
     wrong answers). On the 20 held-out prompts (100 pairs) the policy's own preference log pi(right) > log pi(wrong)

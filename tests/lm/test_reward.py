@@ -15,17 +15,8 @@ from advantage.lm import session as lm_session
 from advantage.lm.data import write_jsonl
 from advantage.lm.logprobs import collate_shared_prompt
 from advantage.lm.models import ScalarHeadModel, build_model
-from advantage.lm.reward import (
-    PairwiseTally,
-    RankedExample,
-    RewardConfig,
-    accumulate_gradients,
-    best_and_worst,
-    collate_rankings,
-    ranking_loss,
-    ranking_rewards,
-    train,
-)
+from advantage.lm.preferences import PairwiseTally, RankedExample, best_and_worst, collate_rankings
+from advantage.lm.reward import RewardConfig, accumulate_gradients, ranking_loss, ranking_rewards, train
 from advantage.lm.session import quiet_transformers
 from advantage.lm.sft import SFTConfig
 from advantage.lm.sft import train as train_sft
@@ -176,6 +167,7 @@ def test_one_training_step_is_the_same_for_any_accumulation(tmp_path):
 # ------------------------------------------------------------------------------------------------------ learning
 
 
+@pytest.mark.learning
 def test_reward_model_learns_which_arithmetic_answer_is_right(tmp_path):
     """The issue's bar: held-out pairwise accuracy > 0.9 on the arithmetic task's preference pairs.
 

@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 def quiet(**fields):
     """A small RLHF config on the built-in nano model and arithmetic task, without TensorBoard or progress."""
     defaults = dict(task="arithmetic", task_max_operand=9, task_train_size=24, task_eval_size=6, batch_size=4,
-                    samples_per_prompt=2, max_new_tokens=4, max_steps=4, ppo_epochs=2, num_minibatches=2)
+                    samples_per_prompt=2, max_new_tokens=4, max_steps=4, update_epochs=2, num_minibatches=2)
     return small_config(RLHFConfig, **{**defaults, **fields})
 
 
@@ -44,16 +44,16 @@ def test_gae_over_tokens_by_hand():
 def test_a_run_logs_kl_value_and_ptx_and_adapts_beta(tmp_path):
     ptx = tmp_path / "pretrain.jsonl"
     write_jsonl([{"text": "1+2=3\n"}, {"text": "4+4=8\n"}, {"text": "9+0=9\n"}], ptx)
-    run = train(quiet(max_steps=8, ptx_coef=0.5, ptx_data=str(ptx), target_kl=10.0, kl_coef=0.1,
+    run = train(quiet(max_steps=8, ptx_coef=0.5, ptx_data=str(ptx), target_kl=10.0, beta=0.1,
                       learning_rate=1e-3), tmp_path / "run")
     rows = [row for row in metrics(run.run_dir) if "losses/policy" in row]
     assert len(rows) == 8
-    for key in ("rewards/score", "rewards/total", "kl/sequence", "kl/coef", "losses/value", "losses/ptx",
+    for key in ("rewards/score", "rewards/total", "kl/per_answer", "kl/beta", "losses/value", "losses/ptx",
                 "policy/clip_fraction", "value/explained_variance", "completions/mean_length"):
         assert key in rows[-1], key
     assert all(row["losses/ptx"] > 0 for row in rows)
     # Two rollouts of 2 epochs x 2 minibatches; the KL per answer is far below target / 1.5, so beta halves.
-    assert [row["kl/coef"] for row in rows] == [0.1] * 4 + [0.05] * 4
+    assert [row["kl/beta"] for row in rows] == [0.1] * 4 + [0.05] * 4
     assert (run.run_dir / "final" / "value_model" / "scalar_head.safetensors").exists()
     ScalarHeadModel.from_pretrained(run.run_dir / "final" / "value_model")
 
@@ -72,8 +72,8 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora, value_m
     resumed_value = ScalarHeadModel.from_pretrained(tmp_path / "killed" / "final" / "value_model").state_dict()
     for name, tensor in whole_value.items():
         assert torch.equal(tensor, resumed_value[name]), name
-    assert [r["kl/coef"] for r in metrics(tmp_path / "killed") if "kl/coef" in r] == \
-        [r["kl/coef"] for r in metrics(tmp_path / "whole") if "kl/coef" in r]
+    assert [r["kl/beta"] for r in metrics(tmp_path / "killed") if "kl/beta" in r] == \
+        [r["kl/beta"] for r in metrics(tmp_path / "whole") if "kl/beta" in r]
 
 
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
@@ -89,6 +89,7 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys):
         assert needle in error and len(error.splitlines()) == 1, error
 
 
+@pytest.mark.learning
 def test_rlhf_with_a_trained_reward_model_raises_the_accuracy_of_a_quick_sft_model(arithmetic_sft, tmp_path):
     """The whole pipeline on one-digit addition: SFT of the tiny model, a reward model on the task's preference pairs
     (`advantage reward`, held-out pair accuracy 0.9), then RLHF-PPO against that reward model (the value model
@@ -105,7 +106,7 @@ def test_rlhf_with_a_trained_reward_model_raises_the_accuracy_of_a_quick_sft_mod
     reward = train_reward(reward_config, tmp_path / "reward")
     run = train(quiet(model=str(sft.run_dir / "final"), reward_model=str(reward.run_dir / "final"),
                       task_train_size=80, task_eval_size=20, batch_size=16, samples_per_prompt=8, max_new_tokens=4,
-                      max_steps=200, ppo_epochs=2, num_minibatches=1, learning_rate=3e-4, kl_coef=1.0,
+                      max_steps=200, update_epochs=2, num_minibatches=1, learning_rate=3e-4, beta=1.0,
                       lr_schedule="constant", eval_every=200, log_every=2), tmp_path / "rlhf")
     rows = [row for row in metrics(run.run_dir) if "rewards/score" in row]
     assert len(rows) == 100  # one line per rollout
@@ -118,11 +119,11 @@ def test_rlhf_with_a_trained_reward_model_raises_the_accuracy_of_a_quick_sft_mod
     print("reward-model score", mean("rewards/score", first), "->", mean("rewards/score", last),
           "sampled exact match", mean("rewards/exact_match", first), "->", mean("rewards/exact_match", last),
           "held-out greedy exact match", evaluations[0]["eval/exact_match"], "->", evaluations[-1]["eval/exact_match"],
-          "kl", mean("kl/sequence", last))
+          "kl", mean("kl/per_answer", last))
     assert mean("rewards/score", last) > mean("rewards/score", first) + 1.0
     assert mean("rewards/exact_match", last) > mean("rewards/exact_match", first) + 0.1
     assert evaluations[-1]["eval/exact_match"] >= evaluations[0]["eval/exact_match"]
-    assert 0 < mean("kl/sequence", last) < 2.0
+    assert 0 < mean("kl/per_answer", last) < 2.0
 
 
 def test_cli_on_a_model_directory_with_data_and_a_reward_model_by_path(tmp_path):
@@ -137,7 +138,7 @@ def test_cli_on_a_model_directory_with_data_and_a_reward_model_by_path(tmp_path)
     write_jsonl([{"prompt": f"say {word}: "} for word in ("cat", "dog", "sun", "moon")], tmp_path / "prompts.jsonl")
     assert cli.main(["rlhf", "--model", str(model_dir), "--data", str(tmp_path / "prompts.jsonl"), "--reward-model",
                      str(tmp_path / "my_rm"), "--batch-size", "2", "--samples-per-prompt", "2", "--max-new-tokens",
-                     "4", "--max-steps", "2", "--ppo-epochs", "2", "--progress", "false", "--tensorboard", "false",
+                     "4", "--max-steps", "2", "--update-epochs", "2", "--progress", "false", "--tensorboard", "false",
                      "--out", str(tmp_path / "run")]) == 0
     rows = metrics(tmp_path / "run")
     assert [row["step"] for row in rows] == [1, 2] and "rewards/score" in rows[-1]

@@ -16,18 +16,10 @@ from advantage import cli
 from advantage.errors import UsageError
 from advantage.lm import session as lm_session
 from advantage.lm.data import write_jsonl
+from advantage.lm.examples import collate_examples, pack_examples, tokenize_pairs
 from advantage.lm.models import build_model
 from advantage.lm.session import DataOrder, LMSession, learning_rate_at
-from advantage.lm.sft import (
-    SFTConfig,
-    accumulate_gradients,
-    collate_examples,
-    completion_nll,
-    greedy_completions,
-    pack_examples,
-    tokenize_pairs,
-    train,
-)
+from advantage.lm.sft import SFTConfig, accumulate_gradients, completion_nll, greedy_completions, train
 from advantage.lm.tokenizer import build_char_tokenizer
 
 torch.set_num_threads(1)
@@ -172,6 +164,7 @@ def test_data_order_and_learning_rate_are_functions_of_the_step():
 # ------------------------------------------------------------------------------------------------------ learning
 
 
+@pytest.mark.learning
 def test_sft_learns_arithmetic_and_final_reloads_in_plain_transformers(tmp_path):
     """One-digit addition, 80 training prompts: greedy exact match on 20 held-out prompts goes from 0 to >= 0.6."""
     from transformers import AutoModelForCausalLM

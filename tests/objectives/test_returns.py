@@ -461,6 +461,22 @@ def test_gae_lambda_one_is_returns_minus_values(data, gamma):
 
 
 @SETTINGS
+@given(padded_rollouts(consistent=True), unit, unit)
+def test_gae_with_returns_gives_the_lambda_return_the_monte_carlo_return_at_lambda_one(data, gamma, lam):
+    d, mask = data, data["mask"]
+    args = (d["rewards"], d["values"], d["next_values"], gamma, lam, d["terminated"], d["truncated"], mask)
+    advantages, returns = gae(*args, with_returns=True)
+    assert_close(advantages, gae(*args))
+    assert_close(returns, torch.where(mask.bool(), advantages + d["values"], torch.zeros_like(returns)))
+    _, monte_carlo = gae(*args[:4], 1.0, *args[5:], with_returns=True)
+    g = discounted_returns(d["rewards"], gamma, d["terminated"], d["truncated"], next_values=d["next_values"],
+                           mask=mask)
+    assert_close(monte_carlo, g)
+    poisoned = torch.where(mask.bool(), d["values"], torch.full_like(d["values"], float("nan")))
+    assert not gae(*args[:1], poisoned, *args[2:], with_returns=True)[1].isnan().any()  # padding: 0, not V
+
+
+@SETTINGS
 @given(padded_rollouts(), unit)
 def test_gae_lambda_zero_is_td_residual(data, gamma):
     d, mask = data, data["mask"]

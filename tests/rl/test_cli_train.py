@@ -61,7 +61,7 @@ def test_preset_then_config_file_then_flags(tmp_path, monkeypatch):
 
 BAD = [
     (["train", "ppo", "--gamma", "1.5"], "gamma"),
-    (["train", "ppo", "--clip-coef", "-0.1"], "clip_coef"),
+    (["train", "ppo", "--clip-range", "-0.1"], "clip_range"),
     (["train", "ppo", "--num-steps", "0"], "num_steps"),
     (["train", "ppo", "--num-envs", "0"], "num_envs"),
     (["train", "ppo", "--gamma", "abc"], "gamma"),
@@ -170,7 +170,7 @@ def test_help_documents_every_flag(command, capsys):
     assert out.startswith("usage: advantage")
     if command == ["train", "ppo"]:
         for flag in ("--env-id", "--total-steps", "--seed", "--num-envs", "--config", "--out", "--resume",
-                     "--gamma", "--gae-lambda", "--clip-coef", "--variant", "--target-kl", "--learning-rate"):
+                     "--gamma", "--gae-lambda", "--clip-range", "--variant", "--target-kl", "--learning-rate"):
             assert flag in out, flag
 
 

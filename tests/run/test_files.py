@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from advantage.run.checkpoint import removed_if_it_fails, save_checkpoint, save_weights
-from advantage.run.config import atomic_write_text
+from advantage.run.files import atomic_path, atomic_write_text
 
 
 def _mode(path):
@@ -54,3 +54,17 @@ def test_a_run_that_fails_before_a_checkpoint_removes_what_it_wrote_and_only_tha
     with removed_if_it_fails(tmp_path / "done"):  # a run that succeeds keeps everything
         (tmp_path / "done").mkdir()
     assert (tmp_path / "done").is_dir()
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "metrics.jsonl"
+    target.write_text("old\n")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_path(target) as temporary:
+            temporary.write_text("half of the new")
+            raise OSError("disk full")
+    assert target.read_text() == "old\n" and sorted(path.name for path in tmp_path.iterdir()) == ["metrics.jsonl"]
+    with atomic_path(target, suffix=".tmp.png") as temporary:
+        assert temporary.name.endswith(".tmp.png") and temporary.parent == tmp_path
+        temporary.write_text("new\n")
+    assert target.read_text() == "new\n" and sorted(path.name for path in tmp_path.iterdir()) == ["metrics.jsonl"]

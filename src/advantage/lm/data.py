@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from advantage.errors import UsageError
-from advantage.run.config import atomic_write_text
+from advantage.run.files import atomic_write_text
 
 KINDS = ("sft", "preference", "ranking", "prompt")
 ROLES = ("system", "user", "assistant", "tool")

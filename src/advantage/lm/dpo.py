@@ -26,21 +26,9 @@ Normalisation. The loss is a mean over the pairs (rankings) of the whole batch: 
 over its own pairs times (its pairs / the batch's pairs), so the accumulated gradient is that of the batch mean for
 any number of micro-batches.
 
-metrics.jsonl (`step` = optimizer steps; `time_s` = wall seconds since the start, carried across resumes). The
-implicit reward of an answer is beta (log pi(y|x) - log pi_ref(y|x)); pairs are every i < j of each ranking:
-
-    losses/dpo            the loss L of the step's batch
-    losses/grad_norm      global gradient norm before clipping
-    rewards/chosen        mean implicit reward of the best answer (chosen, for pairs)
-    rewards/rejected      mean implicit reward of the worst answer (rejected, for pairs)
-    rewards/margin        mean implicit-reward margin r_i - r_j over pairs (chosen - rejected)
-    rewards/accuracy      share of pairs whose implicit-reward margin is > 0
-    charts/learning_rate, charts/tokens_per_s, charts/epoch, charts/skipped_updates   as in sft
-    eval/loss, eval/chosen, eval/rejected, eval/margin, eval/accuracy   the same on the held-out data (logged at
-                          step 0, every eval_every steps and at the end; at step 0 every margin is exactly 0)
-    eval/logp_accuracy    share of held-out pairs with log pi(y_i|x) > log pi(y_j|x): the policy's own preference,
-                          which, unlike the implicit reward, can be compared with the starting model's
-    eval/logp_margin      mean log pi(y_i|x) - log pi(y_j|x) over the same pairs
+metrics.jsonl (`step` = optimizer steps): the names docs/metrics.md gives dpo. The implicit reward of an answer
+is beta (log pi(y|x) - log pi_ref(y|x)) (at step 0 every implicit margin is exactly 0); eval/logp_accuracy is the
+policy's own preference, which, unlike the implicit reward, can be compared with the starting model's.
 
 final/ is the trained causal LM in Hugging Face format (merged, or the PEFT adapter with lora_merge false), as sft.
 """
@@ -61,7 +49,8 @@ from torch import Tensor, nn
 
 from advantage.errors import UsageError
 from advantage.lm.logprobs import answer_sequence_log_probs
-from advantage.lm.reward import (
+from advantage.lm.models import evaluation_mode
+from advantage.lm.preferences import (
     PairwiseTally,
     PreferenceDataConfig,
     RankedExample,
@@ -142,11 +131,9 @@ def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], bat
     rank, world_size = (processes.rank, processes.world_size) if processes else (0, 1)
     share = examples[rank::world_size]
     width = max(len(example.completion_ids) for example in examples)
-    was_training = model.training
-    model.eval()
-    chunks = [ranking_log_probs(model, collate_rankings(share[start:start + batch_size], pad))
-              for start in range(0, len(share), batch_size)]
-    model.train(was_training)
+    with evaluation_mode(model):
+        chunks = [ranking_log_probs(model, collate_rankings(share[start:start + batch_size], pad))
+                  for start in range(0, len(share), batch_size)]
     local = torch.cat([F.pad(chunk, (0, width - chunk.shape[1])) for chunk in chunks]) if chunks \
         else torch.zeros((0, width))
     return processes.gather_rows(local, len(examples)) if processes else local  # (N, K_max)
@@ -212,18 +199,16 @@ def evaluate(model: nn.Module, examples: Sequence[RankedExample], reference: Ten
 
     `reference` must come from `reference_log_probs` with the same `batch_size`, so that the batches match.
     """
-    was_training = model.training
-    model.eval()
-    loss_total, implicit, own = 0.0, PairwiseTally(), PairwiseTally()
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batch = collate_rankings(chunk, pad)
-        policy = ranking_log_probs(model, batch)  # (b, K)
-        value, rewards = preference_loss(policy, reference[start:start + batch_size], batch.mask, loss, beta)
-        loss_total += float(value) * len(chunk) / len(examples)
-        implicit.add(rewards, batch.mask)
-        own.add(policy, batch.mask)
-    model.train(was_training)
+    with evaluation_mode(model):
+        loss_total, implicit, own = 0.0, PairwiseTally(), PairwiseTally()
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            batch = collate_rankings(chunk, pad)
+            policy = ranking_log_probs(model, batch)  # (b, K)
+            value, rewards = preference_loss(policy, reference[start:start + batch_size], batch.mask, loss, beta)
+            loss_total += float(value) * len(chunk) / len(examples)
+            implicit.add(rewards, batch.mask)
+            own.add(policy, batch.mask)
     log_probs = own.means("eval/logp_")
     return {"eval/loss": loss_total, **implicit.means("eval/"),
             "eval/logp_accuracy": log_probs["eval/logp_accuracy"], "eval/logp_margin": log_probs["eval/logp_margin"]}

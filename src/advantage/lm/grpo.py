@@ -28,16 +28,7 @@ pi / pi_old, whose gradient is the unbiased grad KL(pi || pi_ref) for k3 and k1 
 "loss" differentiates beta k(a) as the seed writes it; "reward" subtracts beta sum_t k(a_t) (detached) from each
 completion's reward before the group normalisation, as RLHF does per token. beta = 0 loads no reference model.
 
-metrics.jsonl (`step` = optimizer steps):
-    rewards/mean, rewards/std_in_group    the batch's mean reward and the mean within-group standard deviation
-    rewards/FUNCTION                      each reward function's mean (unweighted)
-    completions/mean_length, completions/truncated   mean tokens per completion; share that hit max_new_tokens
-    losses/grpo, losses/grad_norm         the loss and the gradient norm before clipping
-    policy/clip_fraction, policy/approx_kl   share of clipped tokens; KL(pi_old || pi_theta) estimate (k3)
-    policy/kl_ref                          mean per-token k3 to the reference (0 with beta = 0 and no reference)
-    time/generation_s, time/training_s     wall seconds of the step's sampling and of its forward/backward passes
-    charts/learning_rate, charts/tokens_per_s, charts/skipped_updates
-    eval/reward, eval/mean_length          greedy completions of the held-out prompts (rank 0)
+metrics.jsonl (`step` = optimizer steps): the names docs/metrics.md gives grpo (eval/ on rank 0).
 
 final/ is the trained causal LM in Hugging Face format, as sft writes it.
 """
@@ -56,6 +47,7 @@ from torch import Tensor, nn
 
 from advantage.lm.generation import Generated, generate
 from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt
+from advantage.lm.models import evaluation_mode
 from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_prompts, validate_online
 from advantage.lm.session import (
     DataOrder,
@@ -78,6 +70,7 @@ from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate, kl_reward_penalty
 from advantage.objectives.masking import AGGREGATIONS, masked_sum
 from advantage.run.config import param
+from advantage.run.seeding import derive_seed
 
 
 @dataclass
@@ -133,10 +126,8 @@ class Rollout:
 @torch.no_grad()
 def _log_probs_without_grad(model: nn.Module, batch: SharedPromptBatch, temperature: float) -> Tensor:
     """`answer_log_probs` in eval mode, without a graph (pi_old, pi_ref)."""
-    was_training = model.training
-    model.eval()
-    log_probs = answer_log_probs(model, batch, temperature)
-    model.train(was_training)
+    with evaluation_mode(model):
+        log_probs = answer_log_probs(model, batch, temperature)
     return log_probs
 
 
@@ -225,7 +216,7 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRu
 
         # 1-2. This process's prompts, and G completions of each, sampled from pi_old (= the current policy).
         prompts = [train_prompts[index] for index in order.batch(round_index)]
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round_index * 7_919 + processes.rank)
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, round_index, processes.rank))
         with mixed_precision(config):
             generated = generate(model, [prompt.ids for prompt in prompts], samples_per_prompt=config.group_size,
                                  max_new_tokens=config.max_new_tokens, eos_id=ends, pad_id=pad,
@@ -297,7 +288,7 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRu
                 if evaluation_due:
                     logged.update(held_out())
                 last = session.metrics.log(step, session.elapsed(), logged)
-                session.show(step, {"reward": logged["rewards/mean"], "kl": logged["policy/kl_ref"]})
+                session.show(step, {"reward": logged["rewards/mean"], "kl": logged["kl/per_token"]})
                 window = StepWindow()
             # A checkpoint waits for the end of the batch's iterations: a resumed run starts with fresh samples.
             checkpoint_pending = checkpoint_pending or session.checkpoint_due(step)
@@ -326,4 +317,4 @@ def _step_logs(config: GRPOConfig, processes: Processes, rewards: Tensor, genera
             **{name: value / count for name, value in zip(reward_logs, function_sums)},
             "completions/mean_length": length_sum / count, "completions/truncated": truncated_sum / count,
             "policy/clip_fraction": sums["clip_tokens"] / tokens, "policy/approx_kl": sums["approx_kl_sum"] / tokens,
-            "policy/kl_ref": sums["kl_ref_sum"] / tokens}
+            "kl/per_token": sums["kl_ref_sum"] / tokens}

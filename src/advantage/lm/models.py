@@ -370,3 +370,14 @@ class ScalarHeadModel(nn.Module):
         model = cls(body)
         model.head.load_state_dict({name: tensor.to(model.head.weight.dtype) for name, tensor in head.items()})
         return model.eval()
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode (dropout off) inside the block, and back in the mode it was in afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -30,6 +30,7 @@ from advantage.lm.generation import generate
 from advantage.lm.online import OnlineConfig, PromptExample, Scorer, load_prompts, validate_online
 from advantage.lm.session import end_ids, load_policy, max_length, mixed_precision, pad_id, require
 from advantage.run.config import param
+from advantage.run.seeding import derive_seed
 
 
 @dataclass
@@ -82,7 +83,7 @@ def sample_pairs(config: PairsConfig) -> dict[str, float]:
     rows, rewards, best = [], [], []
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start:start + config.batch_size]
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start)
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, offset=start))
         with mixed_precision(config):
             generated = generate(model, [prompt.ids for prompt in chunk], samples_per_prompt=config.samples_per_prompt,
                                  max_new_tokens=config.max_new_tokens, eos_id=ends, pad_id=pad,

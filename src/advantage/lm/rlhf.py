@@ -29,14 +29,7 @@ shapes the policy's features too).
 The KL may instead go in the loss (`kl_placement loss`: beta k(a) added per token, differentiated), with k1, k2 or k3;
 the default (reward, k1) is the combination whose policy gradient is unbiased (docs/math.md, "KL placement").
 
-metrics.jsonl (`step` = optimizer steps):
-    rewards/score, rewards/FUNCTION   mean reward-model score (or weighted function reward), each function's mean
-    rewards/total                     mean per-answer sum of the shaped token rewards (score - beta sum_t k)
-    kl/sequence, kl/coef              mean sum over an answer's tokens of k(a_t) (KL to the reference); beta
-    losses/policy, losses/value, losses/ptx, losses/grad_norm
-    policy/clip_fraction, policy/approx_kl, value/explained_variance, value/clip_fraction
-    completions/mean_length, time/generation_s, time/training_s, charts/learning_rate, charts/tokens_per_s
-    eval/reward, eval/mean_length     greedy completions of the held-out prompts (rank 0)
+metrics.jsonl (`step` = optimizer steps): the names docs/metrics.md gives rlhf (eval/ on rank 0).
 
 final/ is the trained policy in Hugging Face format; final/value_model/ the value model (ScalarHeadModel format).
 """
@@ -48,15 +41,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from advantage.lm.data import load_rows, sft_pairs
+from advantage.lm.examples import collate_examples, tokenize_pairs
 from advantage.lm.generation import generate
 from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt, masked_log_probs
-from advantage.lm.models import ScalarHeadModel
+from advantage.lm.models import ScalarHeadModel, evaluation_mode
 from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_prompts, validate_online
 from advantage.lm.session import (
     DataOrder,
@@ -74,33 +68,37 @@ from advantage.lm.session import (
     pad_id,
     require,
 )
-from advantage.lm.sft import collate_examples, tokenize_pairs
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate, kl_loss_term
-from advantage.objectives.masking import aggregate, masked_whiten
+from advantage.objectives.masking import aggregate, fill_padding, masked_whiten
 from advantage.objectives.policy_gradient import clipped_value_loss, explained_variance
 from advantage.objectives.ppo import adaptive_kl_beta, clipped_surrogate_loss
 from advantage.objectives.returns import gae, shift_to_next
 from advantage.objectives.rlhf import ptx_loss, shaped_token_rewards, terminal_at_last_token
 from advantage.run.config import param
+from advantage.run.seeding import derive_seed
 
 
 @dataclass
 class RLHFConfig(OnlineConfig):
     """RLHF-PPO's hyperparameters: the online fields (batch_size = prompts per rollout) and PPO's."""
 
+    # Old names that still work, with a notice: one vocabulary across the library (docs/math.md, "Names").
+    RENAMED: ClassVar[dict[str, str]] = {"ppo_epochs": "update_epochs", "lam": "gae_lambda", "kl_coef": "beta",
+                                         "whiten_advantages": "normalize_advantage"}
+
     samples_per_prompt: int = param(1, "answers sampled per prompt in a rollout")
-    ppo_epochs: int = param(4, "passes over each rollout")
+    update_epochs: int = param(4, "passes over each rollout")
     num_minibatches: int = param(1, "optimizer steps per pass (the rollout's prompts split evenly)")
     clip_range: float = param(0.2, "epsilon of the clipped policy ratio")
     value_clip_range: float = param(0.2, "how far a value may move from its rollout value before clipping")
     gamma: float = param(1.0, "discount over the answer's tokens")
-    lam: float = param(0.95, "GAE lambda")
-    kl_coef: float = param(0.05, "beta: the KL coefficient (initial value when target_kl > 0)")
+    gae_lambda: float = param(0.95, "GAE lambda")
+    beta: float = param(0.05, "the KL coefficient (initial value when target_kl > 0)")
     target_kl: float = param(0.0, "adapt beta towards this KL per answer with the 1.5x rule (0: fixed beta)")
     kl_estimator: Literal["k1", "k2", "k3"] = param("k1", "per-token KL estimator (k1 = log pi / pi_ref, seed 000)")
     kl_placement: Literal["reward", "loss"] = param("reward", "KL folded into the token rewards (seed 000), or a "
                                                               "loss term")
-    whiten_advantages: bool = param(True, "normalise the advantages over the rollout")
+    normalize_advantage: bool = param(True, "standardise the advantages over the rollout")
     value_model: Literal["separate", "shared"] = param(
         "separate", "separate: a value model of its own (from the reward model if given, else a copy of the "
                     "policy); shared: a value head on the policy's body, the value loss (x vf_coef) added to its "
@@ -115,24 +113,26 @@ class RLHFConfig(OnlineConfig):
 
 
 CONFIG = RLHFConfig
+# The offset of the minibatch order's random stream, beside the samplers' (offset = process rank, below this).
+MINIBATCH_ORDER = 1_000
 
 
 def validate(config: RLHFConfig) -> None:
     """Reject invalid hyperparameters with a one-line error naming the field."""
     validate_online(config)
     require(config.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", config.samples_per_prompt)
-    require(config.ppo_epochs >= 1, "ppo_epochs", "must be >= 1", config.ppo_epochs)
+    require(config.update_epochs >= 1, "update_epochs", "must be >= 1", config.update_epochs)
     require(config.num_minibatches >= 1, "num_minibatches", "must be >= 1", config.num_minibatches)
     require(config.batch_size % config.num_minibatches == 0, "num_minibatches",
             f"must divide batch_size ({config.batch_size})", config.num_minibatches)
     require(config.clip_range > 0, "clip_range", "must be > 0", config.clip_range)
     require(config.value_clip_range >= 0, "value_clip_range", "must be >= 0", config.value_clip_range)
     require(0 <= config.gamma <= 1, "gamma", "must be in [0, 1]", config.gamma)
-    require(0 <= config.lam <= 1, "lam", "must be in [0, 1]", config.lam)
-    require(config.kl_coef >= 0 and math.isfinite(config.kl_coef), "kl_coef", "must be >= 0", config.kl_coef)
+    require(0 <= config.gae_lambda <= 1, "gae_lambda", "must be in [0, 1]", config.gae_lambda)
+    require(config.beta >= 0 and math.isfinite(config.beta), "beta", "must be >= 0", config.beta)
     require(config.target_kl >= 0, "target_kl", "must be >= 0", config.target_kl)
-    require(not (config.target_kl > 0 and config.kl_coef == 0), "kl_coef", "must be > 0 to adapt towards target_kl",
-            config.kl_coef)
+    require(not (config.target_kl > 0 and config.beta == 0), "beta", "must be > 0 to adapt towards target_kl",
+            config.beta)
     require(config.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}",
             config.kl_estimator)
     require(config.value_learning_rate >= 0, "value_learning_rate", "must be >= 0", config.value_learning_rate)
@@ -166,14 +166,12 @@ class Rollout:
 @torch.no_grad()
 def _without_grad(model: nn.Module, compute):
     """compute(model) in eval mode without a graph, the model's mode restored after."""
-    was_training = model.training
-    model.eval()
-    result = compute(model)
-    model.train(was_training)
+    with evaluation_mode(model):
+        result = compute(model)
     return result
 
 
-def advantages_and_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
+def advantages_and_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float,
                            whiten: bool) -> tuple[Tensor, Tensor]:
     """GAE over each answer's tokens (seed 003), the answer's end a terminal state; returns = A + V (the critic's
     lambda-return target); the advantages optionally whitened over the batch.
@@ -183,8 +181,8 @@ def advantages_and_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma:
     """
     ends = terminal_at_last_token(mask)
     next_values = shift_to_next(values, dim=1)  # V(s_{t+1}); ignored after the terminal token
-    advantages = gae(rewards, values, next_values, gamma, lam, terminated=ends, mask=mask, dim=1)
-    returns = advantages + values
+    advantages, returns = gae(rewards, values, next_values, gamma, gae_lambda, terminated=ends, mask=mask, dim=1,
+                              with_returns=True)
     if whiten:
         advantages = masked_whiten(advantages, mask)
     return advantages, returns
@@ -241,17 +239,17 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
     optimizer = make_optimizer(model, config)
     value_optimizer = torch.optim.AdamW(value_parameters, lr=config.value_learning_rate or config.learning_rate,
                                         weight_decay=config.weight_decay)
-    per_rollout = config.ppo_epochs * config.num_minibatches
+    per_rollout = config.update_epochs * config.num_minibatches
     rounds = -(-config.max_steps // per_rollout) if config.max_steps else \
         max(1, math.ceil(config.epochs * len(train_prompts) / config.batch_size))
     steps = config.max_steps or rounds * per_rollout
     order = DataOrder(len(train_prompts), config.batch_size, config.seed, processes.rank, processes.world_size)
     state = session.start(model, optimizer, steps, fingerprint([prompt.ids for prompt in train_prompts]))
-    kl_coef = config.kl_coef
+    beta = config.beta
     if state is not None:
         value_model.load_state_dict(state["value_model"])
         value_optimizer.load_state_dict(state["value_optimizer"])
-        kl_coef = float(state["kl_coef"])
+        beta = float(state["kl_coef"])
     evaluating = bool(eval_prompts) and processes.is_main
     max_norm = config.max_grad_norm or math.inf
     step = session.start_step
@@ -278,7 +276,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
 
         # 1. Sample answers to this process's prompts from the current policy.
         prompts = [train_prompts[index] for index in order.batch(round_index)]
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round_index * 7_919 + processes.rank)
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, round_index, processes.rank))
         with mixed_precision(config):
             generated = generate(model, [prompt.ids for prompt in prompts], samples_per_prompt=per_prompt,
                                  max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
@@ -300,23 +298,23 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
 
         # 3. Per-token rewards: -beta k(a_t) on every token (in the reward placement), the score at the last one.
         rewards, kl = shaped_token_rewards(scores, old_log_probs, ref_log_probs, mask,
-                                           kl_coef if config.kl_placement == "reward" else 0.0, config.kl_estimator)
-        if config.kl_placement != "reward" or kl_coef == 0:
-            kl = kl_estimate(old_log_probs, ref_log_probs, config.kl_estimator) * mask
+                                           beta if config.kl_placement == "reward" else 0.0, config.kl_estimator)
+        if config.kl_placement != "reward" or beta == 0:
+            kl = fill_padding(kl_estimate(old_log_probs, ref_log_probs, config.kl_estimator), mask)
         sequence_kl = float(kl.sum(dim=1).mean())
         # 6 (decided now, applied to the next rollout). The adaptive KL coefficient: seed 004's 1.5x rule.
-        next_kl_coef = adaptive_kl_beta(kl_coef, processes.sum(sequence_kl)[0] / processes.world_size,
-                                        config.target_kl) if config.target_kl > 0 else kl_coef
+        next_beta = adaptive_kl_beta(beta, processes.sum(sequence_kl)[0] / processes.world_size,
+                                     config.target_kl) if config.target_kl > 0 else beta
 
         # 4. GAE over tokens; the returns are the value model's targets.
-        advantages, returns = advantages_and_returns(rewards, old_values, mask, config.gamma, config.lam,
-                                                     config.whiten_advantages)
+        advantages, returns = advantages_and_returns(rewards, old_values, mask, config.gamma, config.gae_lambda,
+                                                     config.normalize_advantage)
         rollout = Rollout(prompt_ids, groups, old_log_probs, old_values, advantages, returns, mask)
         training_s = time.perf_counter() - trained
 
-        # 5. PPO: ppo_epochs passes, each over num_minibatches minibatches of prompts, one optimizer step each.
-        shuffle = torch.Generator().manual_seed(config.seed * 7_919 + round_index)
-        for _ in range(config.ppo_epochs):
+        # 5. PPO: update_epochs passes, each over num_minibatches minibatches of prompts, one optimizer step each.
+        shuffle = torch.Generator().manual_seed(derive_seed(config.seed, round_index, MINIBATCH_ORDER))
+        for _ in range(config.update_epochs):
             permutation = torch.randperm(len(prompts), generator=shuffle).tolist()
             size = len(prompts) // config.num_minibatches
             for start in range(0, len(prompts), size):
@@ -327,7 +325,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate
                 with mixed_precision(config):
-                    figures = ppo_step(model, value_model, rollout, permutation[start:start + size], config, kl_coef,
+                    figures = ppo_step(model, value_model, rollout, permutation[start:start + size], config, beta,
                                        ref_log_probs, ptx_examples, step, pad, processes)
                 loss = figures["losses/policy"] + figures["losses/ptx"]
                 if window.optimizer_step(session, optimizer, loss, max_norm):  # both skip a non-finite step
@@ -339,7 +337,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
                 window.end_step(int(figures.pop("tokens")), generation_s + training_s)
                 if step % config.log_every == 0 or step == steps or (evaluating and session.evaluation_due(step)):
                     logged = {**window.figures("losses/total"), **figures,
-                              **_rollout_logs(scores, rewards, reward_logs, sequence_kl, kl_coef, generated,
+                              **_rollout_logs(scores, rewards, reward_logs, sequence_kl, beta, generated,
                                               processes),
                               "time/generation_s": generation_s, "time/training_s": training_s,
                               "charts/learning_rate": learning_rate,
@@ -354,10 +352,10 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
                 if checkpoint_pending and (step % per_rollout == 0 or step == steps):
                     session.save(step, {"data_order": order.state(round_index + 1),
                                         "value_model": value_model.state_dict(),
-                                        "value_optimizer": value_optimizer.state_dict(), "kl_coef": next_kl_coef})
+                                        "value_optimizer": value_optimizer.state_dict(), "kl_coef": next_beta})
                     checkpoint_pending = False
                 generation_s, training_s = 0.0, 0.0
-        kl_coef = next_kl_coef
+        beta = next_beta
 
     model = session.finish(model, tokenizer, step)
     if processes.is_main:
@@ -366,7 +364,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
 
 
 def ppo_step(model: nn.Module, value_model: ScalarHeadModel, rollout: Rollout, prompts: list[int],
-             config: RLHFConfig, kl_coef: float, ref_log_probs: Tensor, ptx_examples: list, step: int, pad: int,
+             config: RLHFConfig, beta: float, ref_log_probs: Tensor, ptx_examples: list, step: int, pad: int,
              processes) -> dict[str, float]:
     """Accumulate the gradients of one minibatch (the rollout's `prompts`) in the policy and the value model.
 
@@ -387,8 +385,8 @@ def ppo_step(model: nn.Module, value_model: ScalarHeadModel, rollout: Rollout, p
     old_log_probs = picked(rollout.old_log_probs)
     policy_loss, stats = clipped_surrogate_loss(log_probs, old_log_probs, picked(rollout.advantages),
                                                 config.clip_range, mask, num_tokens=num_tokens)
-    if config.kl_placement == "loss" and kl_coef > 0:
-        kl_terms = kl_loss_term(log_probs, picked(ref_log_probs), kl_coef, config.kl_estimator)
+    if config.kl_placement == "loss" and beta > 0:
+        kl_terms = kl_loss_term(log_probs, picked(ref_log_probs), beta, config.kl_estimator)
         policy_loss = policy_loss + aggregate(kl_terms, mask, "token", num_tokens=num_tokens)
     ptx = torch.zeros(())
     if config.ptx_coef > 0:
@@ -424,7 +422,7 @@ def ppo_step(model: nn.Module, value_model: ScalarHeadModel, rollout: Rollout, p
 
 
 def _rollout_logs(scores: Tensor, rewards: Tensor, reward_logs: dict[str, float], sequence_kl: float,
-                  kl_coef: float, generated, processes) -> dict[str, float]:
+                  beta: float, generated, processes) -> dict[str, float]:
     """The rollout's reward, KL and length figures, averaged over the answers of every process."""
     count = float(len(generated.completions))
     lengths = float(sum(len(completion) for completion in generated.completions))
@@ -433,4 +431,4 @@ def _rollout_logs(scores: Tensor, rewards: Tensor, reward_logs: dict[str, float]
     score_sum, total_sum, kl_sum, length_sum, count, *function_sums = totals
     return {"rewards/score": score_sum / count, "rewards/total": total_sum / count,
             **{name: value / count for name, value in zip(reward_logs, function_sums)},
-            "kl/sequence": kl_sum / count, "kl/coef": kl_coef, "completions/mean_length": length_sum / count}
+            "kl/per_answer": kl_sum / count, "kl/beta": beta, "completions/mean_length": length_sum / count}

@@ -49,6 +49,7 @@ from advantage.run.checkpoint import (
 from advantage.run.config import apply_overrides, load_config_file, load_yaml_mapping, param, save_config
 from advantage.run.metrics import MetricsWriter, truncate_jsonl
 from advantage.run.progress import Progress
+from advantage.run.seeding import derive_seed
 
 STAGES = ("sft", "reward", "dpo", "grpo", "rlhf")
 BUILTIN_PREFIX = "builtin:"
@@ -375,7 +376,7 @@ class DataOrder:
 
     def _permutation(self, epoch: int) -> list[int]:
         if epoch not in self._permutations:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7_919)
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
             self._permutations = {epoch: torch.randperm(self.num_examples, generator=generator).tolist()}
         return self._permutations[epoch]
 
@@ -712,8 +713,8 @@ def default_run_dir(stage: str, config: LMConfig) -> Path:
 
 
 def train(stage: str, out: str | Path | None = None, config_file: str | Path | None = None, **fields: Any) -> LMRun:
-    """Run a language-model stage ("sft", "reward", "dpo") and return its LMRun; `fields` are any fields of the stage's
-    config."""
+    """Run a language-model stage ("sft", "reward", "dpo", "grpo", "rlhf") and return its LMRun; `fields` are any
+    fields of the stage's config."""
     config = resolve_config(stage, fields, config_file)
     out = Path(out) if out else default_run_dir(stage, config)
     with removed_if_it_fails(out):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from advantage.objectives.kl import KLEstimator, kl_estimate, kl_loss_term
-from advantage.objectives.masking import Aggregation, aggregate, fill_padding
+from advantage.objectives.masking import Aggregation, aggregate, fill_padding, masked_mean
 from advantage.objectives.ppo import SurrogateStats, clipped_surrogate_terms, importance_ratio, surrogate_stats
 
 
@@ -96,7 +96,6 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask
         weighting = old_log_probs if kl_placement == "loss_weighted" else None
         terms = terms + kl_loss_term(log_probs, ref_log_probs, beta, kl_estimator, old_log_probs=weighting)
         with torch.no_grad():
-            m = mask.to(log_probs.dtype)
-            mean_kl = (kl_estimate(log_probs, ref_log_probs, kl_estimator) * m).sum() / m.sum().clamp(min=1.0)
+            mean_kl = masked_mean(kl_estimate(log_probs, ref_log_probs, kl_estimator), mask)
     loss = aggregate(terms, mask, aggregation, constant_length, num_tokens, num_sequences)
     return loss, surrogate_stats(log_probs, old_log_probs, advantages, clip_range, clip_range_high, mask), mean_kl

@@ -74,9 +74,7 @@ def psi(form: PsiForm, rewards: Tensor, gamma: float, *, terminated: Tensor | No
         weight = td_residual(rewards, need("values", values), need("next_values", next_values), gamma, terminated)
     else:
         raise ValueError(f"unknown psi form {form!r}; expected one of {PSI_FORMS}")
-    if mask is not None:
-        weight = weight * mask.to(weight.dtype)
-    return weight.detach()
+    return fill_padding(weight, mask).detach()
 
 
 def policy_gradient_loss(log_probs: Tensor, psi_values: Tensor, mask: Tensor | None = None,

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from advantage.objectives.masking import masked_sum
+
 
 def bradley_terry_probability(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
     """P(y_w > y_l | x) = sigma(r_w - r_l) under Bradley-Terry (seed 004)."""
@@ -50,11 +52,12 @@ def kwise_pairwise_loss(ranked_rewards: Tensor, mask: Tensor | None = None) -> T
         raise ValueError("a ranking needs at least 2 answers")
     upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=ranked_rewards.device), diagonal=1)
     margins = ranked_rewards.unsqueeze(-1) - ranked_rewards.unsqueeze(-2)  # (B, K, K): r_i - r_j
-    pair_mask = upper.expand_as(margins).to(ranked_rewards.dtype)
+    pair_mask = upper.expand_as(margins)
     if mask is not None:
-        present = mask.to(ranked_rewards.dtype)
-        pair_mask = pair_mask * present.unsqueeze(-1) * present.unsqueeze(-2)
-    per_ranking = -(F.logsigmoid(margins) * pair_mask).sum((-1, -2)) / pair_mask.sum((-1, -2)).clamp(min=1.0)
+        present = mask.to(torch.bool)
+        pair_mask = pair_mask & present.unsqueeze(-1) & present.unsqueeze(-2)
+    per_ranking = -masked_sum(F.logsigmoid(margins), pair_mask, dim=(-1, -2)) \
+        / pair_mask.sum((-1, -2)).to(ranked_rewards.dtype).clamp(min=1.0)
     return per_ranking.mean()
 
 

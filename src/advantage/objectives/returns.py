@@ -182,9 +182,9 @@ def n_step_returns(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: 
     return _masked(advantage + values, mask)
 
 
-def gae(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: float, lam: float,
+def gae(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: float, gae_lambda: float,
         terminated: Tensor | None = None, truncated: Tensor | None = None,
-        mask: Tensor | None = None, dim: int = 0) -> Tensor:
+        mask: Tensor | None = None, dim: int = 0, with_returns: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Generalised advantage estimation, A^GAE_t = sum_{l>=0} (gamma*lambda)^l delta_{t+l} (seed 003, seed 004).
 
     Seed 003 derives it as the lambda-weighted mix (1-lambda)(A^1 + lambda A^2 + lambda^2 A^3 + ...) of the
@@ -193,9 +193,10 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: float, lam:
     truncation still bootstraps inside delta_t through next_values.
 
     lambda=0 gives delta_t (one-step TD, low variance, biased by V); lambda=1 gives G_t - V(s_t) (Monte Carlo).
-    The critic's regression target, the lambda-return, is `gae(...) + values`.
+    The critic's regression target is the lambda-return G^lambda_t = A^GAE_t + V(s_t): with `with_returns` it is
+    returned too, as (advantages, returns).
 
-    Shapes: all like `rewards` with the time axis at `dim`; returns the advantages in the same shape.
+    Shapes: all like `rewards` with the time axis at `dim`; returns the advantages in the same shape (padding 0).
     """
     r = _floating(rewards, values, next_values).movedim(dim, 0)
     m = _to_time_major(mask, dim)
@@ -206,9 +207,12 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: float, lam:
     running = torch.zeros_like(delta[0])
     for t in range(delta.shape[0] - 1, -1, -1):
         # Select rather than multiply by (1 - end): nothing after an episode end may leak in, not even a NaN.
-        running = torch.where(end[t], delta[t], delta[t] + gamma * lam * running)
+        running = torch.where(end[t], delta[t], delta[t] + gamma * gae_lambda * running)
         out[t] = running
-    return _masked(out, m).movedim(0, dim)
+    advantages = _masked(out, m).movedim(0, dim)
+    if not with_returns:
+        return advantages
+    return advantages, _masked(out + values.movedim(dim, 0).to(out.dtype), m).movedim(0, dim)
 
 
 def shift_to_next(values: Tensor, last: Tensor | float = 0.0, dim: int = 0) -> Tensor:

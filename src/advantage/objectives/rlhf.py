@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from advantage.objectives.kl import KLEstimator, kl_reward_penalty
-from advantage.objectives.masking import Aggregation, aggregate
+from advantage.objectives.masking import Aggregation, aggregate, fill_padding
 
 
 def last_token_index(mask: Tensor) -> Tensor:
@@ -52,12 +52,13 @@ def shaped_token_rewards(scores: Tensor, log_probs: Tensor, ref_log_probs: Tenso
     Returns:
         (rewards (B, T) with padding 0, per-token KL estimates (B, T) for logging).
     """
-    m = mask.to(log_probs.dtype)
-    penalty = kl_reward_penalty(log_probs, ref_log_probs, beta, estimator) * m
+    penalty = fill_padding(kl_reward_penalty(log_probs, ref_log_probs, beta, estimator), mask)
     rewards = penalty.clone()
     last = last_token_index(mask)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last] = rewards[rows, last] + scores.detach().to(rewards.dtype) * m[rows, last]
+    # An answer with no token (all padding) gets no score: selected away, never multiplied by 0.
+    has_token = mask.to(torch.bool)[rows, last]
+    rewards[rows, last] = rewards[rows, last] + fill_padding(scores.detach().to(rewards.dtype), has_token)
     kl = penalty / -beta if beta != 0 else torch.zeros_like(penalty)
     return rewards, kl
 

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from advantage.objectives.masking import masked_mean
 from advantage.objectives.policy_gradient import (
     explained_variance,
     normalize_advantages,
@@ -108,7 +109,7 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
         log_probs = policy.log_prob(params, rollout.actions.reshape(batch_size, *rollout.actions.shape[2:]))
         valid = rollout.valid.reshape(-1)
         policy_loss = policy_gradient_loss(log_probs, weights.reshape(-1), valid)
-        entropy = (policy.entropy(params) * valid).sum() / valid.sum().clamp(min=1.0)
+        entropy = masked_mean(policy.entropy(params), valid)
         critic_loss = value_loss(critic(observations), targets.reshape(-1), valid)
         loss = policy_loss - config.ent_coef * entropy + config.vf_coef * critic_loss
         grad_norm = float("nan")
@@ -125,7 +126,7 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
             last = session.metrics.log(step, elapsed, {
                 "losses/policy": float(policy_loss.detach()), "losses/value": float(critic_loss.detach()),
                 "losses/entropy": float(entropy.detach()), "losses/grad_norm": grad_norm,
-                "losses/explained_variance": float(explained_variance(rollout.values, targets, rollout.valid)),
+                "value/explained_variance": float(explained_variance(rollout.values, targets, rollout.valid)),
                 "charts/learning_rate": lr,
                 "charts/sps": session.steps_per_second(step),
                 "charts/skipped_updates": session.skipped_updates})

@@ -31,9 +31,11 @@ from advantage.run.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from advantage.run.config import atomic_write_text, param, save_config
+from advantage.run.config import param, save_config
+from advantage.run.files import atomic_write_text
 from advantage.run.metrics import MetricsWriter
 from advantage.run.progress import Progress
+from advantage.run.seeding import derive_seed
 
 
 @dataclass
@@ -203,7 +205,7 @@ class Session:
 
     def environment_seed(self, iteration: int) -> int:
         """The reset seed of the segment starting at `iteration` (sub-environment i gets this + i)."""
-        return self.config.seed * 1_000_003 + iteration * 7_919
+        return derive_seed(self.config.seed, iteration)
 
     def checkpoint_due(self, iteration_done: int) -> bool:
         """True after the last iteration of a segment, and after the final iteration."""

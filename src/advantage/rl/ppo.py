@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,10 @@ from advantage.run.config import param
 class PPOConfig(RLConfig):
     """PPO's hyperparameters (defaults: CleanRL's ppo.py for CartPole)."""
 
+    # Old names that still work, with a notice: one vocabulary across the library (docs/math.md, "Names").
+    RENAMED: ClassVar[dict[str, str]] = {"clip_coef": "clip_range", "value_clip_coef": "value_clip_range",
+                                         "kl_beta": "beta"}
+
     variant: Literal["clip", "kl_penalty"] = param("clip", "clip: L^CLIP; kl_penalty: adaptive-beta KL penalty")
     learning_rate: float = param(2.5e-4, "Adam learning rate")
     anneal_lr: bool = param(True, "decay the learning rate linearly to 0 over the run")
@@ -47,16 +51,16 @@ class PPOConfig(RLConfig):
     num_minibatches: int = param(4, "minibatches per epoch")
     update_epochs: int = param(4, "epochs over each batch")
     normalize_advantage: bool = param(True, "standardise advantages within each minibatch")
-    clip_coef: float = param(0.2, "epsilon of the clipped surrogate")
+    clip_range: float = param(0.2, "epsilon of the clipped surrogate")
     anneal_clip: bool = param(False, "decay the clip range linearly to 0 over the run (SB3 zoo style)")
     clip_value_loss: bool = param(True, "clip the value update around the collection-time values")
-    value_clip_coef: float = param(0.2, "clip range of the value loss (if clipped)")
+    value_clip_range: float = param(0.2, "clip range of the value loss (if clipped)")
     ent_coef: float = param(0.01, "entropy bonus coefficient")
     vf_coef: float = param(0.5, "value-loss coefficient")
     max_grad_norm: float = param(0.5, "global gradient-norm clip (0 disables)")
     target_kl: float = param(0.0, "clip: stop the epochs early above this approx KL (0 disables); "
                                    "kl_penalty: the target KL of the 1.5x rule")
-    kl_beta: float = param(1.0, "kl_penalty: initial beta")
+    beta: float = param(1.0, "kl_penalty: the KL coefficient beta (its initial value; adapted by the 1.5x rule)")
     initial_log_std: float = param(0.0, "initial log std of a Gaussian policy")
 
 
@@ -74,13 +78,13 @@ def validate(config: PPOConfig) -> None:
     require(config.num_steps * config.num_envs >= config.num_minibatches, "num_minibatches",
             "must not exceed the batch size num_steps x num_envs", config.num_minibatches)
     require(config.update_epochs > 0, "update_epochs", "must be > 0", config.update_epochs)
-    require(config.clip_coef >= 0, "clip_coef", "must be >= 0", config.clip_coef)
-    require(config.value_clip_coef >= 0, "value_clip_coef", "must be >= 0", config.value_clip_coef)
+    require(config.clip_range >= 0, "clip_range", "must be >= 0", config.clip_range)
+    require(config.value_clip_range >= 0, "value_clip_range", "must be >= 0", config.value_clip_range)
     require(config.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", config.max_grad_norm)
     require(config.target_kl >= 0, "target_kl", "must be >= 0", config.target_kl)
     require(config.variant != "kl_penalty" or config.target_kl > 0, "target_kl",
             "must be > 0 for variant kl_penalty (the 1.5x rule needs a target)", config.target_kl)
-    require(config.kl_beta >= 0, "kl_beta", "must be >= 0", config.kl_beta)
+    require(config.beta >= 0, "beta", "must be >= 0", config.beta)
 
 
 def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
@@ -99,7 +103,7 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     flat = FlatParameters([policy, critic])
     optimizer = torch.optim.Adam([flat.flat], lr=config.learning_rate, eps=1e-5, fused=True)
     generator = torch_generator(config.seed)
-    beta = config.kl_beta
+    beta = config.beta
 
     state = session.restore(modules, {"optimizer": optimizer}, generator, env)
     if state is not None:
@@ -116,16 +120,16 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
         lr = config.learning_rate * (progress_left if config.anneal_lr else 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        clip = config.clip_coef * (progress_left if config.anneal_clip else 1.0)
+        clip = config.clip_range * (progress_left if config.anneal_clip else 1.0)
 
         # 1. Collect a batch with pi_old (seed 003: trajectories sampled from the current policy).
         rollout = collector.collect(policy, critic, config.num_steps, step, finished)
         step += batch_size
 
         # 2. Advantages by GAE(gamma, lambda) and the lambda-returns the critic regresses on (seed 003, 004).
-        advantages = gae(rollout.rewards, rollout.values, rollout.next_values, config.gamma, config.gae_lambda,
-                         rollout.terminated, rollout.truncated, rollout.valid)
-        returns = advantages + rollout.values
+        advantages, returns = gae(rollout.rewards, rollout.values, rollout.next_values, config.gamma,
+                                  config.gae_lambda, rollout.terminated, rollout.truncated, rollout.valid,
+                                  with_returns=True)
         observations, actions = rollout.flat("observations"), rollout.flat("actions")
         old_log_probs, old_values = rollout.flat("log_probs"), rollout.flat("values")
         flat_advantages = advantages.reshape(-1)[rollout.valid.reshape(-1).bool()]
@@ -165,7 +169,7 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 values = critic(observations[index])
                 if config.clip_value_loss:
                     critic_loss = clipped_value_loss(values, old_values[index], flat_returns[index],
-                                                     config.value_clip_coef)
+                                                     config.value_clip_range)
                 else:
                     critic_loss = value_loss(values, flat_returns[index])
                 loss = policy_loss + config.vf_coef * critic_loss
@@ -200,16 +204,16 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
             entropy = float(policy.entropy(policy(observations)).mean())
         means = torch.stack(losses).mean(0).tolist() if losses else [None] * 3
         values_logged = {"losses/policy": means[0], "losses/value": means[1], "losses/entropy": entropy,
-                         "losses/approx_kl": float(torch.stack([x.approx_kl for x in epoch_stats]).mean()),
-                         "losses/clip_fraction": float(torch.stack([x.clip_fraction for x in epoch_stats]).mean()),
+                         "policy/approx_kl": float(torch.stack([x.approx_kl for x in epoch_stats]).mean()),
+                         "policy/clip_fraction": float(torch.stack([x.clip_fraction for x in epoch_stats]).mean()),
                          "losses/grad_norm": means[2]}
         values_logged.update({
-            "losses/explained_variance": float(explained_variance(old_values, flat_returns)),
+            "value/explained_variance": float(explained_variance(old_values, flat_returns)),
             "charts/learning_rate": lr, "charts/sps": session.steps_per_second(step),
             "charts/early_stop": int(stop_early), "charts/skipped_updates": session.skipped_updates,
         })
         if mean_kl is not None:
-            values_logged.update({"losses/kl_old_new": mean_kl, "charts/kl_beta": beta})
+            values_logged.update({"policy/kl_old_new": mean_kl, "kl/beta": beta})
         last = session.metrics.log(step, elapsed, values_logged)
         session.show(step, recent, values_logged["charts/sps"])
         if session.checkpoint_due(iteration + 1):

@@ -16,7 +16,7 @@ import gymnasium as gym
 import torch
 from torch import nn
 
-from advantage.objectives.masking import masked_mean
+from advantage.objectives.masking import fill_padding, masked_mean
 from advantage.objectives.policy_gradient import (
     explained_variance,
     normalize_advantages,
@@ -103,9 +103,9 @@ def train(config: ReinforceConfig, run_dir: str | Path, resume: bool = False) ->
         returns = psi("reward_to_go", rewards, config.gamma, terminated=terminated, truncated=truncated,
                       next_values=rollout.next_values.T if critic is not None else None, mask=valid, dim=1)
         if config.baseline == "mean":
-            weights = (weights - masked_mean(weights, valid)) * valid
+            weights = fill_padding(weights - masked_mean(weights, valid), valid)
         elif config.baseline == "value":
-            weights = (weights - values) * valid
+            weights = fill_padding(weights - values, valid)
         if config.normalize_advantage:
             weights = normalize_advantages(weights, valid)
 
@@ -141,7 +141,7 @@ def train(config: ReinforceConfig, run_dir: str | Path, resume: bool = False) ->
                   "charts/skipped_updates": session.skipped_updates}
         if critic is not None:
             logged["losses/value"] = float(critic_loss.detach())
-            logged["losses/explained_variance"] = float(explained_variance(values, returns, valid))
+            logged["value/explained_variance"] = float(explained_variance(values, returns, valid))
         last = session.metrics.log(step, elapsed, logged)
         session.show(step, recent, logged["charts/sps"])
         if iteration % session.checkpoint_every == 0 or step >= config.total_steps:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from advantage.objectives.masking import fill_padding
 from advantage.rl.envs import SpaceInfo
 from advantage.rl.networks import Policy, ValueFunction, fused_forward
 
@@ -170,6 +171,6 @@ class Collector:
         values = outputs[:steps + 1, :, outputs_dim]
         valid_mask = torch.from_numpy(valid[:steps]).to(torch.float32)
         return Rollout(torch.from_numpy(observations[:steps]), actions, log_probs.clone(), values[:-1].clone(),
-                       values[1:].clone(), torch.from_numpy(rewards[:steps]) * valid_mask,
+                       values[1:].clone(), fill_padding(torch.from_numpy(rewards[:steps]), valid_mask),
                        torch.from_numpy(terminated[:steps]) & valid_mask.bool(),
                        torch.from_numpy(truncated[:steps]) & valid_mask.bool(), valid_mask)

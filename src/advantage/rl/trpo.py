@@ -95,9 +95,9 @@ def train(config: TRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
         # 1. Collect with pi_old; advantages by GAE.
         rollout = collector.collect(policy, critic, config.num_steps, step, finished)
         step += batch_size
-        advantages = gae(rollout.rewards, rollout.values, rollout.next_values, config.gamma, config.gae_lambda,
-                         rollout.terminated, rollout.truncated, rollout.valid)
-        returns = advantages + rollout.values
+        advantages, returns = gae(rollout.rewards, rollout.values, rollout.next_values, config.gamma,
+                                  config.gae_lambda, rollout.terminated, rollout.truncated, rollout.valid,
+                                  with_returns=True)
         observations, actions = rollout.flat("observations"), rollout.flat("actions")
         old_log_probs = rollout.flat("log_probs")
         keep = rollout.valid.reshape(-1).bool()
@@ -153,12 +153,12 @@ def train(config: TRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
             entropy = policy.entropy(policy(observations)).mean()
         elapsed = session.elapsed()
         last = session.metrics.log(step, elapsed, {
-            "losses/surrogate_improvement": search.improvement, "losses/kl": search.kl,
+            "losses/surrogate_improvement": search.improvement, "policy/kl_old_new": search.kl,
             "losses/expected_improvement": float(expected_improvement), "losses/step_fraction": search.fraction,
             "losses/line_search_tries": search.tries, "losses/step_accepted": int(search.accepted),
             "losses/value": float(value_loss(critic(observations), flat_returns).detach()),
             "losses/entropy": float(entropy),
-            "losses/explained_variance": float(explained_variance(rollout.flat("values"), flat_returns)),
+            "value/explained_variance": float(explained_variance(rollout.flat("values"), flat_returns)),
             "charts/sps": session.steps_per_second(step),
             "charts/skipped_updates": session.skipped_updates})
         session.show(step, recent, last["charts/sps"])

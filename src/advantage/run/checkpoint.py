@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from advantage.errors import UsageError
-from advantage.run.config import usual_permissions
+from advantage.run.files import atomic_path, usual_permissions
 
 CHECKPOINTS = "checkpoints"
 
@@ -145,15 +145,8 @@ def save_weights(directory: str | os.PathLike, modules: dict[str, torch.nn.Modul
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"{name}.{key}": value.detach().contiguous().clone()
                for name, module in modules.items() for key, value in module.state_dict().items()}
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(directory / "model.safetensors") as temporary:
         save_file(tensors, temporary, metadata=metadata)
-        usual_permissions(temporary)
-        os.replace(temporary, directory / "model.safetensors")
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return directory / "model.safetensors"
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
+import sys
 import types
 import typing
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from advantage.errors import UsageError
+from advantage.run.files import atomic_write_text
 
 
 def param(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - "help" reads best at the call sites
@@ -78,12 +79,33 @@ def coerce(cls: type, name: str, value: Any, source: str) -> Any:
     return value
 
 
+def renamed_fields(config_class: type) -> dict[str, str]:
+    """The old names of a config class's renamed fields, old -> new (its class attribute RENAMED): they still work,
+    with a one-line notice, so that older commands, config files and run directories keep working."""
+    return dict(getattr(config_class, "RENAMED", {}))
+
+
+_NOTICES_GIVEN: set[tuple[str, str]] = set()
+
+
+def _notice_renamed(old: str, new: str, source: str) -> None:
+    if (old, source) not in _NOTICES_GIVEN:
+        _NOTICES_GIVEN.add((old, source))
+        print(f"advantage: '{old}' ({source}) is now called '{new}'; the old name still works for now",
+              file=sys.stderr)
+
+
 def apply_overrides(config: Any, overrides: dict[str, Any], source: str) -> Any:
-    """A copy of `config` with fields replaced from a mapping (unknown keys are an error naming `source`)."""
+    """A copy of `config` with fields replaced from a mapping (unknown keys are an error naming `source`; a renamed
+    field's old name is read as the new one, with a notice)."""
     names = {f.name for f in dataclasses.fields(config)}
+    renamed = renamed_fields(type(config))
     updates = {}
     for key, value in overrides.items():
         name = key.replace("-", "_")
+        if name in renamed:
+            _notice_renamed(name, renamed[name], source)
+            name = renamed[name]
         if name not in names:
             raise UsageError(f"{source}: unknown field '{key}' for {type(config).__name__}")
         updates[name] = coerce(type(config), name, value, source)
@@ -126,30 +148,6 @@ def load_config_file(path: str | os.PathLike, algorithm: str) -> dict[str, Any]:
 def to_dict(config: Any) -> dict[str, Any]:
     """The config as a plain mapping (for YAML, metrics and TensorBoard)."""
     return dataclasses.asdict(config)
-
-
-def usual_permissions(path: str | os.PathLike, directory: bool = False) -> None:
-    """Give a file or directory made by tempfile (0600 / 0700) the permissions a plain open() or mkdir() would."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a whole file or nothing: to a temporary file in the same directory, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        usual_permissions(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_config(config: Any, path: str | os.PathLike, algorithm: str) -> None:

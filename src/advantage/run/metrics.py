@@ -3,8 +3,8 @@
 Every metrics line is a JSON object with at least `step` (environment steps so far) and `time_s` (wall seconds
 since the start of the run, carried across resumes); `episode_return` is the mean return of the episodes finished
 since the previous line, present whenever any finished. Every episodes line has `step`, `time_s`, `return`,
-`length`. Metric names follow a fixed vocabulary (docs in README): losses/policy, losses/value, losses/entropy,
-losses/approx_kl, losses/clip_fraction, losses/explained_variance, losses/grad_norm, charts/sps, ...
+`length`. Metric names follow one vocabulary for every algorithm and stage: the table in docs/metrics.md
+(tests/test_metric_names.py checks it against what each one logs).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+from advantage.run.files import atomic_write_text
 
 
 def _clean(value: Any) -> Any:
@@ -36,9 +38,7 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
                     kept.append(line if line.endswith("\n") else line + "\n")
             except (json.JSONDecodeError, KeyError, TypeError):
                 break  # a torn last line from a killed run: drop it and everything after
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text("".join(kept), encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_text(path, "".join(kept))
 
 
 class MetricsWriter:

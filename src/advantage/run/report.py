@@ -17,7 +17,6 @@ import base64
 import html
 import json
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 from advantage.errors import UsageError
 from advantage.run.config import load_yaml_mapping
+from advantage.run.files import atomic_path, atomic_write_text
 from advantage.run.metrics import read_jsonl
 
 SOLVED_RETURN = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0}  # Gymnasium's reward thresholds of the tasks we ship
@@ -214,11 +214,9 @@ def _pyplot():
 
 
 def _save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary)
+    with atomic_path(path, suffix=f".tmp{path.suffix}") as temporary:  # savefig reads the format from the name
+        figure.savefig(temporary)
     _pyplot().close(figure)
-    os.replace(temporary, path)
     return path
 
 
@@ -318,7 +316,8 @@ def _mean_series(runs: list[RunInfo], keys: tuple[str, ...]) -> tuple[np.ndarray
     return grid, mean
 
 
-# The panels drawn for each language-model stage: (title, metric keys tried in order).
+# The panels drawn for each language-model stage: (title, metric keys tried in order; the later ones are the names
+# that older run directories used, docs/metrics.md).
 LM_PANELS: dict[str, list[tuple[str, tuple[str, ...]]]] = {  # in the seeds' order
     "sft": [("training loss (NLL per token)", ("losses/nll",)),
             ("held-out exact match (greedy)", ("eval/exact_match",))],
@@ -326,10 +325,11 @@ LM_PANELS: dict[str, list[tuple[str, tuple[str, ...]]]] = {  # in the seeds' ord
                ("held-out pair accuracy", ("eval/accuracy",))],
     "rlhf": [("reward-model score of the samples", ("rewards/score",)),
              ("exact match of the samples", ("rewards/exact_match",)),
-             ("KL to the start per answer", ("kl/sequence",))],
+             ("KL to the start per answer", ("kl/per_answer", "kl/sequence"))],
     "dpo": [("DPO loss", ("losses/dpo",)), ("implicit-reward accuracy (held-out)", ("eval/accuracy",)),
             ("log-prob accuracy (held-out)", ("eval/logp_accuracy",))],
-    "grpo": [("mean reward of the samples", ("rewards/mean",)), ("KL to the reference per token", ("policy/kl_ref",)),
+    "grpo": [("mean reward of the samples", ("rewards/mean",)),
+             ("KL to the reference per token", ("kl/per_token", "policy/kl_ref")),
              ("held-out reward (greedy)", ("eval/reward",))],
 }
 
@@ -452,10 +452,10 @@ def _classic_section(classic: list[RunInfo], out: Path, window: int) -> str:
              _image(plot_learning_curves(groups, out / "learning_curves.png", window), "learning curves")]
     kl_lines, clip_lines = {}, {}
     for label, runs in groups.items():
-        kl = _mean_series(runs, ("losses/approx_kl", "losses/kl"))
+        kl = _mean_series(runs, ("policy/approx_kl", "policy/kl_old_new", "losses/approx_kl", "losses/kl"))
         if kl is not None:
             kl_lines[label] = kl
-        clip = _mean_series(runs, ("losses/clip_fraction",))
+        clip = _mean_series(runs, ("policy/clip_fraction", "losses/clip_fraction"))
         if clip is not None:
             clip_lines[label] = clip
     panels = [(name, lines) for name, lines in (("KL(pi_old || pi) per update", kl_lines),
@@ -493,13 +493,10 @@ def _lm_section(lm_runs: list[RunInfo], demos: list[dict[str, Any]], out: Path) 
                             [[row["name"], row["greedy_accuracy"], row["sampled_accuracy"],
                               row["reward_model_score"], row["kl_to_reference"], row["mean_answer_tokens"]]
                              for row in comparison]))
-        prompts = language.get("prompts") or []
-        if prompts:
-            from advantage.lm.tasks.arithmetic import answer
-
+        prompts, answers = language.get("prompts") or [], language.get("answers") or []
+        if prompts and len(answers) == len(prompts):  # the demo writes each held-out prompt's right answer beside it
             rows = []
-            for index, prompt in enumerate(prompts):
-                right = answer(prompt)
+            for index, (prompt, right) in enumerate(zip(prompts, answers)):
                 cells = [_Raw(f"<code>{html.escape(prompt)}</code>"), _Raw(html.escape(right))]
                 for row in comparison:
                     said = row["completions"][index] if index < len(row["completions"]) else ""
@@ -595,7 +592,5 @@ def write_html_report(paths: list[Path], out: Path, window: int = 20, title: str
             f"<p class=\"lead\">{len(runs)} run directories: {html.escape(', '.join(map(str, paths)))}"
             f"{'. Time: ' + html.escape(timing) if timing else ''}.</p>\n" + "\n".join(sections) + "\n</body></html>\n")
     target = out / "index.html"
-    temporary = out / ".index.html.tmp"
-    temporary.write_text(page, encoding="utf-8")
-    os.replace(temporary, target)
+    atomic_write_text(target, page)
     return target
