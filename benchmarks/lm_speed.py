@@ -136,8 +136,8 @@ def child(stage: str, bench_dir: str, threads: int, pairs: int, bf16: bool, mode
 def _pairs_tokens(run, pairs: int) -> tuple[int, int]:
     """(prompt tokens, answer tokens) of the first `pairs` training pairs as our tokenizer made them."""
     from advantage.lm.data import load_rows
+    from advantage.lm.loading import end_ids
     from advantage.lm.preferences import tokenize_rankings
-    from advantage.lm.session import end_ids
 
     rows = load_rows(run.config.data, "preference")[:pairs]
     examples = tokenize_rankings(rows, "preference", run.tokenizer, 128, "training", end_ids(run.tokenizer, run.model))

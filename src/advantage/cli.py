@@ -217,6 +217,7 @@ def _add_single_flag(parser: argparse.ArgumentParser, config_class: type, field:
 def run_train(args: argparse.Namespace) -> int:
     """`advantage train`: resolve the config (defaults < preset < --config < flags) and train, or resume."""
     from advantage.rl.api import resolve_config, resume
+    from advantage.run.session import default_run_dir
 
     flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     if args.resume:
@@ -230,7 +231,7 @@ def run_train(args: argparse.Namespace) -> int:
         resume(run_dir, **flags)
         return 0
     config = resolve_config(args.algorithm, flags, args.config, not args.no_preset, source="command line")
-    out = Path(args.out) if args.out else Path("runs") / f"{args.algorithm}-{config.env_id}-seed{config.seed}"
+    out = Path(args.out) if args.out else default_run_dir(args.algorithm, config.env_id, config.seed)
     with removed_if_it_fails(out):
         algorithm_module(args.algorithm).train(config, out)
     return 0
@@ -239,6 +240,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_lm_stage(args: argparse.Namespace) -> int:
     """`advantage sft|reward|dpo`: resolve the config (defaults < --config < flags) and train, or resume."""
     from advantage.lm import session
+    from advantage.run.processes import close_processes
 
     stage = args.command
     flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
@@ -247,12 +249,12 @@ def run_lm_stage(args: argparse.Namespace) -> int:
             session.resume(args.resume, stage=stage, **flags)
             return 0
         config = session.resolve_config(stage, flags, args.config, source="command line")
-        out = Path(args.out) if args.out else session.default_run_dir(stage, config)
+        out = Path(args.out) if args.out else session.stage_run_dir(stage, config)
         with removed_if_it_fails(out):
             session.stage_module(stage).train(config, out)
         return 0
     finally:
-        session.close_processes()
+        close_processes()
 
 
 def _is_language_model(target: Path) -> bool:

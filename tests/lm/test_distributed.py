@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from advantage.lm.session import DataOrder, Processes
+from advantage.lm.data_order import DataOrder
+from advantage.run.processes import Processes
 
 pytestmark = pytest.mark.distributed  # torchrun, two processes
 

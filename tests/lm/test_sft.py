@@ -13,12 +13,15 @@ from lm_helpers import metrics, small_config, train_and_kill_after_second_checkp
 from safetensors.torch import load_file
 
 from advantage import cli
-from advantage.errors import UsageError
+from advantage.errors import NonFiniteLossError, UsageError
 from advantage.lm import session as lm_session
 from advantage.lm.data import write_jsonl
+from advantage.lm.data_order import DataOrder
 from advantage.lm.examples import collate_examples, pack_examples, tokenize_pairs
+from advantage.lm.loading import load_policy
 from advantage.lm.models import build_model
-from advantage.lm.session import DataOrder, LMSession, learning_rate_at
+from advantage.lm.schedule import learning_rate_at
+from advantage.lm.session import LMSession
 from advantage.lm.sft import SFTConfig, accumulate_gradients, completion_nll, greedy_completions, train
 from advantage.lm.tokenizer import build_char_tokenizer
 
@@ -239,7 +242,7 @@ def test_lora_trains_only_adapters_and_can_save_them(tmp_path):
     assert checkpoint and all("lora_" in key for key in checkpoint)  # only the adapters are trained and saved
     final = {path.name for path in (run.run_dir / "final").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= final
-    base, _ = lm_session.load_policy(run.config)
+    base, _ = load_policy(run.config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a method transformers 5 deprecates
         loaded = PeftModel.from_pretrained(base, run.run_dir / "final").eval()
@@ -333,6 +336,6 @@ def test_too_many_non_finite_losses_stop_the_run(tmp_path):
     assert session.finite(1.0) and not session.finite(math.nan)
     assert session.finite(0.5)  # a finite loss resets the streak
     assert not session.finite(math.inf)
-    with pytest.raises(lm_session.NonFiniteLossError):
+    with pytest.raises(NonFiniteLossError):
         session.finite(math.nan)
     assert session.skipped_updates == 3

@@ -21,10 +21,11 @@ import torch
 
 from advantage.lm.examples import encode_prompt
 from advantage.lm.generation import generate
+from advantage.lm.loading import end_ids, pad_id
 from advantage.lm.logprobs import answer_sequence_log_probs, collate_shared_prompt
 from advantage.lm.online import BUILTIN_TASK_REWARD, groups_of
 from advantage.lm.rewards import combined_rewards, reward_functions
-from advantage.lm.session import end_ids, pad_id, quiet_transformers
+from advantage.lm.session import quiet_transformers
 from advantage.lm.tokenizer import strip_end_tokens
 
 

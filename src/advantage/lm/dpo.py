@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +47,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advantage.errors import UsageError
+from advantage.lm.config import mixed_precision
+from advantage.lm.data_order import DataOrder, total_steps
+from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
 from advantage.lm.logprobs import answer_sequence_log_probs
 from advantage.lm.models import evaluation_mode
+from advantage.lm.offline import BatchGradient, train_offline
 from advantage.lm.preferences import (
     PairwiseTally,
     PreferenceDataConfig,
@@ -63,25 +66,12 @@ from advantage.lm.preferences import (
     tokenize_rankings,
     validate_preference_data,
 )
-from advantage.lm.session import (
-    DataOrder,
-    LMRun,
-    LMSession,
-    Processes,
-    StepWindow,
-    add_lora,
-    end_ids,
-    learning_rate_at,
-    load_policy,
-    make_optimizer,
-    max_length,
-    mixed_precision,
-    pad_id,
-    require,
-    total_steps,
-)
+from advantage.lm.schedule import make_optimizer
+from advantage.lm.session import LMSession
 from advantage.objectives.preference import dpo_loss, plackett_luce_dpo_loss
-from advantage.run.config import param
+from advantage.run.config import param, require
+from advantage.run.processes import Processes
+from advantage.run.session import Run
 
 
 @dataclass
@@ -217,11 +207,11 @@ def evaluate(model: nn.Module, examples: Sequence[RankedExample], reference: Ten
 # ---------------------------------------------------------------------------------------------------------- training
 
 
-def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun:
+def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     """Fine-tune `config.model` with DPO on the preferences of `config.data` (or the built-in task).
 
     Returns:
-        The LMRun, whose `.model` is the trained causal LM as saved in final/ (merged, with LoRA and lora_merge).
+        The Run, whose `.model` is the trained causal LM as saved in final/ (merged, with LoRA and lora_merge).
     """
     validate(config)
     if config.threads:
@@ -265,59 +255,25 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun
         if "reference_log_probs" not in state:
             raise UsageError(f"{session.checkpoint_path}: no reference log-probabilities in this checkpoint")
         reference, eval_reference = state["reference_log_probs"], state["eval_reference_log_probs"]
-    max_norm = config.max_grad_norm or math.inf
-    step = session.start_step
-    last: dict = {}
-    window = StepWindow()
-    tally = PairwiseTally()
 
     def held_out() -> dict[str, float]:
         with mixed_precision(config):
             return evaluate(model, eval_examples, eval_reference, micro_size, pad, config.loss, config.beta)
 
-    if step == 0 and evaluating:  # the starting point: every implicit margin is 0, logp_accuracy the reference's
-        last = session.metrics.log(0, session.elapsed(), held_out())
-    while step < steps:
-        began = time.perf_counter()
-        learning_rate = learning_rate_at(config, step, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
-
+    def accumulate(indices: Sequence[int]) -> BatchGradient:
         # 4-5. Collate the batch's micro-batches, compute each one's share of the DPO loss, accumulate gradients.
-        indices = order.batch(step)
-        examples = [train_examples[index] for index in indices]
-        with mixed_precision(config):
-            loss, batch_tally, real_tokens = accumulate_gradients(
-                model, examples, reference[indices], config.gradient_accumulation_steps, pad, config.loss, config.beta,
-                processes.world_size)
-        loss, real_tokens = processes.sum(loss, real_tokens)
-        batch_tally = batch_tally.summed(processes)
-        processes.sum_gradients(model)  # the gradient of the whole batch, on every process
+        loss, tally, real_tokens = accumulate_gradients(
+            model, [train_examples[index] for index in indices], reference[indices],
+            config.gradient_accumulation_steps, pad, config.loss, config.beta, processes.world_size)
+        return BatchGradient(loss, real_tokens, tally=tally)
 
-        # 6. One optimizer step (skipped, and counted, if the loss is not finite).
-        if window.optimizer_step(session, optimizer, loss, max_norm):
-            tally.update(batch_tally)
-        step += 1
-        window.end_step(real_tokens, time.perf_counter() - began)
+    def checkpoint_extra(step: int) -> dict:
+        # With the reference log-probabilities: an exact resume without recomputing them.
+        return {"data_order": order.state(step), "reference_log_probs": reference,
+                "eval_reference_log_probs": eval_reference}
 
-        # 7. Log (averaged over the steps since the last line), with the held-out metrics when they are due.
-        evaluation_due = evaluating and session.evaluation_due(step)
-        if step % config.log_every == 0 or step == steps or evaluation_due:
-            logged = {**window.figures("losses/dpo"),
-                      **tally.means("rewards/"),
-                      "charts/learning_rate": learning_rate,
-                      "charts/epoch": order.epochs_done(step),
-                      "charts/skipped_updates": session.skipped_updates}
-            if evaluation_due:
-                logged.update(held_out())
-            last = session.metrics.log(step, session.elapsed(), logged)
-            session.show(step, {"loss": logged["losses/dpo"], "acc": logged["rewards/accuracy"]})
-            window, tally = StepWindow(), PairwiseTally()
-
-        # 8. Checkpoint, with the reference log-probabilities (exact resume without recomputing them).
-        if session.checkpoint_due(step):
-            session.save(step, {"data_order": order.state(step), "reference_log_probs": reference,
-                                "eval_reference_log_probs": eval_reference})
-
+    # The starting point at step 0: every implicit margin is 0, logp_accuracy the reference's.
+    step, last = train_offline(session, model, optimizer, order, steps, config, "losses/dpo", accumulate,
+                               held_out if evaluating else None, checkpoint_extra)
     model = session.finish(model, tokenizer, step)
-    return LMRun(session.run_dir, "dpo", config, last, step, model, tokenizer)
+    return Run(session.run_dir, "dpo", config, last, step, model, tokenizer)

@@ -25,9 +25,11 @@ from typing import Any
 import torch
 
 from advantage.errors import UsageError
+from advantage.lm.config import mixed_precision
 from advantage.lm.generation import generate
+from advantage.lm.loading import end_ids, load_policy, max_length, pad_id
 from advantage.lm.online import OnlineConfig, Scorer, load_prompts, validate_online
-from advantage.lm.session import STAGES, end_ids, load_policy, max_length, mixed_precision, pad_id
+from advantage.lm.session import STAGES
 from advantage.run.config import apply_overrides, load_yaml_mapping
 
 ONLINE_FIELDS = {field.name for field in dataclasses.fields(OnlineConfig)}

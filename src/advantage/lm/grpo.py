@@ -45,32 +45,22 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from advantage.lm.config import mixed_precision
+from advantage.lm.data_order import DataOrder, fingerprint
 from advantage.lm.generation import Generated, generate
+from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
 from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt
 from advantage.lm.models import evaluation_mode
 from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_prompts, validate_online
-from advantage.lm.session import (
-    DataOrder,
-    LMRun,
-    LMSession,
-    Processes,
-    StepWindow,
-    add_lora,
-    end_ids,
-    fingerprint,
-    learning_rate_at,
-    load_policy,
-    make_optimizer,
-    max_length,
-    mixed_precision,
-    pad_id,
-    require,
-)
+from advantage.lm.schedule import learning_rate_at, make_optimizer
+from advantage.lm.session import LMSession, StepWindow
 from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate, kl_reward_penalty
 from advantage.objectives.masking import AGGREGATIONS, masked_sum
-from advantage.run.config import param
+from advantage.run.config import param, require
+from advantage.run.processes import Processes
 from advantage.run.seeding import derive_seed
+from advantage.run.session import Run
 
 
 @dataclass
@@ -157,11 +147,11 @@ def micro_batch_loss(model: nn.Module, rollout: Rollout, config: GRPOConfig, num
 # ---------------------------------------------------------------------------------------------------------- training
 
 
-def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRun:
+def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     """Fine-tune `config.model` with GRPO on the prompts of `config.data` (or the built-in task).
 
     Returns:
-        The LMRun, whose `.model` is the trained causal LM as saved in final/.
+        The Run, whose `.model` is the trained causal LM as saved in final/.
     """
     validate(config)
     if config.threads:
@@ -298,7 +288,7 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> LMRu
             generation_s = 0.0
 
     model = session.finish(model, tokenizer, step)
-    return LMRun(session.run_dir, "grpo", config, last, step, model, tokenizer)
+    return Run(session.run_dir, "grpo", config, last, step, model, tokenizer)
 
 
 def _step_logs(config: GRPOConfig, processes: Processes, rewards: Tensor, generated: Generated,

@@ -18,15 +18,17 @@ import torch
 from torch import Tensor, nn
 
 from advantage.errors import UsageError
+from advantage.lm.config import LMConfig, validate_lm
 from advantage.lm.data import load_rows
 from advantage.lm.data import prompts as prompt_texts
+from advantage.lm.data_order import task_files
 from advantage.lm.examples import encode_prompt
 from advantage.lm.generation import Generated, generate
+from advantage.lm.loading import pad_id
 from advantage.lm.logprobs import collate_shared_prompt
 from advantage.lm.rewards import RewardFunction, combined_rewards, reward_functions
-from advantage.lm.session import LMConfig, pad_id, require, task_files, validate_lm
 from advantage.lm.tokenizer import strip_end_tokens
-from advantage.run.config import param
+from advantage.run.config import param, require
 
 BUILTIN_TASK_REWARD = "advantage.lm.tasks.arithmetic:reward"
 BUILTIN_CHAT_TASK_REWARD = "advantage.lm.tasks.arithmetic:answer_is_last_number"

@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from advantage.errors import UsageError
+from advantage.lm.config import mixed_precision
 from advantage.lm.data import write_jsonl
 from advantage.lm.generation import generate
+from advantage.lm.loading import end_ids, load_policy, max_length, pad_id
 from advantage.lm.online import OnlineConfig, PromptExample, Scorer, load_prompts, validate_online
-from advantage.lm.session import end_ids, load_policy, max_length, mixed_precision, pad_id, require
-from advantage.run.config import param
+from advantage.run.config import param, require
 from advantage.run.seeding import derive_seed
 
 

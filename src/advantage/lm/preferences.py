@@ -16,11 +16,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from advantage.lm.config import LMConfig, validate_lm
 from advantage.lm.data import Row, load_rows, preference_triples, rankings
+from advantage.lm.data_order import fingerprint, task_files
 from advantage.lm.examples import keep_trainable, tokenize_pairs
 from advantage.lm.logprobs import SharedPromptBatch, collate_shared_prompt
-from advantage.lm.session import LMConfig, fingerprint, require, task_files, validate_lm
-from advantage.run.config import param
+from advantage.run.config import param, require
 
 
 @dataclass
@@ -119,7 +120,7 @@ def best_and_worst(examples: Sequence[RankedExample]) -> list[RankedExample]:
 
 
 def data_fingerprint(examples: Sequence[RankedExample]) -> str:
-    """`session.fingerprint` of the tokenized rankings (a resumed run refuses changed data)."""
+    """`data_order.fingerprint` of the tokenized rankings (a resumed run refuses changed data)."""
     return fingerprint([[e.prompt_ids, e.completion_ids] for e in examples])
 
 
@@ -201,7 +202,7 @@ class PairwiseTally:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def summed(self, processes) -> PairwiseTally:
-        """This tally summed over the processes (`session.Processes`): the whole batch's diagnostics."""
+        """This tally summed over the processes (`run.processes.Processes`): the whole batch's diagnostics."""
         names = ("pairs", "correct", "margin_sum", "rankings", "best_sum", "worst_sum")
         totals = processes.sum(*(getattr(self, name) for name in names))
         return PairwiseTally(**{name: type(getattr(self, name))(total) for name, total in zip(names, totals)})

@@ -40,8 +40,6 @@ With LoRA the adapters are always merged into final/ (`lora_merge` must stay tru
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +48,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from advantage.lm.config import mixed_precision
+from advantage.lm.data_order import DataOrder, total_steps
+from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
 from advantage.lm.models import ScalarHeadModel, evaluation_mode
+from advantage.lm.offline import BatchGradient, train_offline
 from advantage.lm.preferences import (
     LISTWISE,
     PairwiseTally,
@@ -65,24 +67,11 @@ from advantage.lm.preferences import (
     tokenize_rankings,
     validate_preference_data,
 )
-from advantage.lm.session import (
-    DataOrder,
-    LMRun,
-    LMSession,
-    StepWindow,
-    add_lora,
-    end_ids,
-    learning_rate_at,
-    load_policy,
-    make_optimizer,
-    max_length,
-    mixed_precision,
-    pad_id,
-    require,
-    total_steps,
-)
+from advantage.lm.schedule import make_optimizer
+from advantage.lm.session import LMSession
 from advantage.objectives.preference import bradley_terry_loss, kwise_pairwise_loss, plackett_luce_loss
-from advantage.run.config import param
+from advantage.run.config import param, require
+from advantage.run.session import Run
 
 
 @dataclass
@@ -179,11 +168,11 @@ def evaluate(model: ScalarHeadModel, examples: Sequence[RankedExample], batch_si
 # ---------------------------------------------------------------------------------------------------------- training
 
 
-def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LMRun:
+def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> Run:
     """Train a reward model on the preferences of `config.data` (or the built-in task); write the run directory.
 
     Returns:
-        The LMRun, whose `.model` is the trained `ScalarHeadModel` as saved in final/ (adapters merged).
+        The Run, whose `.model` is the trained `ScalarHeadModel` as saved in final/ (adapters merged).
     """
     validate(config)
     if config.threads:
@@ -217,58 +206,22 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> LM
     session.start(model, optimizer, steps, data_fingerprint(train_examples))
     micro_size = config.batch_size // (processes.world_size * config.gradient_accumulation_steps)
     evaluating = bool(eval_examples) and processes.is_main  # rank 0 alone evaluates
-    max_norm = config.max_grad_norm or math.inf
-    step = session.start_step
-    last: dict = {}
-    window = StepWindow()
-    tally = PairwiseTally()
 
     def held_out() -> dict[str, float]:
         with mixed_precision(config):
             return evaluate(model, eval_examples, micro_size, pad, config.loss)
 
-    if step == 0 and evaluating:  # the starting point, for comparison
-        last = session.metrics.log(0, session.elapsed(), held_out())
-    while step < steps:
-        began = time.perf_counter()
-        learning_rate = learning_rate_at(config, step, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
-
+    def accumulate(indices: Sequence[int]) -> BatchGradient:
         # 3-5. Collate the batch's micro-batches, score every answer, accumulate the gradient of the batch mean.
-        examples = [train_examples[index] for index in order.batch(step)]
-        with mixed_precision(config):
-            loss, batch_tally, real_tokens = accumulate_gradients(model, examples, config.gradient_accumulation_steps,
-                                                                  pad, config.loss, processes.world_size)
-        loss, real_tokens = processes.sum(loss, real_tokens)
-        batch_tally = batch_tally.summed(processes)
-        processes.sum_gradients(model)  # the gradient of the whole batch, on every process
+        loss, tally, real_tokens = accumulate_gradients(model, [train_examples[index] for index in indices],
+                                                        config.gradient_accumulation_steps, pad, config.loss,
+                                                        processes.world_size)
+        return BatchGradient(loss, real_tokens, tally=tally)
 
-        # 6. One optimizer step (skipped, and counted, if the loss is not finite).
-        if window.optimizer_step(session, optimizer, loss, max_norm):
-            tally.update(batch_tally)
-        step += 1
-        window.end_step(real_tokens, time.perf_counter() - began)
-
-        # 7. Log (averaged over the steps since the last line), with the held-out metrics when they are due.
-        evaluation_due = evaluating and session.evaluation_due(step)
-        if step % config.log_every == 0 or step == steps or evaluation_due:
-            logged = {**window.figures("losses/reward"),
-                      **tally.means("rewards/"),
-                      "charts/learning_rate": learning_rate,
-                      "charts/epoch": order.epochs_done(step),
-                      "charts/skipped_updates": session.skipped_updates}
-            if evaluation_due:
-                logged.update(held_out())
-            last = session.metrics.log(step, session.elapsed(), logged)
-            session.show(step, {"loss": logged["losses/reward"], "acc": logged["rewards/accuracy"]})
-            window, tally = StepWindow(), PairwiseTally()
-
-        # 8. Checkpoint.
-        if session.checkpoint_due(step):
-            session.save(step, {"data_order": order.state(step)})
+    step, last = train_offline(session, model, optimizer, order, steps, config, "losses/reward", accumulate,
+                               held_out if evaluating else None, lambda step: {"data_order": order.state(step)})
 
     if lora_model is not None:
         lora_model.merge_and_unload()  # folds the adapters into the shared body in place: final/ is plain weights
     model = session.finish(model, tokenizer, step)
-    return LMRun(session.run_dir, "reward", config, last, step, model, tokenizer)
+    return Run(session.run_dir, "reward", config, last, step, model, tokenizer)

@@ -46,36 +46,26 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from advantage.lm.config import mixed_precision
 from advantage.lm.data import load_rows, sft_pairs
+from advantage.lm.data_order import DataOrder, fingerprint
 from advantage.lm.examples import collate_examples, tokenize_pairs
 from advantage.lm.generation import generate
+from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
 from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt, masked_log_probs
 from advantage.lm.models import ScalarHeadModel, evaluation_mode
 from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_prompts, validate_online
-from advantage.lm.session import (
-    DataOrder,
-    LMRun,
-    LMSession,
-    StepWindow,
-    add_lora,
-    end_ids,
-    fingerprint,
-    learning_rate_at,
-    load_policy,
-    make_optimizer,
-    max_length,
-    mixed_precision,
-    pad_id,
-    require,
-)
+from advantage.lm.schedule import learning_rate_at, make_optimizer
+from advantage.lm.session import LMSession, StepWindow
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate, kl_loss_term
 from advantage.objectives.masking import aggregate, fill_padding, masked_whiten
 from advantage.objectives.policy_gradient import clipped_value_loss, explained_variance
 from advantage.objectives.ppo import adaptive_kl_beta, clipped_surrogate_loss
 from advantage.objectives.returns import gae, shift_to_next
 from advantage.objectives.rlhf import ptx_loss, shaped_token_rewards, terminal_at_last_token
-from advantage.run.config import param
-from advantage.run.seeding import derive_seed
+from advantage.run.config import param, require
+from advantage.run.seeding import INDEX_STRIDE, derive_seed
+from advantage.run.session import Run
 
 
 @dataclass
@@ -113,8 +103,6 @@ class RLHFConfig(OnlineConfig):
 
 
 CONFIG = RLHFConfig
-# The offset of the minibatch order's random stream, beside the samplers' (offset = process rank, below this).
-MINIBATCH_ORDER = 1_000
 
 
 def validate(config: RLHFConfig) -> None:
@@ -191,11 +179,11 @@ def advantages_and_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma:
 # ---------------------------------------------------------------------------------------------------------- training
 
 
-def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRun:
+def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> Run:
     """Fine-tune `config.model` with RLHF-PPO on the prompts of `config.data` (or the built-in task).
 
     Returns:
-        The LMRun, whose `.model` is the trained causal LM as saved in final/.
+        The Run, whose `.model` is the trained causal LM as saved in final/.
     """
     validate(config)
     if config.threads:
@@ -313,7 +301,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
         training_s = time.perf_counter() - trained
 
         # 5. PPO: update_epochs passes, each over num_minibatches minibatches of prompts, one optimizer step each.
-        shuffle = torch.Generator().manual_seed(derive_seed(config.seed, round_index, MINIBATCH_ORDER))
+        shuffle = torch.Generator().manual_seed(config.seed * INDEX_STRIDE + round_index)  # its own stream
         for _ in range(config.update_epochs):
             permutation = torch.randperm(len(prompts), generator=shuffle).tolist()
             size = len(prompts) // config.num_minibatches
@@ -360,7 +348,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> LMRu
     model = session.finish(model, tokenizer, step)
     if processes.is_main:
         value_model.save_pretrained(session.run_dir / "final" / "value_model")
-    return LMRun(session.run_dir, "rlhf", config, last, step, model, tokenizer)
+    return Run(session.run_dir, "rlhf", config, last, step, model, tokenizer)
 
 
 def ppo_step(model: nn.Module, value_model: ScalarHeadModel, rollout: Rollout, prompts: list[int],

@@ -18,7 +18,7 @@ its sum divided by that same N_tokens; the micro-batches' gradients add up in `.
 L. So batch 8 x 1 micro-batch, 4 micro-batches of 2 and 8 of 1 give the same gradient (up to float rounding), and
 padding never matters (padded positions are masked and excluded from N_tokens). A per-micro-batch mean would weight
 tokens of short micro-batches more. Under torchrun, N_tokens is the count summed over the processes' shares of the
-batch, and their gradients are summed (`session.Processes`), so N processes compute the gradient of one.
+batch, and their gradients are summed (`run.processes.Processes`), so N processes compute the gradient of one.
 
 Packing (`packing`, off by default): the examples of each micro-batch are concatenated into as few rows of at most
 max_length tokens as fit, with attention isolated: a block-diagonal causal mask (each example attends only to its
@@ -31,9 +31,7 @@ docs/metrics.md gives sft; eval/ figures at step 0 and every eval_every steps.
 
 from __future__ import annotations
 
-import math
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from advantage.lm.config import LMConfig, mixed_precision, validate_lm
 from advantage.lm.data import load_rows, sft_pairs
+from advantage.lm.data_order import DataOrder, fingerprint, task_files, total_steps
 from advantage.lm.examples import (
     SFTExample,
     TokenBatch,
@@ -51,32 +51,17 @@ from advantage.lm.examples import (
     pack_examples,
     tokenize_pairs,
 )
+from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
 from advantage.lm.logprobs import masked_log_probs
 from advantage.lm.models import evaluation_mode
-from advantage.lm.session import (
-    DataOrder,
-    LMConfig,
-    LMRun,
-    LMSession,
-    Processes,
-    StepWindow,
-    add_lora,
-    end_ids,
-    fingerprint,
-    learning_rate_at,
-    load_policy,
-    make_optimizer,
-    max_length,
-    mixed_precision,
-    pad_id,
-    require,
-    task_files,
-    total_steps,
-    validate_lm,
-)
+from advantage.lm.offline import BatchGradient, train_offline
+from advantage.lm.schedule import make_optimizer
+from advantage.lm.session import LMSession
 from advantage.lm.tokenizer import end_token_ids, strip_end_tokens
 from advantage.objectives.masking import aggregate
-from advantage.run.config import param
+from advantage.run.config import param, require
+from advantage.run.processes import Processes
+from advantage.run.session import Run
 
 
 @dataclass
@@ -212,11 +197,11 @@ def _examples(rows, tokenizer, length: int, what: str, end_ids: Sequence[int]) -
     return [examples[index] for index in keep]
 
 
-def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun:
+def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> Run:
     """Fine-tune `config.model` on the completions of `config.data` (or the built-in task); write the run directory.
 
     Returns:
-        The LMRun, whose `.model` is the trained model as saved in final/ (merged, with LoRA and lora_merge).
+        The Run, whose `.model` is the trained model as saved in final/ (merged, with LoRA and lora_merge).
     """
     validate(config)
     if config.threads:
@@ -241,53 +226,19 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> LMRun
     session.start(model, optimizer, steps, data_id)
     micro_size = config.batch_size // (processes.world_size * config.gradient_accumulation_steps)
     evaluating = bool(eval_examples) and processes.is_main  # rank 0 alone evaluates
-    max_norm = config.max_grad_norm or math.inf
-    step = session.start_step
-    last: dict = {}
-    window = StepWindow()
 
     def held_out() -> dict[str, float]:
         with mixed_precision(config):
             return evaluate(model, tokenizer, eval_examples, micro_size, pad, config.max_new_tokens, ends)
 
-    if step == 0 and evaluating:  # the starting point, for comparison
-        last = session.metrics.log(0, session.elapsed(), held_out())
-    while step < steps:
-        began = time.perf_counter()
-        learning_rate = learning_rate_at(config, step, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
+    def accumulate(indices: Sequence[int]) -> BatchGradient:
+        # Collate the batch's micro-batches, compute each one's share of L, accumulate the gradients.
+        loss, num_tokens, real_tokens = accumulate_gradients(
+            model, [train_examples[index] for index in indices], config.gradient_accumulation_steps, pad,
+            length if config.packing else 0, processes)
+        return BatchGradient(loss, real_tokens, completion_tokens=num_tokens)
 
-        # 1-3. Collate the batch's micro-batches, compute each one's share of L, accumulate the gradients.
-        examples = [train_examples[index] for index in order.batch(step)]
-        with mixed_precision(config):
-            loss, num_tokens, real_tokens = accumulate_gradients(
-                model, examples, config.gradient_accumulation_steps, pad, length if config.packing else 0, processes)
-        loss, real_tokens = processes.sum(loss, real_tokens)
-        processes.sum_gradients(model)  # the gradient of the whole batch, on every process
-
-        # 4. One optimizer step (skipped, and counted, if the loss is not finite).
-        window.optimizer_step(session, optimizer, loss, max_norm)
-        step += 1
-        window.end_step(real_tokens, time.perf_counter() - began, num_tokens)
-
-        # 5. Log (averaged over the steps since the last line), with the held-out metrics when they are due.
-        evaluation_due = evaluating and session.evaluation_due(step)
-        if step % config.log_every == 0 or step == steps or evaluation_due:
-            logged = {**window.figures("losses/nll"),
-                      "charts/learning_rate": learning_rate,
-                      "charts/completion_tokens": window.completion_tokens / window.steps,
-                      "charts/epoch": order.epochs_done(step),
-                      "charts/skipped_updates": session.skipped_updates}
-            if evaluation_due:
-                logged.update(held_out())
-            last = session.metrics.log(step, session.elapsed(), logged)
-            session.show(step, {"loss": logged["losses/nll"], "tok/s": logged["charts/tokens_per_s"]})
-            window = StepWindow()
-
-        # 6. Checkpoint.
-        if session.checkpoint_due(step):
-            session.save(step, {"data_order": order.state(step)})
-
+    step, last = train_offline(session, model, optimizer, order, steps, config, "losses/nll", accumulate,
+                               held_out if evaluating else None, lambda step: {"data_order": order.state(step)})
     model = session.finish(model, tokenizer, step)
-    return LMRun(session.run_dir, "sft", config, last, step, model, tokenizer)
+    return Run(session.run_dir, "sft", config, last, step, model, tokenizer)

@@ -20,10 +20,11 @@ from advantage.objectives.policy_gradient import (
     value_loss,
 )
 from advantage.objectives.returns import gae, n_step_advantage
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, validate_common
+from advantage.rl.common import RLConfig, Session, check_gamma, make_env, torch_generator, validate_common
 from advantage.rl.networks import FlatParameters, Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
-from advantage.run.config import param
+from advantage.run.config import param, require
+from advantage.run.session import Run
 
 
 @dataclass

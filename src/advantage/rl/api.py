@@ -15,10 +15,10 @@ from types import ModuleType
 from typing import Any
 
 from advantage.errors import UsageError
-from advantage.rl.common import Run
 from advantage.rl.presets import preset_for
 from advantage.run.checkpoint import removed_if_it_fails
 from advantage.run.config import apply_overrides, load_config_file, load_yaml_mapping
+from advantage.run.session import Run, default_run_dir
 
 ALGORITHMS = ("reinforce", "a2c", "ppo", "trpo", "dqn")
 
@@ -59,7 +59,7 @@ def train(algorithm: str, out: str | Path | None = None, config_file: str | Path
         fields: any field of the algorithm's config (see `advantage train ALGO --help`).
     """
     config = resolve_config(algorithm, fields, config_file, use_preset)
-    out = Path(out) if out else Path("runs") / f"{algorithm}-{config.env_id}-seed{config.seed}"
+    out = Path(out) if out else default_run_dir(algorithm, config.env_id, config.seed)
     with removed_if_it_fails(out):
         return algorithm_module(algorithm).train(config, out)
 

@@ -12,9 +12,7 @@ bootstrap from the value like any truncation and are not counted in episodes.jso
 from __future__ import annotations
 
 import json
-import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,20 +20,13 @@ from typing import Any, Literal
 import gymnasium as gym
 import torch
 
-from advantage.errors import NonFiniteLossError, UsageError
+from advantage.errors import UsageError
 from advantage.rl.envs import SpaceInfo, load_normalization_state, make_vector_env, normalization_state, space_info
-from advantage.run.checkpoint import (
-    check_run_directory,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    save_weights,
-)
-from advantage.run.config import param, save_config
+from advantage.run.checkpoint import interval, load_checkpoint, save_checkpoint, save_weights
+from advantage.run.config import param, require
 from advantage.run.files import atomic_write_text
-from advantage.run.metrics import MetricsWriter
-from advantage.run.progress import Progress
 from advantage.run.seeding import derive_seed
+from advantage.run.session import RunSession
 
 
 @dataclass
@@ -78,12 +69,6 @@ class RLConfig:
         return {"hidden": self.hidden(), "activation": self.activation, "orthogonal_init": self.orthogonal_init}
 
 
-def require(condition: bool, field: str, message: str, value: Any) -> None:
-    """Raise UsageError naming `field` unless `condition` holds."""
-    if not condition:
-        raise UsageError(f"field '{field}' {message}, got {value!r}")
-
-
 def validate_common(config: RLConfig) -> None:
     """Checks shared by every algorithm (each algorithm adds its own)."""
     require(config.total_steps > 0, "total_steps", "must be > 0", config.total_steps)
@@ -101,19 +86,9 @@ def check_gamma(value: float, field: str = "gamma") -> None:
 
 
 
-@dataclass
-class Run:
-    """What `train` returns: where the run is and its final metrics line."""
-
-    run_dir: Path
-    algorithm: str
-    config: Any
-    last_metrics: dict[str, Any]
-    steps: int
-
-
-class Session:
-    """The run directory of one training run, fresh or resumed.
+class Session(RunSession):
+    """The run directory of one classic training run, fresh or resumed (`run.session.RunSession`), with its
+    environments cut into checkpoint segments.
 
     Args:
         algorithm: name written to config.yaml ("ppo", "a2c", ...).
@@ -126,35 +101,21 @@ class Session:
             iteration says on stderr that it trains a whole one.
     """
 
+    advice = "lower the learning rate, or enable observation/reward normalisation"
+
     def __init__(self, algorithm: str, config: RLConfig, run_dir: str | Path, resume: bool, iterations: int,
                  steps_per_iteration: int, unit: str = ""):
-        self.algorithm = algorithm
-        self.config = config
-        self.run_dir = Path(run_dir)
+        super().__init__(algorithm, config, run_dir, resume)
+        if self.processes.world_size > 1:
+            raise UsageError("the classic algorithms train in one process; start them without torchrun")
         self.iterations = iterations
         self.steps_per_iteration = steps_per_iteration
-        self.checkpoint_every = config.checkpoint_every or max(1, math.ceil(iterations / 10))
+        self.checkpoint_every = interval(config.checkpoint_every, iterations)
         self.start_iteration = 0
-        self.start_step = 0
-        self.elapsed_before = 0.0
-        self.consecutive_nonfinite = 0
-        self.skipped_updates = 0
-        self.checkpoint_path: Path | None = None
         self._start_note = ""
-        if resume:
-            checkpoints = list_checkpoints(self.run_dir)
-            self.checkpoint_path = checkpoints[-1] if checkpoints else None
-        elif (self.run_dir / "config.yaml").exists():
-            raise UsageError(f"run directory '{self.run_dir}' already holds a run; pass --resume {self.run_dir} "
-                             f"to continue it, or choose another --out")
-        else:
-            check_run_directory(self.run_dir)
-            if unit and config.total_steps < steps_per_iteration:  # more than asked for: say so, once it starts
-                self._start_note = (f"advantage: total_steps={config.total_steps} is less than one {unit} "
-                                    f"({steps_per_iteration} steps); training one {unit}, {steps_per_iteration} steps")
-        self.metrics: MetricsWriter | None = None
-        self.progress: Progress | None = None
-        self._clock_start = time.perf_counter()
+        if not resume and unit and config.total_steps < steps_per_iteration:  # more than asked for: say so
+            self._start_note = (f"advantage: total_steps={config.total_steps} is less than one {unit} "
+                                f"({steps_per_iteration} steps); training one {unit}, {steps_per_iteration} steps")
 
     def restore(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                 generator: torch.Generator, env: gym.vector.VectorEnv) -> dict[str, Any] | None:
@@ -171,31 +132,21 @@ class Session:
         self._modules, self._optimizers, self._generator, self._env = modules, optimizers, generator, env
         # Written only now that the environment and the networks exist: a run that cannot start (an unknown
         # environment, an unsupported action space) leaves no run directory behind.
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir / "config.yaml", self.algorithm)
+        self.write_config()
         if self._start_note:
             print(self._start_note, file=sys.stderr)
         state = None
         if self.checkpoint_path is not None:
             state = load_checkpoint(self.checkpoint_path, modules)
+            self.restore_common(state)
             self.start_iteration = int(state["iteration"])
-            self.start_step = int(state["step"])
-            self.elapsed_before = float(state["elapsed_s"])
-            self.skipped_updates = int(state.get("skipped_updates", 0))
             for name, optimizer in optimizers.items():
                 optimizer.load_state_dict(state[name])
             generator.set_state(state["generator"])
             load_normalization_state(env, state["normalization"])
-        self.metrics = MetricsWriter(self.run_dir, resume_step=self.start_step if self.checkpoint_path else None,
-                                     tensorboard=self.config.tensorboard)
         description = self.config.label or f"{self.algorithm} {self.config.env_id}"
-        self.progress = Progress(self.config.total_steps, self.start_step, description, enabled=self.config.progress)
-        self._clock_start = time.perf_counter()
+        self.open_writers(self.config.total_steps, description, episodes=True, resumed=self.resume)
         return state
-
-    def elapsed(self) -> float:
-        """Wall seconds since the start of the run, carried across resumes."""
-        return self.elapsed_before + time.perf_counter() - self._clock_start
 
     def segment_starts(self, iteration: int) -> bool:
         """True at the first iteration of a checkpoint segment, and at the first after a resume (every checkpoint
@@ -215,28 +166,10 @@ class Session:
         """Flush the logs and checkpoint everything `restore` registered, plus the algorithm's `extra` entries."""
         assert self.metrics is not None
         self.metrics.flush()
-        state = {"iteration": iteration_done, "step": step, "elapsed_s": self.elapsed(),
-                 "skipped_updates": self.skipped_updates, "generator": self._generator.get_state(),
+        state = {**self.common_state(step), "iteration": iteration_done, "generator": self._generator.get_state(),
                  "normalization": normalization_state(self._env),
                  **{name: optimizer.state_dict() for name, optimizer in self._optimizers.items()}, **(extra or {})}
         save_checkpoint(self.run_dir, step, self._modules, state, keep=self.config.keep_checkpoints)
-
-    def finite(self, loss: torch.Tensor) -> bool:
-        """False (and counted) if the loss is NaN or infinite: the caller skips that update.
-
-        Raises NonFiniteLossError after `max_nonfinite` consecutive ones; the last checkpoint stays intact.
-        """
-        if bool(torch.isfinite(loss)):
-            self.consecutive_nonfinite = 0
-            return True
-        self.consecutive_nonfinite += 1
-        self.skipped_updates += 1
-        if self.consecutive_nonfinite >= self.config.max_nonfinite:
-            raise NonFiniteLossError(
-                f"{self.consecutive_nonfinite} consecutive updates had a non-finite loss; stopped. The last "
-                f"checkpoint in {self.run_dir / 'checkpoints'} is intact (lower the learning rate, or enable "
-                f"observation/reward normalisation)")
-        return False
 
     def record_episodes(self, finished: list) -> list[float]:
         """Write the episodes finished since the last call to episodes.jsonl; empty the list; return their returns."""
@@ -264,11 +197,8 @@ class Session:
         final = self.run_dir / "final"
         save_weights(final, self._modules, {"algorithm": self.algorithm, "env_id": self.config.env_id})
         atomic_write_text(final / "normalization.json", json.dumps(normalization_state(self._env)))
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.progress is not None:
-            self.progress.close(f"{self.algorithm} {self.config.env_id}: {step} steps in {self.elapsed():.1f} s "
-                                f"-> {self.run_dir}")
+        self.close_writers(f"{self.algorithm} {self.config.env_id}: {step} steps in {self.elapsed():.1f} s "
+                           f"-> {self.run_dir}")
 
 
 def torch_generator(seed: int) -> torch.Generator:

@@ -15,10 +15,11 @@ from torch import nn
 
 from advantage.errors import UsageError
 from advantage.objectives.q_learning import linear_schedule, q_learning_targets, td_loss
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, validate_common
+from advantage.rl.common import RLConfig, Session, check_gamma, make_env, torch_generator, validate_common
 from advantage.rl.networks import FlatParameters, QNetwork
 from advantage.rl.rollout import Collector, FinishedEpisode
-from advantage.run.config import param
+from advantage.run.config import param, require
+from advantage.run.session import Run
 
 
 @dataclass

@@ -28,10 +28,11 @@ from advantage.objectives.ppo import (
     surrogate_stats,
 )
 from advantage.objectives.returns import gae
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, validate_common
+from advantage.rl.common import RLConfig, Session, check_gamma, make_env, torch_generator, validate_common
 from advantage.rl.networks import FlatParameters, Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
-from advantage.run.config import param
+from advantage.run.config import param, require
+from advantage.run.session import Run
 
 
 @dataclass

@@ -24,10 +24,11 @@ from advantage.objectives.policy_gradient import (
     psi,
     value_loss,
 )
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, validate_common
+from advantage.rl.common import RLConfig, Session, check_gamma, make_env, torch_generator, validate_common
 from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
-from advantage.run.config import param
+from advantage.run.config import param, require
+from advantage.run.session import Run
 
 
 @dataclass

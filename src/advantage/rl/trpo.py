@@ -22,10 +22,11 @@ from advantage.objectives.trust_region import (
     flat_grad,
     natural_gradient_step,
 )
-from advantage.rl.common import RLConfig, Run, Session, check_gamma, make_env, require, torch_generator, validate_common
+from advantage.rl.common import RLConfig, Session, check_gamma, make_env, torch_generator, validate_common
 from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
-from advantage.run.config import param
+from advantage.run.config import param, require
+from advantage.run.session import Run
 
 
 @dataclass

@@ -10,6 +10,7 @@ A directory that exists under its final name is complete; half-written ones only
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -159,3 +160,8 @@ def load_weights(directory: str | os.PathLike, modules: dict[str, torch.nn.Modul
     for name, module in modules.items():
         prefix = f"{name}."
         module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+
+
+def interval(every: int, steps: int) -> int:
+    """`every`, or about a tenth of the run when it is 0 (checkpoints and evaluations)."""
+    return every or max(1, math.ceil(steps / 10))

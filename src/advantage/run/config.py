@@ -20,6 +20,12 @@ from advantage.errors import UsageError
 from advantage.run.files import atomic_write_text
 
 
+def require(condition: bool, field: str, message: str, value: Any) -> None:
+    """Raise UsageError naming `field` unless `condition` holds: "field 'lr' must be > 0, got -1"."""
+    if not condition:
+        raise UsageError(f"field '{field}' {message}, got {value!r}")
+
+
 def param(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - "help" reads best at the call sites
     """A dataclass field with a one-line help string (shown by --help and in the docs)."""
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})

@@ -1,0 +1,88 @@
+"""The processes training together, or just this one: the one place torch.distributed is touched.
+
+A command launched by torchrun (or `accelerate launch`) finds WORLD_SIZE, RANK and the rendezvous address in its
+environment and joins the process group here; everything else asks a `Processes` object what to do (its share of
+a batch, whether it writes the run directory). A later device or sharding choice (GPU, FSDP) belongs here too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class Processes:
+    """The processes training together, or just this one.
+
+    Launched by torchrun (or `accelerate launch`), which sets WORLD_SIZE, RANK and the rendezvous address, every
+    stage trains with data parallelism over torch.distributed: each process takes its share of every batch
+    (`DataOrder`), the gradients are summed over the processes before the optimizer step, and every process then
+    takes the same step, so the weights stay identical everywhere. Losses are normalised by counts over the whole
+    batch of all processes, so N processes compute the gradient of one process with the same batch. Only rank 0
+    writes the run directory and shows progress. Without WORLD_SIZE > 1 nothing of torch.distributed is touched.
+    """
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if self.world_size > 1 else 0
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes the run directory (rank 0)."""
+        return self.rank == 0
+
+    def sum(self, *values: float) -> list[float]:
+        """Each value summed over the processes (float64, so token counts stay exact)."""
+        if self.world_size == 1:
+            return [float(value) for value in values]
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def sum_gradients(self, model: nn.Module) -> None:
+        """Replace every trainable parameter's .grad by its sum over the processes, in one all-reduce."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for parameter, grad in zip([p for p in model.parameters() if p.requires_grad], grads):
+            parameter.grad = flat[offset:offset + grad.numel()].view_as(grad).clone()
+            offset += grad.numel()
+
+    def gather_rows(self, local: Tensor, total: int) -> Tensor:
+        """Interleave the rows each process computed for its share `range(rank, total, world_size)` of `total` items.
+
+        Args:
+            local: (ceil((total - rank) / world_size), ...) this process's rows, in the order of its share.
+        Returns:
+            (total, ...) every item's row, in the original order.
+        """
+        if self.world_size == 1:
+            return local
+        most = -(-total // self.world_size)
+        padded = torch.zeros((most, *local.shape[1:]), dtype=local.dtype)
+        padded[:len(local)] = local
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        result = torch.empty((total, *local.shape[1:]), dtype=local.dtype)
+        for rank, rows in enumerate(gathered):
+            result[rank::self.world_size] = rows[:len(range(rank, total, self.world_size))]
+        return result
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def close_processes() -> None:
+    """Leave torch.distributed's process group if a stage joined one (at the end of a torchrun-launched command)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
