@@ -11,6 +11,7 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
         || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } \
         || echo "scripts/test.sh: could not install chromium" >&2
 fi
-# Two worker processes (pytest-xdist), each test file on one of them: the suite's wall time on 2 cores is about
+# Two worker processes (pytest-xdist), each test file on one of them (tests/conftest.py groups them; the quick
+# demo's two readers share one worker, so the demo runs once): the suite's wall time on 2 cores is about
 # half of one process's (every test pins torch to 1 thread). ADVANTAGE_TEST_WORKERS=0 runs it in this process.
-exec python -m pytest -n "${ADVANTAGE_TEST_WORKERS:-2}" --dist loadfile "$@"
+exec python -m pytest -n "${ADVANTAGE_TEST_WORKERS:-2}" --dist loadgroup "$@"

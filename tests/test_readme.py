@@ -8,8 +8,9 @@ that contains MESSAGE; every other command must succeed.
 
 Budgets are cut so the whole README runs in a couple of minutes; the flags are appended, and the last value of a
 flag wins: training runs get --total-steps 4096 (6144 when resuming), language-model stages --max-steps 2 and
---eval-max-prompts 4, `advantage pairs` --max-prompts 8, evaluations --episodes 2 (or --eval-max-prompts 4 for a
-language model), and everything --progress false. `bash scripts/main.sh` is the session's quick demo
+--eval-max-prompts 4 (on the real chat model also batches of 2 and 2 held-out prompts), `advantage pairs`
+--max-prompts 8, evaluations --episodes 2 (or --eval-max-prompts 4 for a language model), and everything
+--progress false. `bash scripts/main.sh` is the session's quick demo
 (tests/test_demo.py checks what it wrote). `bash scripts/test.sh` is this very suite: the test checks that CI runs
 exactly it.
 """
@@ -139,13 +140,23 @@ def workspace(tmp_path_factory):
     shutil.rmtree(directory, ignore_errors=True)
 
 
+# The real chat model's steps take seconds each on 2 cores: its runs also get smaller batches.
+REAL_MODEL_BATCH = {"grpo": ["--batch-size", "2", "--group-size", "2", "--max-new-tokens", "8"],
+                    "sft": ["--batch-size", "2"], "dpo": ["--batch-size", "2"], "reward": ["--batch-size", "2"]}
+
+
+def _real_model(argv: list[str]) -> bool:
+    return any("smollm2" in argument or "runs/smol-" in argument for argument in argv)
+
+
 def _budget(argv: list[str]) -> list[str]:
     if "--help" in argv or argv[0] in ("verify", "report"):
         return argv
     if argv[0] == "train":
         return [*argv, "--total-steps", "6144" if "--resume" in argv else "4096", "--progress", "false"]
     if argv[0] in LM_STAGES:
-        return [*argv, "--max-steps", "2", "--eval-max-prompts", "4", "--progress", "false"]
+        real = [*REAL_MODEL_BATCH.get(argv[0], []), "--eval-max-prompts", "2"] if _real_model(argv) else []
+        return [*argv, "--max-steps", "2", "--eval-max-prompts", "4", *real, "--progress", "false"]
     if argv[0] == "pairs":
         return [*argv, "--max-prompts", "8", "--progress", "false"]
     if argv[0] == "eval":

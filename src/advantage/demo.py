@@ -1,15 +1,15 @@
 """`advantage demo`: the seeds' story end to end, measured rather than narrated.
 
-1. The policy gradient on CartPole-v1 (seeds 000, 003, 004): REINFORCE with the total return (psi_1), then the
-   reward-to-go (psi_2), then a learned baseline (psi_3), then A2C (GAE, seed 004), PPO-clip, PPO with the
+1. The policy gradient on CartPole-v1 (docs/math.md §1 and §7): REINFORCE with the total return (psi_1), then the
+   reward-to-go (psi_2), then a learned baseline (psi_3), then A2C (GAE, docs/math.md §2), PPO-clip, PPO with the
    adaptive KL penalty and TRPO, every one with the same environment-step budget and the same seeds. The
    learning curves show what the seeds promise: each step from psi_1 to psi_3 lowers the variance, and the trust
    region methods learn in fewer steps.
-2. Language models (seeds 003, 004) on the built-in arithmetic task ("73+8=": a number below 100 plus a digit, 800
-   training and 200 held-out questions): SFT of a small transformer, a reward model on preference pairs
-   (Bradley-Terry), then RLHF-PPO against that reward model, DPO on the same pairs and GRPO on the task's
-   exact-match reward, all three from the same SFT model; then every policy's held-out accuracy, reward-model score
-   and KL to the SFT model (`advantage.lm.compare`).
+2. Language models (docs/math.md §5 to §7b) on the built-in arithmetic task ("73+8=": a number below 100 plus a digit,
+   800 training and 200 held-out questions): SFT of a small transformer, a reward model on preference pairs
+   (Bradley-Terry), then RLHF-PPO against that reward model, DPO on the same pairs and GRPO on the task's exact-match
+   reward, all three from the same SFT model; then every policy's held-out accuracy, reward-model score and KL to the
+   SFT model (`advantage.lm.compare`).
 3. A real chat model: SmolLM2-135M-Instruct (fetched once into the cache, `advantage.lm.fetch`) with LoRA, GRPO on
    two-number addition asked in chat form, the verifier reading the data's answer column; its held-out accuracy
    and a few of its answers before and after (`--no-real-model` leaves this part out).

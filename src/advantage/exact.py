@@ -1,12 +1,12 @@
 """Problems small enough to enumerate, where the seeds' quantities have exact values to test estimators against.
 
 - `TabularMDP`: a few states and actions, a short horizon. Enumerating every trajectory gives
-  J(theta) = sum_tau P_theta(tau) R(tau) and, by autograd, the exact policy gradient (seed 000, 003); dynamic
+  J(theta) = sum_tau P_theta(tau) R(tau) and, by autograd, the exact policy gradient (docs/math.md §1); dynamic
   programming gives the exact V and Q used as baselines and critics.
 - `policy_gradient_samples`: per-trajectory gradient estimates built *only* from advantage.objectives
   (psi, policy_gradient_loss, gae), so that their Monte Carlo mean can be compared with the exact gradient.
 - `train_tabular_dpo`: a tabular policy over a small response space trained with the DPO losses, to compare
-  with the closed-form optimum pi* = pi_ref exp(r / beta) / Z (seed 004).
+  with the closed-form optimum pi* = pi_ref exp(r / beta) / Z (docs/math.md §6).
 - `expected_kl_gradient`: the exact expectation of each KL estimator's gradient in each placement.
 """
 
@@ -55,8 +55,8 @@ class TabularMDP:
 
 
 def random_mdp(num_states: int = 4, num_actions: int = 2, horizon: int = 4, seed: int = 0) -> TabularMDP:
-    """A random MDP whose last state is terminal; rewards uniform in [0, 1] (all positive, seed 000's case
-    where a baseline matters)."""
+    """A random MDP whose last state is terminal; rewards uniform in [0, 1] (all positive, the notes' case
+    where a baseline matters, docs/math.md §1)."""
     g = torch.Generator().manual_seed(seed)
     terminal = torch.zeros(num_states, dtype=torch.bool)
     terminal[-1] = True
@@ -140,14 +140,14 @@ def _pack(mdp: TabularMDP, rows: list[tuple[list[int], list[int], list[int], boo
 
 
 def trajectory_log_probability(mdp: TabularMDP, logits: Tensor, batch: Trajectories) -> Tensor:
-    """log P_theta(tau) = log rho_0(s_0) + sum_t [log pi_theta(a_t|s_t) + log P(s_{t+1}|s_t,a_t)] (seed 000, 003)."""
+    """log P_theta(tau) = log rho_0(s_0) + sum_t [log pi_theta(a_t|s_t) + log P(s_{t+1}|s_t,a_t)] (docs/math.md §1)."""
     log_pi = torch.log_softmax(logits, -1)[batch.states, batch.actions]
     log_p = torch.log(mdp.transition[batch.states, batch.actions, batch.next_states])
     return torch.log(mdp.initial[batch.states[:, 0]]) + ((log_pi + log_p) * batch.mask).sum(-1)
 
 
 def exact_objective(mdp: TabularMDP, logits: Tensor, gamma: float = 1.0) -> Tensor:
-    """J(theta) = sum_tau P_theta(tau) R(tau), with R(tau) = sum_t gamma^t r_t, by enumeration (seed 003)."""
+    """J(theta) = sum_tau P_theta(tau) R(tau), with R(tau) = sum_t gamma^t r_t, by enumeration (docs/math.md §1)."""
     batch = enumerate_trajectories(mdp)
     discounts = gamma ** torch.arange(mdp.horizon, dtype=DTYPE)
     returns = (batch.rewards * discounts).sum(-1)
@@ -296,7 +296,7 @@ def relative_error(value: Tensor, target: Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# DPO on an enumerable response space (seed 004)
+# DPO on an enumerable response space (docs/math.md §6)
 
 @dataclass
 class PreferenceProblem:
@@ -310,7 +310,7 @@ class PreferenceProblem:
     beta: float
 
     def optimal_policy(self) -> Tensor:
-        """pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x) (seed 004), shape (X, Y)."""
+        """pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x) (docs/math.md §6), shape (X, Y)."""
         return torch.softmax(torch.log_softmax(self.ref_logits, -1) + self.reward / self.beta, -1)
 
 
@@ -369,7 +369,7 @@ def total_variation(p: Tensor, q: Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# KL estimators' gradients, exactly (seed 000's k3 and its relatives)
+# KL estimators' gradients, exactly (k3 and its relatives, docs/math.md §4)
 
 def expected_kl_gradient(logits: Tensor, ref_logits: Tensor, estimator: KLEstimator, placement: KLPlacement) -> Tensor:
     """E_{a ~ pi}[g(a)]: the expected gradient (w.r.t. the logits) that one sample's KL term contributes.

@@ -2,14 +2,14 @@
 
 Three groups of checks, each row a formula, an estimator, its measured bias and variance, and a verdict:
 
-1. The policy gradient (seed 000, 003, 004). A small MDP is enumerated to get grad J exactly; each psi form,
+1. The policy gradient (docs/math.md §1). A small MDP is enumerated to get grad J exactly; each psi form,
    built from advantage.objectives, is sampled and its mean compared with the exact gradient in standard
    errors. Expected: every form unbiased (with an exact critic), variance falling from the total return to the
    advantage; GAE with a wrong critic unbiased only at lambda = 1; discounted reward-to-go unbiased for J_gamma
    only with the gamma^t factor.
-2. The DPO optimum (seed 004): a tabular policy trained by pairwise and by Plackett-Luce DPO on sampled
+2. The DPO optimum (docs/math.md §6): a tabular policy trained by pairwise and by Plackett-Luce DPO on sampled
    preferences lands on pi* = pi_ref exp(r / beta) / Z.
-3. The KL estimators (seed 000): E[k1] = E[k3] = KL by Monte Carlo, and, exactly, which estimator in which
+3. The KL estimators (docs/math.md §4): E[k1] = E[k3] = KL by Monte Carlo, and, exactly, which estimator in which
    placement has an unbiased gradient.
 """
 

@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 import torch
 
-from advantage.lm.generation import Generated, generate, key_value_cache, sample_tokens
+from advantage.lm.generation import Generated, generate, greedy_decode, sample_tokens
+from advantage.lm.kv_cache import key_value_cache
 from advantage.lm.logprobs import collate, completion_log_probs
 from advantage.lm.models import build_model
 
@@ -91,6 +92,16 @@ def test_greedy_equals_the_slow_loop_for_every_prompt(models, architecture, samp
     assert generated.completions == repeated(expected, samples_per_prompt)  # row b * G + g is sample g of b
     assert generated.sampled_log_probs.shape == (len(PROMPTS) * samples_per_prompt, 8)
     assert generated.sampled_log_probs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 64])
+def test_greedy_decode_in_batches_equals_the_slow_loop(models, batch_size):
+    """The one greedy decoder of the evaluations: any batch size gives every prompt its own greedy completion."""
+    generated = greedy_decode(models["llama"], PROMPTS, max_new_tokens=8, eos_id=-1, pad_id=PAD,
+                              batch_size=batch_size)
+    assert generated.prompts == PROMPTS and generated.samples_per_prompt == 1
+    assert generated.completions == [slow_greedy(models["llama"], prompt, 8) for prompt in PROMPTS]
+    assert generated.sampled_log_probs.shape == (len(PROMPTS), 8)
 
 
 def test_the_cache_grows_beyond_its_capacity(models):
@@ -290,7 +301,7 @@ def test_a_peft_lora_model_generates(models):
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
     lora = get_peft_model(base, config)
     weights = {name: parameter.detach().clone() for name, parameter in lora.named_parameters()}
-    # Sampling runs on the weights with the adapters folded in (generation.adapters_folded)...
+    # Sampling runs on the weights with the adapters folded in (lora_folding.adapters_folded)...
     generated = generate(lora, PROMPTS, samples_per_prompt=2, max_new_tokens=6, eos_id=-1, pad_id=PAD, greedy=True)
     # ...and afterwards every weight is bit for bit what it was, the adapters switched on again.
     assert all(torch.equal(parameter, weights[name]) for name, parameter in lora.named_parameters())

@@ -11,9 +11,10 @@ from transformers import PreTrainedModel
 
 from advantage import cli
 from advantage.lm import grpo
-from advantage.lm.grpo import GRPOConfig, Rollout, micro_batch_loss, train
+from advantage.lm.grpo import GRPOConfig, MicroBatch, micro_batch_loss, train
 from advantage.lm.logprobs import collate_shared_prompt
 from advantage.lm.models import build_model
+from advantage.lm.online import OnlineModels
 from advantage.lm.rewards import RewardFunction, RewardFunctionError, load_reward_function, reward_functions
 from advantage.objectives.grpo import group_normalized_advantages
 
@@ -72,7 +73,7 @@ def test_reward_functions_load_by_module_or_file_and_combine_with_weights(tmp_pa
 # ------------------------------------------------------------------------------------------------------- the loss
 
 
-def rollouts_of(model, micro_batches, old=False):
+def micro_batches_of(model, micro_batches, old=False):
     """Three prompts of different lengths with G = 4 completions each (different lengths, one empty), split into
     micro-batches of whole groups; rewards give each group a spread."""
     prompts = [[5, 17, 23, 9], [40, 41], [11, 12, 13, 14, 15, 16]]
@@ -84,18 +85,18 @@ def rollouts_of(model, micro_batches, old=False):
     result = []
     for start in range(0, len(prompts), size):
         batch = collate_shared_prompt(prompts[start:start + size], completions[start:start + size], 0)
-        old_log_probs = grpo._log_probs_without_grad(model, batch, 1.0) if old else None
-        result.append(Rollout(batch, advantages[start * 4:(start + size) * 4], old_log_probs, None))
+        old_log_probs = OnlineModels(model, None, None, 0, (3,)).policy_log_probs(batch, 1.0) if old else None
+        result.append(MicroBatch(batch, advantages[start * 4:(start + size) * 4], old_log_probs, None))
     return result
 
 
-def gradient(model, rollouts, config):
+def gradient(model, micro_batches, config):
     model.zero_grad(set_to_none=True)
-    num_tokens = sum(float(r.batch.answer_mask.sum()) for r in rollouts)
-    num_sequences = sum(r.batch.answer_ids.shape[0] for r in rollouts)
+    num_tokens = sum(float(m.batch.answer_mask.sum()) for m in micro_batches)
+    num_sequences = sum(m.batch.answer_ids.shape[0] for m in micro_batches)
     total = 0.0
-    for rollout in rollouts:
-        loss, _ = micro_batch_loss(model, rollout, config, num_tokens, num_sequences)
+    for micro_batch in micro_batches:
+        loss, _ = micro_batch_loss(model, micro_batch, config, num_tokens, num_sequences)
         loss.backward()
         total += float(loss.detach())
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -109,8 +110,8 @@ def test_the_loss_is_exact_over_micro_batches_and_processes(aggregation):
     the whole batch's counts and the gradients are summed): the same loss and gradient, in every aggregation."""
     model = build_model("nano", seed=2)
     config = quiet(aggregation=aggregation, beta=0.0)
-    whole_loss, whole = gradient(model, rollouts_of(model, 1), config)
-    split_loss, split = gradient(model, rollouts_of(model, 3), config)
+    whole_loss, whole = gradient(model, micro_batches_of(model, 1), config)
+    split_loss, split = gradient(model, micro_batches_of(model, 3), config)
     assert math.isclose(whole_loss, split_loss, rel_tol=1e-5, abs_tol=1e-7)
     for name, grad in whole.items():
         torch.testing.assert_close(split[name], grad, atol=2e-6, rtol=1e-4, msg=name)
@@ -121,8 +122,8 @@ def test_old_log_probs_from_a_fresh_pass_make_the_first_ratio_exactly_one():
     """pi_old is computed by the same function as pi_theta (answer_log_probs, eval mode, no graph): at the first
     inner iteration every ratio is exactly 1, so nothing is clipped and the approximate KL is exactly 0."""
     model = build_model("nano", seed=2).train()
-    for rollout in rollouts_of(model, 3, old=True):
-        _, stats = micro_batch_loss(model, rollout, quiet(beta=0.0, num_iterations=2), 20.0, 12.0)
+    for micro_batch in micro_batches_of(model, 3, old=True):
+        _, stats = micro_batch_loss(model, micro_batch, quiet(beta=0.0, num_iterations=2), 20.0, 12.0)
         assert stats["approx_kl_sum"] == 0.0 and stats["clip_tokens"] == 0.0
 
 

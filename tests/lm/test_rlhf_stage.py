@@ -12,7 +12,8 @@ from advantage.lm.data import write_jsonl
 from advantage.lm.models import ScalarHeadModel
 from advantage.lm.reward import RewardConfig
 from advantage.lm.reward import train as train_reward
-from advantage.lm.rlhf import RLHFConfig, advantages_and_returns, train
+from advantage.lm.rlhf import RLHFConfig, train
+from advantage.objectives.rlhf import advantages_and_returns
 
 torch.set_num_threads(1)
 

@@ -18,11 +18,12 @@ from advantage.lm import session as lm_session
 from advantage.lm.data import write_jsonl
 from advantage.lm.data_order import DataOrder
 from advantage.lm.examples import collate_examples, pack_examples, tokenize_pairs
+from advantage.lm.generation import greedy_decode
 from advantage.lm.loading import load_policy
 from advantage.lm.models import build_model
 from advantage.lm.schedule import learning_rate_at
 from advantage.lm.session import LMSession
-from advantage.lm.sft import SFTConfig, accumulate_gradients, completion_nll, greedy_completions, train
+from advantage.lm.sft import SFTConfig, accumulate_gradients, completion_nll, train
 from advantage.lm.tokenizer import build_char_tokenizer
 
 torch.set_num_threads(1)
@@ -200,8 +201,8 @@ def test_sft_learns_arithmetic_and_final_reloads_in_plain_transformers(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(run.run_dir / "final", local_files_only=True)
     prompts = [run.tokenizer.encode(text) for text in ("3+4=", "9+9=", "0+7=")]
     eos = run.tokenizer.eos_token_id
-    in_memory = greedy_completions(run.model.eval(), prompts, 6, eos, 0)
-    assert greedy_completions(reloaded, prompts, 6, eos, 0) == in_memory
+    in_memory = greedy_decode(run.model.eval(), prompts, max_new_tokens=6, eos_id=eos, pad_id=0).completions
+    assert greedy_decode(reloaded, prompts, max_new_tokens=6, eos_id=eos, pad_id=0).completions == in_memory
     assert [run.tokenizer.decode(tokens) for tokens in in_memory] == ["7\n", "18\n", "7\n"]
 
 

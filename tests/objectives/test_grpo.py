@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
+from advantage.objectives.grpo import answer_kl_penalty, group_normalized_advantages, grpo_loss
 from advantage.objectives.kl import kl_k3
 
 D = torch.float64
@@ -232,3 +232,17 @@ def test_grpo_micro_batches_sum_to_full_batch(mode, seed):
     local = sum(grpo_loss(log_probs[r], old[r], adv[r], mask[r], ref_log_probs=ref[r], **kwargs)[0]
                 for r in (slice(0, 2), slice(2, 6)))
     assert not torch.allclose(local, full_loss.detach())
+
+
+def test_answer_kl_penalty_is_minus_beta_times_the_sum_over_each_answers_real_tokens():
+    """-beta sum_t k(a_t) per answer, by hand: padding (even NaN) adds nothing, and nothing is differentiable."""
+    log_probs = torch.tensor([[math.log(0.5), math.log(0.25), float("nan")], [math.log(0.5), 0.0, 0.0]],
+                             dtype=D, requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), math.log(0.5), 0.0], [math.log(0.5), 5.0, 5.0]], dtype=D)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    k1 = answer_kl_penalty(log_probs, ref, mask, 0.5, "k1")
+    assert_close(k1, t([-0.5 * (math.log(2) - math.log(2)), 0.0]))
+    k3 = answer_kl_penalty(log_probs, ref, mask, 0.5, "k3")
+    # k3 = r - 1 - log r with r = pi_ref / pi: r = 1/2 then 2.
+    assert_close(k3, t([-0.5 * ((0.5 - 1 - math.log(0.5)) + (2 - 1 - math.log(2))), 0.0]))
+    assert not k3.requires_grad

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from advantage.objectives.kl import kl_k3
-from advantage.objectives.rlhf import last_token_index, ptx_loss, shaped_token_rewards
+from advantage.objectives.rlhf import kl_penalty_loss, last_token_index, ptx_loss, shaped_token_rewards
 
 D = torch.float64
 HYP = settings(max_examples=50, deadline=None)
@@ -112,3 +112,17 @@ def test_ptx_loss_random_matches_definitions():
     with pytest.raises(ValueError):
         ptx_loss(lp, mask, coef, aggregation="constant")
     assert math.isclose(ptx_loss(lp, mask, 0.0).item(), 0.0, abs_tol=0.0)
+
+
+def test_kl_penalty_loss_is_the_token_mean_of_beta_k_and_its_gradient_is_pathwise():
+    """beta sum_{b,t} m k2(a_t) / num_tokens by hand; its gradient in log pi is beta (log pi - log pi_ref) / N per
+    real token (k2 = 1/2 (log pi - log pi_ref)^2), 0 on padding."""
+    log_probs = t([[-1.0, -2.0, -3.0], [-0.5, -9.0, -9.0]]).requires_grad_(True)
+    ref = t([[-1.5, -1.0, 0.0], [-0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss = kl_penalty_loss(log_probs, ref, mask, 0.2, "k2")
+    assert_close(loss, t(0.2 * (0.5 * 0.25 + 0.5 * 1.0 + 0.0) / 3))
+    loss.backward()
+    assert_close(log_probs.grad, t([[0.2 * 0.5 / 3, 0.2 * -1.0 / 3, 0.0], [0.0, 0.0, 0.0]]))
+    # A minibatch share of a larger batch divides by the whole batch's tokens.
+    assert_close(kl_penalty_loss(log_probs, ref, mask, 0.2, "k2", num_tokens=6), loss.detach() / 2)

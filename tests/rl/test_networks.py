@@ -7,7 +7,9 @@ from torch import nn
 
 from advantage.rl.api import ALGORITHMS, algorithm_module
 from advantage.rl.envs import SpaceInfo
-from advantage.rl.networks import FlatParameters, Policy, QNetwork, ValueFunction, fused_forward
+from advantage.rl.flat_parameters import FlatParameters
+from advantage.rl.fused_forward import fused_forward
+from advantage.rl.networks import Policy, QNetwork, ValueFunction
 from advantage.rl.presets import preset_for
 from advantage.run.config import apply_overrides
 

@@ -5,8 +5,8 @@ What the demo (and anyone choosing between RLHF, DPO and GRPO) wants to know abo
 - greedy accuracy: the task's exact-match reward of the most likely answer;
 - sampled accuracy and reward-model score: the same reward, and the reward model's score, averaged over answers
   sampled at temperature 1 (what the online stages optimise);
-- KL to the reference per answer, KL(pi || pi_ref) = E_{y ~ pi}[sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x,
-  y_<t)] (seed 000's k1 estimator summed over the answer's tokens, seed 004's KL-regularised objective): how far
+- KL to the reference per answer, KL(pi || pi_ref) = E_{y ~ pi}[sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]
+  (the k1 estimator of docs/math.md §4 summed over the answer's tokens; the KL-regularised objective of §6): how far
   alignment moved the policy from where it started;
 - a few greedy completions, to read.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from advantage.lm.examples import encode_prompt
-from advantage.lm.generation import generate
+from advantage.lm.generation import generate, greedy_decode
 from advantage.lm.loading import end_ids, pad_id
 from advantage.lm.logprobs import answer_sequence_log_probs, collate_shared_prompt
 from advantage.lm.online import BUILTIN_TASK_REWARD, groups_of
@@ -73,7 +73,8 @@ def compare_policies(policies: dict[str, str | Path], reference: str | Path, pro
     for name, directory in policies.items():
         with quiet_transformers():
             model = reference_model if Path(directory) == Path(reference) else load_causal_lm(str(directory))[0]
-        greedy = generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=ends, pad_id=pad, greedy=True)
+        greedy = greedy_decode(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=ends, pad_id=pad,
+                               batch_size=len(prompt_ids))
         greedy_texts = [_decode(tokenizer, c, ends) for c in greedy.completions]
         sampled = generate(model, prompt_ids, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
                            eos_id=ends, pad_id=pad, generator=torch.Generator().manual_seed(seed))

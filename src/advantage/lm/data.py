@@ -8,9 +8,9 @@ Kinds and their columns (a "conversation" is a list of {"role": ..., "content": 
     sft          prompt + completion (strings, or conversations with an assistant-only completion),
                  or text alone, or messages (a conversation ending with an assistant reply)
     preference   prompt, chosen, rejected (strings, or a conversation prompt with assistant-only replies);
-                 one Bradley-Terry comparison chosen > rejected per row (seed 004)
+                 one Bradley-Terry comparison chosen > rejected per row (docs/math.md §5)
     ranking      prompt, responses (a list of at least 2 strings, best first); the K-wise comparisons of
-                 InstructGPT's reward model (seed 000) and the Plackett-Luce likelihood (seed 004)
+                 InstructGPT's reward model and the Plackett-Luce likelihood (docs/math.md §5)
     prompt       prompt alone (for online RL, where the policy writes the completions)
 
 Every row is checked before any is converted, and the first problem is raised as a one-line UsageError that names

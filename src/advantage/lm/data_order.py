@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +82,13 @@ class DataOrder:
 def total_steps(config: LMConfig, num_examples: int) -> int:
     """`max_steps`, or enough steps for `epochs` passes over `num_examples` examples."""
     return config.max_steps or max(1, math.ceil(config.epochs * num_examples / config.batch_size))
+
+
+def minibatch_order(count: int, epochs: int, num_minibatches: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """`epochs` passes over `count` items (a rollout's prompts), each a fresh permutation cut into
+    `num_minibatches` equal minibatches: PPO's update order, one optimizer step per minibatch."""
+    size = count // num_minibatches
+    for _ in range(epochs):
+        permutation = torch.randperm(count, generator=generator).tolist()
+        for start in range(0, count, size):
+            yield permutation[start:start + size]

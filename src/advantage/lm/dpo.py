@@ -1,19 +1,19 @@
-"""Direct Preference Optimization (DPO): the reward model's loss, written in terms of the policy (seed 004; seed 000).
+"""Direct Preference Optimization (DPO): the reward model's loss, written in terms of the policy (docs/math.md §6).
 
 The KL-regularised objective max_pi E_x E_{y ~ pi}[r(x, y)] - beta KL(pi(.|x) || pi_ref(.|x)) is maximised by
 pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x), so every reward has a policy that is optimal for it, and
-conversely r(x, y) = beta log pi*(y|x) / pi_ref(y|x) + beta log Z(x) (seed 004). Substituting this implicit reward
-into the reward model's likelihoods (reward.py), Z(x) cancels in every comparison of answers to the same prompt.
+conversely r(x, y) = beta log pi*(y|x) / pi_ref(y|x) + beta log Z(x) (docs/math.md §6). Substituting this implicit
+reward into the reward model's likelihoods (reward.py), Z(x) cancels in every comparison of answers to the same prompt.
 With h(y) = log pi(y|x) - log pi_ref(y|x), the log-ratio of the trained policy to the reference, the losses are
 
-    sigmoid        Bradley-Terry on pairs (seed 000, 004): L = - mean_b log sigma(beta [h(y_w) - h(y_l)])
-    plackett_luce  Plackett-Luce on rankings best first (seed 004), h_k = h(y_k):
+    sigmoid        Bradley-Terry on pairs (docs/math.md §6): L = - mean_b log sigma(beta [h(y_w) - h(y_l)])
+    plackett_luce  Plackett-Luce on rankings best first (docs/math.md §6), h_k = h(y_k):
                    L = - mean_b sum_k [beta h_k - log sum_{j>=k} exp(beta h_j)]
 
-For K = 2 the two are the same loss. log pi(y|x) is the sequence log-probability sum_t log pi(a_t|s_t) of the
-completion tokens (its end token included) given the prompt (seed 003), computed by `logprobs.answer_sequence_log_probs`
-(each prompt run once for all its answers, so a pair costs one prompt, not two). The
-losses come from objectives/preference.py (`dpo_loss`, `plackett_luce_dpo_loss`).
+For K = 2 the two are the same loss. log pi(y|x) is the sequence log-probability sum_t log pi(a_t|s_t) of the completion
+tokens (its end token included) given the prompt (docs/math.md §7b), computed by `logprobs.answer_sequence_log_probs`
+(each prompt run once for all its answers, so a pair costs one prompt, not two). The losses come from
+objectives/preference.py (`dpo_loss`, `plackett_luce_dpo_loss`).
 
 The reference. pi_ref is the starting model, and its log-probabilities of the fixed data never change: they are
 computed once, before training, over the whole training set and the held-out set, with the starting model in eval
@@ -79,8 +79,8 @@ class DPOConfig(PreferenceDataConfig):
     """DPO's hyperparameters: every LMConfig field, the preference-data fields, the loss and beta."""
 
     loss: Literal["sigmoid", "plackett_luce"] = param(
-        "sigmoid", "sigmoid: Bradley-Terry on pairs (seed 004); plackett_luce: the likelihood of whole rankings "
-                   "(seed 004)")
+        "sigmoid", "sigmoid: Bradley-Terry on pairs; plackett_luce: the likelihood of whole rankings "
+                   "(docs/math.md §6)")
     beta: float = param(0.1, "strength of the KL to the reference: the implicit reward is beta log pi / pi_ref")
 
 
@@ -147,7 +147,7 @@ def preference_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, mask: Tenso
     ref_log_probs = ref_log_probs[:, :policy_log_probs.shape[1]]
     if loss == "sigmoid":
         value, stats = dpo_loss(policy_log_probs[:, 0], policy_log_probs[:, 1], ref_log_probs[:, 0],
-                                ref_log_probs[:, 1], beta)  # seed 000, 004
+                                ref_log_probs[:, 1], beta)  # docs/math.md §6
         return value, torch.stack([stats.chosen_rewards, stats.rejected_rewards], dim=1)
     return plackett_luce_dpo_loss(policy_log_probs, ref_log_probs, beta, mask)
 

@@ -26,7 +26,7 @@ import torch
 
 from advantage.errors import UsageError
 from advantage.lm.config import mixed_precision
-from advantage.lm.generation import generate
+from advantage.lm.generation import greedy_decode
 from advantage.lm.loading import end_ids, load_policy, max_length, pad_id
 from advantage.lm.online import OnlineConfig, Scorer, load_prompts, validate_online
 from advantage.lm.session import STAGES
@@ -84,19 +84,14 @@ def evaluate_model(config: OnlineConfig, shown: int = 3) -> dict[str, Any]:
         training, held_out = load_prompts(config, Path(scratch), tokenizer, max_length(config, model))
     prompts = (held_out if config.task != "none" else training)[:config.eval_max_prompts or None]
     scorer = Scorer(config, tokenizer, ends)
-    rewards, lengths, examples = [], [], []
-    for start in range(0, len(prompts), 64):
-        chunk = prompts[start:start + 64]
-        with mixed_precision(config):
-            generated = generate(model, [prompt.ids for prompt in chunk], max_new_tokens=config.max_new_tokens,
-                                 eos_id=ends, pad_id=pad, greedy=True)
-        scores, _ = scorer(chunk, generated)
-        rewards.extend(scores.tolist())
-        lengths.extend(len(completion) for completion in generated.completions)
-        for prompt, text, score in zip(chunk, scorer.texts(generated.completions), scores.tolist()):
-            if len(examples) < shown:
-                examples.append([prompt.text, text, score])
-    return {"model": config.model, "prompts": len(prompts), "reward": sum(rewards) / len(rewards),
+    with mixed_precision(config):
+        generated = greedy_decode(model, [prompt.ids for prompt in prompts], max_new_tokens=config.max_new_tokens,
+                                  eos_id=ends, pad_id=pad)
+    scores, _ = scorer(prompts, generated)
+    lengths = [len(completion) for completion in generated.completions]
+    examples = [[prompt.text, text, score] for prompt, text, score in
+                zip(prompts[:shown], scorer.texts(generated.completions[:shown]), scores.tolist())]
+    return {"model": config.model, "prompts": len(prompts), "reward": sum(scores.tolist()) / len(prompts),
             "mean_length": sum(lengths) / len(lengths), "examples": examples}
 
 

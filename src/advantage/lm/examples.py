@@ -166,3 +166,9 @@ def keep_trainable(trainable: Sequence[bool], where: Sequence[str], length: int,
           f"once cut to max_length={length} (the prompt fills it; the first: {first}) and are left out",
           file=sys.stderr)
     return keep
+
+
+def cycled_batch(examples: Sequence[SFTExample], index: int, size: int, pad: int) -> TokenBatch:
+    """Batch `index` of `size` examples taken in order and cycling through them (PPO-ptx's pretraining batches)."""
+    start = (index * size) % len(examples)
+    return collate_examples([examples[(start + i) % len(examples)] for i in range(size)], pad)

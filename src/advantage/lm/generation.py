@@ -27,13 +27,13 @@ finished or after max_new_tokens steps.
 Speed. Nothing in a step loops over rows in Python: each step is a few tensor operations on the whole batch, and one
 host sync (are all rows finished?). The prompt runs once for its G samples (transformers' `generate` with
 `num_return_sequences` runs it G times). The cache's layers write each step's keys and values into preallocated
-buffers (`key_value_cache`) where transformers' `DynamicLayer` concatenates them to all earlier ones at every step.
+buffers (`kv_cache.key_value_cache`) where transformers' `DynamicLayer` concatenates them to all earlier ones at
+every step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +41,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from advantage.lm.kv_cache import key_value_cache
 from advantage.lm.logprobs import _forward_parameters, position_ids_from_attention_mask
+from advantage.lm.lora_folding import adapters_folded
 
 
 @dataclass
@@ -95,49 +97,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
-
-
-def _foldable_lora_layers(model: nn.Module) -> list:
-    """The PEFT LoRA linear layers of `model` if every one is plain LoRA, active and unmerged; else []."""
-    if not hasattr(model, "peft_config") or not hasattr(model, "disable_adapter"):
-        return []
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    layers = [module for module in model.modules() if isinstance(module, LoraLinear)]
-    for layer in layers:
-        if layer.merged or layer.disable_adapters or any(name in layer.lora_variant for name in layer.active_adapters):
-            return []  # merged, disabled, or a variant (DoRA, ...) whose update is not a weight delta
-    return layers
-
-
-@contextlib.contextmanager
-def adapters_folded(model: nn.Module) -> Iterator[None]:
-    """Run a PEFT LoRA model on its base weights with the adapters folded in, W + (alpha / r) B A, for sampling.
-
-    A LoRA layer computes W x + s B (A x): two extra small products per adapted matrix at every decoding step (a fifth
-    of the decoding time of SmolLM2-135M with r = 16 on a CPU). Folded weights give the same outputs up to float
-    rounding at the cost of the base model alone. The folded weights are new tensors, put in place of the base
-    weights' data and taken out again afterwards: the base weights are restored exactly (never unmerged by
-    subtraction), so training and its exact resume are unaffected. Outside PEFT LoRA (or for variants such as DoRA)
-    this does nothing.
-    """
-    layers = _foldable_lora_layers(model)
-    if not layers:
-        yield
-        return
-    originals = []
-    try:
-        with torch.no_grad():
-            for layer in layers:
-                weight = layer.get_base_layer().weight
-                delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters if name in layer.lora_A)
-                originals.append((weight, weight.data))
-                weight.data = weight.data + delta
-        with model.disable_adapter():
-            yield
-    finally:
-        for weight, data in originals:
-            weight.data = data
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -256,109 +215,6 @@ class StopSequences:
         return ended
 
 
-@functools.cache
-def _preallocated_layer_class():
-    """`PreallocatedLayer`, defined on first use so that importing this module does not import transformers."""
-    from transformers.cache_utils import DynamicLayer
-
-    class PreallocatedLayer(DynamicLayer):
-        """A `DynamicLayer` that writes new keys and values into buffers with room for `capacity` positions.
-
-        transformers' `DynamicLayer` concatenates every step's keys to all the earlier ones, copying the whole cache
-        at each step (quadratic in the length; most of the time of a small model's decode step). Here a step copies
-        only its own keys; `keys` and `values` stay what `DynamicLayer` promises, the (batch, heads, length, dim)
-        states seen so far, as views of the buffers. A buffer that fills up is doubled (not expected: `generate`
-        sizes it for the longest sequence).
-        """
-
-        def __init__(self, capacity: int):
-            super().__init__()
-            self.capacity = capacity
-
-        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-            super().lazy_initialization(key_states, value_states)
-            self.key_buffer = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[3])
-            self.value_buffer = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[3])
-            self._expose(0)
-
-        def _expose(self, length: int) -> None:
-            self.keys = self.key_buffer[:, :, :length]
-            self.values = self.value_buffer[:, :, :length]
-
-        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            start = self.keys.shape[2]
-            end = start + key_states.shape[2]
-            if end > self.key_buffer.shape[2]:
-                room = max(end, 2 * self.key_buffer.shape[2]) - self.key_buffer.shape[2]
-                self.key_buffer = torch.cat([self.key_buffer, self.key_buffer.new_empty(
-                    *self.key_buffer.shape[:2], room, self.key_buffer.shape[3])], dim=2)
-                self.value_buffer = torch.cat([self.value_buffer, self.value_buffer.new_empty(
-                    *self.value_buffer.shape[:2], room, self.value_buffer.shape[3])], dim=2)
-            self.key_buffer[:, :, start:end] = key_states
-            self.value_buffer[:, :, start:end] = value_states
-            self._expose(end)
-            return self.keys, self.values
-
-        def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove > 0:
-                raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
-            if self.is_initialized and tokens_to_remove < 0:
-                self._expose(max(0, self.keys.shape[2] + tokens_to_remove))
-
-        def _select_rows(self, index: Tensor) -> None:
-            if self.is_initialized:  # copies the filled positions only
-                index = index.to(self.key_buffer.device)
-                self.key_buffer = self._selected(self.key_buffer, self.keys, index)
-                self.value_buffer = self._selected(self.value_buffer, self.values, index)
-                self._expose(self.keys.shape[2])
-
-        @staticmethod
-        def _selected(buffer: Tensor, filled: Tensor, index: Tensor) -> Tensor:
-            selected = buffer.new_empty(len(index), *buffer.shape[1:])
-            selected[:, :, :filled.shape[2]] = filled.index_select(0, index)
-            return selected
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            if self.is_initialized:
-                rows = torch.arange(self.key_buffer.shape[0], device=self.key_buffer.device)
-                self._select_rows(rows.repeat_interleave(repeats))
-
-        def batch_select_indices(self, indices: Tensor) -> None:
-            if self.is_initialized:
-                rows = torch.arange(self.key_buffer.shape[0], device=self.key_buffer.device)
-                self._select_rows(rows[indices.to(rows.device) if isinstance(indices, Tensor) else indices])
-
-        def reorder_cache(self, beam_idx: Tensor) -> None:
-            self._select_rows(beam_idx)
-
-        def reset(self) -> None:
-            super().reset()
-            self.key_buffer = self.value_buffer = None
-
-    return PreallocatedLayer
-
-
-def key_value_cache(model: nn.Module, capacity: int):
-    """A `transformers.DynamicCache` for `model` whose layers have room for `capacity` positions (no re-copying).
-
-    Falls back to the model's ordinary `DynamicCache` when some layer is not a plain full-attention `DynamicLayer`
-    (sliding-window or linear-attention layers keep their own bookkeeping).
-    """
-    from transformers import DynamicCache
-
-    try:
-        from transformers.cache_utils import DynamicLayer
-        cache = DynamicCache(config=model.config)
-    except (ImportError, TypeError):  # transformers before per-layer caches: its plain cache, copying at each step
-        return DynamicCache()
-    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
-        layer_class = _preallocated_layer_class()
-        cache.layers = [layer_class(capacity) for _ in cache.layers]
-    return cache
-
-
 def _cache_keyword(model: nn.Module) -> str:
     """The name of the forward argument that takes the key-value cache: `cache` since transformers 5.24, before
     that `past_key_values`."""
@@ -444,7 +300,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
     Args:
         model: a transformers causal LM (Qwen2, Llama, GPT-2 style) or a PEFT model around one; it is put in eval
             mode for the call and left in the mode it had. LoRA adapters are folded into the weights for the call
-            (`adapters_folded`: the same distribution up to float rounding, at the base model's cost).
+            (`lora_folding.adapters_folded`: the same distribution up to float rounding, at the base model's cost).
         prompts: B non-empty token-id lists, of any lengths.
         samples_per_prompt: G; the prompt is computed once and its key-value cache shared by its G samples.
         max_new_tokens: the longest completion.
@@ -515,3 +371,18 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
     completions = [row[:length] for row, length in zip(tokens[:, :steps].tolist(), lengths)]
     return Generated(prompts=[[int(token) for token in prompt] for prompt in prompts], completions=completions,
                      sampled_log_probs=log_probs, samples_per_prompt=samples_per_prompt)
+
+
+def greedy_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int | Sequence[int],
+                  pad_id: int, batch_size: int = 64) -> Generated:
+    """The most likely completion of every prompt, `batch_size` prompts at a time: the one decoder of every
+    evaluation (sft's and the online stages' held-out figures, `advantage eval`, the demo's comparison).
+
+    Returns:
+        A `Generated` with one completion per prompt (each ending with the end token that stopped it, if any).
+    """
+    parts = [generate(model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens, eos_id=eos_id,
+                      pad_id=pad_id, greedy=True) for start in range(0, len(prompts), batch_size)]
+    return Generated(prompts=[prompt for part in parts for prompt in part.prompts],
+                     completions=[completion for part in parts for completion in part.completions],
+                     sampled_log_probs=torch.cat([part.sampled_log_probs for part in parts]), samples_per_prompt=1)

@@ -1,7 +1,7 @@
-"""GRPO, Group Relative Policy Optimization (seed 000): PPO on the token MDP with the group mean as the baseline.
+"""GRPO, Group Relative Policy Optimization (docs/math.md §6): PPO on the token MDP, the group mean as baseline.
 
 For each prompt q, sample a group of G completions o_1..o_G from pi_old, score them r_1..r_G, and give every token of
-answer i the advantage of its answer within the group (seed 000):
+answer i the advantage of its answer within the group:
 
     A_i = (r_i - mean(r)) / std(r)
 
@@ -12,21 +12,22 @@ objective per token with a KL penalty to the frozen reference pi_ref (the starti
     rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t),
     D_KL = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1.
 
-The loss is `objectives.grpo.grpo_loss` (minus J), whose `aggregation` chooses between the seed's per-answer mean
+The loss is `objectives.grpo.grpo_loss` (minus J), whose `aggregation` chooses between the notes' per-answer mean
 ("sequence"), every token of the batch alike ("token"), and a constant normaliser ("constant"); the advantage is
 `objectives.grpo.group_normalized_advantages`. Counts are taken over the whole batch of every process before any
 micro-batch, so splitting the batch (gradient accumulation, processes) never changes the gradient.
 
-One optimizer step, read top to bottom in `train`:
-    1. take `batch_size` prompts; 2. sample G completions of each (the prompt is run once for its G samples,
-    `generation.generate`); 3. score them (`rewards.combined_rewards`, or a reward model); 4. group-normalised
-    advantages; 5. log pi_old (a fresh forward pass: the ratio is exactly 1 at the first inner iteration) and
-    log pi_ref; 6. `num_iterations` optimizer steps on these completions, each over every micro-batch.
+One batch, read top to bottom in `train`: 1. take `batch_size` prompts; then `collect`: 2. sample G completions of
+each (the prompt is run once for its G samples, `generation.generate`); 3. score them (`rewards.combined_rewards`,
+or a reward model); 4. log pi_old (a fresh forward pass: the ratio is exactly 1 at the first inner iteration) and
+log pi_ref; 5. group-normalised advantages; then 6. `num_iterations` optimizer steps on these completions
+(`accumulate_gradients`, each over every micro-batch).
 
 KL placement (`kl_placement`): "loss_weighted" (default) puts beta k(a) in the loss multiplied by the ratio
 pi / pi_old, whose gradient is the unbiased grad KL(pi || pi_ref) for k3 and k1 (docs/math.md, "KL placement");
-"loss" differentiates beta k(a) as the seed writes it; "reward" subtracts beta sum_t k(a_t) (detached) from each
-completion's reward before the group normalisation, as RLHF does per token. beta = 0 loads no reference model.
+"loss" differentiates beta k(a) as the notes write it; "reward" subtracts beta sum_t k(a_t) (detached) from each
+completion's reward before the group normalisation (`objectives.grpo.answer_kl_penalty`), as RLHF does per token.
+beta = 0 loads no reference model.
 
 metrics.jsonl (`step` = optimizer steps): the names docs/metrics.md gives grpo (eval/ on rank 0).
 
@@ -35,7 +36,6 @@ final/ is the trained causal LM in Hugging Face format, as sft writes it.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -47,16 +47,23 @@ from torch import Tensor, nn
 
 from advantage.lm.config import mixed_precision
 from advantage.lm.data_order import DataOrder, fingerprint
-from advantage.lm.generation import Generated, generate
-from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
+from advantage.lm.generation import Generated
+from advantage.lm.loading import add_lora
 from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt
-from advantage.lm.models import evaluation_mode
-from advantage.lm.online import OnlineConfig, Scorer, evaluate, groups_of, load_prompts, validate_online
-from advantage.lm.schedule import learning_rate_at, make_optimizer
+from advantage.lm.online import (
+    OnlineConfig,
+    OnlineModels,
+    PromptExample,
+    evaluate,
+    groups_of,
+    load_online,
+    validate_online,
+)
+from advantage.lm.schedule import make_optimizer, set_learning_rate
 from advantage.lm.session import LMSession, StepWindow
-from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
-from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate, kl_reward_penalty
-from advantage.objectives.masking import AGGREGATIONS, masked_sum
+from advantage.objectives.grpo import answer_kl_penalty, group_normalized_advantages, grpo_loss
+from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate
+from advantage.objectives.masking import AGGREGATIONS
 from advantage.run.config import param, require
 from advantage.run.processes import Processes
 from advantage.run.seeding import derive_seed
@@ -72,7 +79,7 @@ class GRPOConfig(OnlineConfig):
     clip_range: float = param(0.2, "epsilon of the clipped ratio")
     clip_range_high: float = param(0.0, "upper epsilon if different (0: the same as clip_range)")
     beta: float = param(0.04, "KL coefficient; 0 loads no reference model")
-    kl_estimator: Literal["k1", "k2", "k3"] = param("k3", "per-token KL estimator (seed 000: k3)")
+    kl_estimator: Literal["k1", "k2", "k3"] = param("k3", "per-token KL estimator (GRPO's: k3)")
     kl_placement: Literal["loss_weighted", "loss", "reward"] = param(
         "loss_weighted", "where the KL goes: in the loss weighted by the ratio (unbiased gradient), in the loss as "
                          "the seed writes it, or subtracted from the reward")
@@ -100,48 +107,122 @@ def validate(config: GRPOConfig) -> None:
     require(config.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}", config.aggregation)
 
 
-# ------------------------------------------------------------------------------------------------------ the update
+# ------------------------------------------------------------------------------------------- collect and score
 
 
 @dataclass
-class Rollout:
-    """One micro-batch of prompts with their G completions, and what the update needs of them."""
+class MicroBatch:
+    """Whole groups of one micro-batch: the prompts with their G completions, and what the update needs of them."""
 
     batch: SharedPromptBatch
     advantages: Tensor  # (b * G,)
     old_log_probs: Tensor | None  # (b * G, A); None when num_iterations = 1 (then pi_old = pi_theta, detached)
-    ref_log_probs: Tensor | None  # (b * G, A); None without a reference
+    ref_log_probs: Tensor | None  # (b * G, A); None with beta = 0
 
 
-@torch.no_grad()
-def _log_probs_without_grad(model: nn.Module, batch: SharedPromptBatch, temperature: float) -> Tensor:
-    """`answer_log_probs` in eval mode, without a graph (pi_old, pi_ref)."""
-    with evaluation_mode(model):
-        log_probs = answer_log_probs(model, batch, temperature)
-    return log_probs
+@dataclass
+class Collected:
+    """One batch of prompts, sampled and scored: the update phase's input and the step's figures."""
+
+    generated: Generated
+    rewards: Tensor  # (B * G,) r_i, the KL penalty included when it is a reward term
+    reward_logs: dict[str, float]
+    micro_batches: list[MicroBatch]
+    num_tokens: float  # answer tokens of the whole batch, every process
+    num_sequences: float  # answers of the whole batch, every process
+    generation_s: float
 
 
-def micro_batch_loss(model: nn.Module, rollout: Rollout, config: GRPOConfig, num_tokens: float,
+def collect(models: OnlineModels, prompts: list[PromptExample], config: GRPOConfig, generator: torch.Generator,
+            processes: Processes) -> Collected:
+    """Steps 2-5: G completions of each prompt from pi_old, their rewards, log pi_old and log pi_ref, and the
+    group-normalised advantages, in micro-batches of whole groups (the unit of gradient accumulation)."""
+    began = time.perf_counter()
+    # 2. G completions of each prompt, sampled from pi_old (= the current policy).
+    with mixed_precision(config):
+        generated = models.sample(prompts, config.group_size, config, generator)
+    generation_s = time.perf_counter() - began
+
+    # 3. The reward r_i of every completion.
+    rewards, reward_logs = models.scorer(prompts, generated)
+
+    # 4. log pi_old and log pi_ref, micro-batch by micro-batch (a KL placed in the reward changes the rewards).
+    size = len(prompts) // config.gradient_accumulation_steps
+    groups = groups_of(generated.completions, config.group_size)
+    batches, olds, references = [], [], []
+    with mixed_precision(config):
+        for start in range(0, len(prompts), size):
+            batch = collate_shared_prompt([prompt.ids for prompt in prompts[start:start + size]],
+                                          groups[start:start + size], models.pad)
+            batches.append(batch)
+            olds.append(models.policy_log_probs(batch, config.temperature) if config.num_iterations > 1 else None)
+            references.append(models.reference_log_probs(batch, config.temperature) if config.beta > 0 else None)
+    if config.kl_placement == "reward" and config.beta > 0:
+        rewards = rewards + _kl_reward_terms(models, batches, olds, references, config)
+
+    # 5. A_i = (r_i - mean(r)) / std(r) within each group (docs/math.md §6).
+    advantages = group_normalized_advantages(rewards, config.group_size, scale_by_std=config.scale_rewards)
+    micro_batches, first = [], 0
+    for batch, old, reference in zip(batches, olds, references):
+        rows = batch.answer_ids.shape[0]
+        micro_batches.append(MicroBatch(batch, advantages[first:first + rows], old, reference))
+        first += rows
+    # Whole-batch counts (every process) for an exact aggregation over micro-batches and processes.
+    num_tokens, num_sequences = processes.sum(sum(float(batch.answer_mask.sum()) for batch in batches),
+                                              len(generated.completions))
+    return Collected(generated, rewards, reward_logs, micro_batches, num_tokens, num_sequences, generation_s)
+
+
+def _kl_reward_terms(models: OnlineModels, batches: list[SharedPromptBatch], olds: list[Tensor | None],
+                     references: list[Tensor], config: GRPOConfig) -> Tensor:
+    """-beta sum_t k(a_t) of each completion (`objectives.grpo.answer_kl_penalty`), under pi_old."""
+    penalties = []
+    for batch, old, reference in zip(batches, olds, references):
+        current = old if old is not None else models.policy_log_probs(batch, config.temperature)
+        penalties.append(answer_kl_penalty(current, reference, batch.answer_mask, config.beta, config.kl_estimator))
+    return torch.cat(penalties)
+
+
+# ------------------------------------------------------------------------------------------------------ the update
+
+
+def micro_batch_loss(model: nn.Module, micro_batch: MicroBatch, config: GRPOConfig, num_tokens: float,
                      num_sequences: float) -> tuple[Tensor, dict[str, float]]:
     """This micro-batch's share of minus J_GRPO (`objectives.grpo.grpo_loss`), normalised by whole-batch counts."""
-    log_probs = answer_log_probs(model, rollout.batch, config.temperature)  # (b * G, A): log pi_theta
-    old = rollout.old_log_probs if rollout.old_log_probs is not None else log_probs.detach()
-    in_loss = config.beta > 0 and config.kl_placement != "reward"
+    log_probs = answer_log_probs(model, micro_batch.batch, config.temperature)  # (b * G, A): log pi_theta
+    old = micro_batch.old_log_probs if micro_batch.old_log_probs is not None else log_probs.detach()
+    reference, mask = micro_batch.ref_log_probs, micro_batch.batch.answer_mask
+    in_loss = reference is not None and config.kl_placement != "reward"
     loss, stats, kl_ref = grpo_loss(
-        log_probs, old, rollout.advantages, rollout.batch.answer_mask, config.clip_range,
-        config.clip_range_high or None, beta=config.beta if in_loss else 0.0,
-        ref_log_probs=rollout.ref_log_probs if in_loss else None, kl_estimator=config.kl_estimator,
-        kl_placement="loss" if config.kl_placement == "loss" else "loss_weighted", aggregation=config.aggregation,
-        constant_length=config.max_new_tokens, num_tokens=num_tokens, num_sequences=num_sequences)
-    tokens = float(rollout.batch.answer_mask.sum())
-    with torch.no_grad():
-        mask = rollout.batch.answer_mask
-        approx_kl = float(kl_estimate(old, log_probs.detach(), "k3")[mask].sum())
-        if rollout.ref_log_probs is not None and not in_loss:
-            kl_ref = kl_estimate(log_probs.detach(), rollout.ref_log_probs, config.kl_estimator)[mask].mean()
+        log_probs, old, micro_batch.advantages, mask, config.clip_range, config.clip_range_high or None,
+        beta=config.beta if in_loss else 0.0, ref_log_probs=reference if in_loss else None,
+        kl_estimator=config.kl_estimator, kl_placement="loss" if config.kl_placement == "loss" else "loss_weighted",
+        aggregation=config.aggregation, constant_length=config.max_new_tokens, num_tokens=num_tokens,
+        num_sequences=num_sequences)
+    tokens = float(mask.sum())
+    approx_kl = float(kl_estimate(old, log_probs.detach(), "k3")[mask].sum())
+    if reference is not None and not in_loss:  # the KL went into the rewards: its size under pi_theta, for the logs
+        kl_ref = kl_estimate(log_probs.detach(), reference, config.kl_estimator)[mask].mean()
     # Token-weighted sums, so that micro-batches and processes combine into the batch's means.
     return loss, {"clip_tokens": float(stats.clip_fraction) * tokens, "approx_kl_sum": approx_kl,
                   "kl_ref_sum": float(kl_ref) * tokens, "tokens": tokens}
+
+
+def accumulate_gradients(model: nn.Module, collected: Collected, config: GRPOConfig,
+                         processes: Processes) -> tuple[float, dict[str, float]]:
+    """Step 6's gradient: every micro-batch's share of the loss, backpropagated and added up in .grad, then summed
+    over the processes. Returns the batch's loss and its token-weighted sums."""
+    loss_total, sums = 0.0, {"clip_tokens": 0.0, "approx_kl_sum": 0.0, "kl_ref_sum": 0.0, "tokens": 0.0}
+    with mixed_precision(config):
+        for micro_batch in collected.micro_batches:
+            loss, stats = micro_batch_loss(model, micro_batch, config, collected.num_tokens,
+                                           collected.num_sequences)
+            loss.backward()  # the shares add up to the whole batch's loss
+            loss_total += float(loss.detach())
+            sums = {key: sums[key] + stats[key] for key in sums}
+    loss_total, *summed = processes.sum(loss_total, *sums.values())
+    processes.sum_gradients(model)
+    return loss_total, dict(zip(sums, summed))
 
 
 # ---------------------------------------------------------------------------------------------------------- training
@@ -161,16 +242,10 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
 
     # The data (prompts), the policy, the reward, and the reference (a frozen copy of the start, or the base model
     # with the adapters disabled under LoRA; none with beta = 0).
-    model, tokenizer = load_policy(config)
-    pad, ends, length = pad_id(tokenizer), end_ids(tokenizer, model), max_length(config, model)
-    train_prompts, eval_prompts = load_prompts(config, session.run_dir, tokenizer, length)
-    scorer = Scorer(config, tokenizer, ends)
-    reference = None
-    if config.beta > 0 and not config.lora_r:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    models, tokenizer, _, train_prompts, eval_prompts = load_online(config, session.run_dir, config.beta > 0)
     if config.lora_r:
-        model = add_lora(model, config)
-    model.train()
+        models.policy = add_lora(models.policy, config)
+    model = models.policy.train()
     torch.manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
     rounds = config.max_steps // config.num_iterations if config.max_steps else \
@@ -178,7 +253,6 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     steps = rounds * config.num_iterations
     order = DataOrder(len(train_prompts), config.batch_size, config.seed, processes.rank, processes.world_size)
     session.start(model, optimizer, steps, fingerprint([prompt.ids for prompt in train_prompts]))
-    micro_batches = config.gradient_accumulation_steps
     evaluating = bool(eval_prompts) and processes.is_main
     max_norm = config.max_grad_norm or math.inf
     step = session.start_step
@@ -186,97 +260,37 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     window = StepWindow()
     checkpoint_pending = False
 
-    def reference_log_probs(batch: SharedPromptBatch) -> Tensor | None:
-        if config.beta == 0:
-            return None
-        if reference is not None:
-            return _log_probs_without_grad(reference, batch, config.temperature)
-        with model.disable_adapter():
-            return _log_probs_without_grad(model, batch, config.temperature)
-
     def held_out() -> dict[str, float]:
         with mixed_precision(config):
-            return evaluate(model, eval_prompts, scorer, config, pad)
+            return evaluate(model, eval_prompts, models.scorer, config, models.pad)
 
     if step == 0 and evaluating:
         last = session.metrics.log(0, session.elapsed(), held_out())
     while step < steps:
-        began = time.perf_counter()
         round_index = step // config.num_iterations
 
-        # 1-2. This process's prompts, and G completions of each, sampled from pi_old (= the current policy).
+        # 1-5. This process's prompts, sampled and scored (`collect`).
         prompts = [train_prompts[index] for index in order.batch(round_index)]
         generator = torch.Generator().manual_seed(derive_seed(config.seed, round_index, processes.rank))
-        with mixed_precision(config):
-            generated = generate(model, [prompt.ids for prompt in prompts], samples_per_prompt=config.group_size,
-                                 max_new_tokens=config.max_new_tokens, eos_id=ends, pad_id=pad,
-                                 temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                                 generator=generator, min_new_tokens=config.min_new_tokens)
-        generation_s = time.perf_counter() - began
-
-        # 3. Rewards r_i of every completion.
-        rewards, reward_logs = scorer(prompts, generated)
-
-        # 5 (before 4 when the KL is a reward term). Micro-batches of whole groups, with log pi_old and log pi_ref.
-        size = len(prompts) // micro_batches
-        rollouts = []
-        groups = groups_of(generated.completions, config.group_size)
-        with mixed_precision(config):
-            for start in range(0, len(prompts), size):
-                batch = collate_shared_prompt([prompt.ids for prompt in prompts[start:start + size]],
-                                              groups[start:start + size], pad)
-                old = _log_probs_without_grad(model, batch, config.temperature) if config.num_iterations > 1 \
-                    else None
-                rollouts.append(Rollout(batch, torch.empty(0), old, reference_log_probs(batch)))
-        if config.kl_placement == "reward" and config.beta > 0:
-            penalties = []
-            for rollout in rollouts:
-                current = rollout.old_log_probs if rollout.old_log_probs is not None else \
-                    _log_probs_without_grad(model, rollout.batch, config.temperature)
-                per_token = kl_reward_penalty(current, rollout.ref_log_probs, config.beta, config.kl_estimator)
-                penalties.append(masked_sum(per_token, rollout.batch.answer_mask, dim=-1))  # -beta sum_t k(a_t)
-            rewards = rewards + torch.cat(penalties)
-
-        # 4. A_i = (r_i - mean(r)) / std(r) within each group (seed 000).
-        advantages = group_normalized_advantages(rewards, config.group_size, scale_by_std=config.scale_rewards)
-        for index, rollout in enumerate(rollouts):
-            rows = rollout.batch.answer_ids.shape[0]
-            rollout.advantages = advantages[index * size * config.group_size:][:rows]
-        # Whole-batch counts (every process) for an exact aggregation over micro-batches and processes.
-        num_tokens, num_sequences = processes.sum(sum(float(r.batch.answer_mask.sum()) for r in rollouts),
-                                                  len(generated.completions))
+        collected = collect(models, prompts, config, generator, processes)
+        generation_s = collected.generation_s
 
         # 6. num_iterations optimizer steps on these completions.
-        for _ in range(config.num_iterations):
-            if step >= steps:
-                break
+        for _ in range(min(config.num_iterations, steps - step)):
             trained = time.perf_counter()
-            learning_rate = learning_rate_at(config, step, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate
-            loss_total, sums = 0.0, {"clip_tokens": 0.0, "approx_kl_sum": 0.0, "kl_ref_sum": 0.0, "tokens": 0.0}
-            with mixed_precision(config):
-                for rollout in rollouts:
-                    loss, stats = micro_batch_loss(model, rollout, config, num_tokens, num_sequences)
-                    loss.backward()  # accumulate: the shares add up to the whole batch's loss
-                    loss_total += float(loss.detach())
-                    for key in sums:
-                        sums[key] += stats[key]
-            loss_total, *summed = processes.sum(loss_total, *sums.values())
-            sums = dict(zip(sums, summed))
-            processes.sum_gradients(model)
-            window.optimizer_step(session, optimizer, loss_total, max_norm)
+            learning_rate = set_learning_rate(optimizer, config, step, steps)
+            loss, sums = accumulate_gradients(model, collected, config, processes)
+            window.optimizer_step(session, optimizer, loss, max_norm)
             step += 1
             training_s = time.perf_counter() - trained
             window.end_step(int(sums["tokens"]), generation_s + training_s)
-            logs = _step_logs(config, processes, rewards, generated, ends, reward_logs, sums)
+            logs = _step_logs(config, processes, collected, models.ends, sums)  # every process, every step
             evaluation_due = evaluating and session.evaluation_due(step)
             if step % config.log_every == 0 or step == steps or evaluation_due:
                 logged = {**window.figures("losses/grpo"), **logs,
                           "time/generation_s": generation_s, "time/training_s": training_s,
-                          "charts/learning_rate": learning_rate, "charts/skipped_updates": session.skipped_updates}
-                if evaluation_due:
-                    logged.update(held_out())
+                          "charts/learning_rate": learning_rate, "charts/skipped_updates": session.skipped_updates,
+                          **(held_out() if evaluation_due else {})}
                 last = session.metrics.log(step, session.elapsed(), logged)
                 session.show(step, {"reward": logged["rewards/mean"], "kl": logged["kl/per_token"]})
                 window = StepWindow()
@@ -291,20 +305,21 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     return Run(session.run_dir, "grpo", config, last, step, model, tokenizer)
 
 
-def _step_logs(config: GRPOConfig, processes: Processes, rewards: Tensor, generated: Generated,
-               ends: tuple[int, ...], reward_logs: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
+def _step_logs(config: GRPOConfig, processes: Processes, collected: Collected, ends: tuple[int, ...],
+               sums: dict[str, float]) -> dict[str, float]:
     """The step's reward, completion and policy figures, over the whole batch of every process."""
+    rewards, completions = collected.rewards, collected.generated.completions
     grouped = rewards.view(-1, config.group_size)
-    lengths = torch.tensor([len(completion) for completion in generated.completions], dtype=torch.float32)
-    truncated = sum(1 for completion in generated.completions if not completion or completion[-1] not in ends)
-    count = float(len(generated.completions))
+    lengths = torch.tensor([len(completion) for completion in completions], dtype=torch.float32)
+    truncated = sum(1 for completion in completions if not completion or completion[-1] not in ends)
+    count = float(len(completions))
     totals = processes.sum(float(rewards.sum()), float(grouped.std(dim=-1, correction=0).sum()),
                            float(lengths.sum()), float(truncated), count, float(grouped.shape[0]),
-                           *[value * count for value in reward_logs.values()])
+                           *[value * count for value in collected.reward_logs.values()])
     reward_sum, std_sum, length_sum, truncated_sum, count, groups, *function_sums = totals
     tokens = max(sums["tokens"], 1.0)
     return {"rewards/mean": reward_sum / count, "rewards/std_in_group": std_sum / groups,
-            **{name: value / count for name, value in zip(reward_logs, function_sums)},
+            **{name: value / count for name, value in zip(collected.reward_logs, function_sums)},
             "completions/mean_length": length_sum / count, "completions/truncated": truncated_sum / count,
             "policy/clip_fraction": sums["clip_tokens"] / tokens, "policy/approx_kl": sums["approx_kl_sum"] / tokens,
             "kl/per_token": sums["kl_ref_sum"] / tokens}

@@ -1,6 +1,6 @@
 """Log-probabilities of a completion given its prompt: the one place they are computed.
 
-The language model as an MDP (seed 003): the state s_t is the token prefix x_<t, the action a_t is the next
+The language model as an MDP (docs/math.md §5): the state s_t is the token prefix x_<t, the action a_t is the next
 token x_t, and the transition is deterministic (append the token). A policy pi(a_t | s_t) is the softmax of the
 model's logits at position t - 1, so for a completion a_1..a_L after a prompt
 
@@ -385,7 +385,7 @@ def _forward_parameters(model: nn.Module) -> set[str]:
 
 
 def completion_log_probs(model: nn.Module, batch: PromptCompletionBatch, temperature: float = 1.0) -> Tensor:
-    """log pi(a_t | s_t) at every completion token, 0 elsewhere (seed 003's per-action log-probabilities).
+    """log pi(a_t | s_t) at every completion token, 0 elsewhere (per-action log-probabilities, docs/math.md §7b).
 
     Args:
         model: a causal LM taking (input_ids, attention_mask, position_ids), such as a transformers `*ForCausalLM`
@@ -403,7 +403,7 @@ def completion_log_probs(model: nn.Module, batch: PromptCompletionBatch, tempera
 
 
 def sequence_log_probs(model: nn.Module, batch: PromptCompletionBatch, temperature: float = 1.0) -> Tensor:
-    """log pi(completion | prompt) = sum over completion tokens of log pi(a_t | s_t) (seed 003).
+    """log pi(completion | prompt) = sum over completion tokens of log pi(a_t | s_t) (docs/math.md §7b).
 
     Args:
         model, batch, temperature: as in `completion_log_probs`.
@@ -421,7 +421,7 @@ def sequence_log_probs(model: nn.Module, batch: PromptCompletionBatch, temperatu
 class SharedPromptBatch:
     """B prompts, each with K answers, packed one prompt per row: the prompt's tokens go through the model once.
 
-    Preference data compare answers to the same prompt (seed 004): DPO and the reward model need the K sequences
+    Preference data compare answers to the same prompt (docs/math.md §7b): DPO and the reward model need the K sequences
     prompt + answer_k of each prompt. Concatenating each answer to its own copy of the prompt runs the prompt K
     times. Here row b holds prompt b followed by its K answers, and the attention mask lets every answer token see
     the prompt and the earlier tokens of its own answer only; answer tokens are positioned as if they came right
@@ -587,7 +587,8 @@ def answer_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: fl
 
 
 def answer_sequence_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: float = 1.0) -> Tensor:
-    """log pi(answer | prompt) of each of the B * K answers (seed 003), each prompt run once; 0 for an empty answer.
+    """log pi(answer | prompt) of each of the B * K answers (docs/math.md §7b), each prompt run once; 0 for an
+    empty answer.
 
     Returns:
         (B * K,) float32.

@@ -313,7 +313,7 @@ class ScalarHeadModel(nn.Module):
         return self.head(hidden[rows, last]).squeeze(-1)
 
     def answer_values(self, batch: SharedPromptBatch) -> Tensor:
-        """V(s_t) for every answer token t: the scalar of the state that chooses token t (seed 003's MDP).
+        """V(s_t) for every answer token t: the scalar of the state that chooses token t (the MDP of docs/math.md §5).
 
         The state before answer token t is the prefix up to the previous token, so its value is read at the column
         whose output predicts token t (`batch.predictor_columns`): the prompt's last token for t = 0.

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from advantage.lm.config import LMConfig, mixed_precision
 from advantage.lm.data_order import DataOrder
 from advantage.lm.preferences import PairwiseTally
-from advantage.lm.schedule import learning_rate_at
+from advantage.lm.schedule import set_learning_rate
 from advantage.lm.session import LMSession, StepWindow
 
 
@@ -74,9 +74,7 @@ def train_offline(session: LMSession, model: nn.Module, optimizer: Optimizer, or
     while step < steps:
         began = time.perf_counter()
         # 1. The learning rate of the step.
-        learning_rate = learning_rate_at(config, step, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
+        learning_rate = set_learning_rate(optimizer, config, step, steps)
 
         # 2. The batch's gradient: the micro-batches' shares added up in .grad, then summed over the processes.
         with mixed_precision(config):

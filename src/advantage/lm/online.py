@@ -1,12 +1,13 @@
 """What the online stages (grpo; rlhf) share: sampling and reward settings, the prompts, the scorer of completions
 (reward functions or a reward model), and the held-out evaluation by greedy decoding.
 
-Seed 003's token MDP, sampled: a prompt is the initial state, the policy writes the completion token by token
-(`generation.generate`), and the episode's return is the reward of the whole completion.
+The token MDP of docs/math.md §5, sampled: a prompt is the initial state, the policy writes the completion token by
+token (`generation.generate`), and the episode's return is the reward of the whole completion.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from collections.abc import Sequence
@@ -23,9 +24,10 @@ from advantage.lm.data import load_rows
 from advantage.lm.data import prompts as prompt_texts
 from advantage.lm.data_order import task_files
 from advantage.lm.examples import encode_prompt
-from advantage.lm.generation import Generated, generate
-from advantage.lm.loading import pad_id
-from advantage.lm.logprobs import collate_shared_prompt
+from advantage.lm.generation import Generated, generate, greedy_decode
+from advantage.lm.loading import end_ids, load_policy, max_length, pad_id
+from advantage.lm.logprobs import SharedPromptBatch, answer_log_probs, collate_shared_prompt
+from advantage.lm.models import evaluation_mode
 from advantage.lm.rewards import RewardFunction, combined_rewards, reward_functions
 from advantage.lm.tokenizer import strip_end_tokens
 from advantage.run.config import param, require
@@ -79,7 +81,7 @@ def validate_online(config: OnlineConfig) -> None:
 
 @dataclass
 class PromptExample:
-    """One prompt: its token ids (the initial state, seed 003), its text, and what reward functions are given.
+    """One prompt: its token ids (the initial state, docs/math.md §5), its text, and what reward functions are given.
 
     Attributes:
         text: the prompt as the model reads it (a conversation rendered by the chat template).
@@ -200,23 +202,80 @@ def groups_of(completions: Sequence[list[int]], group: int) -> list[list[list[in
     return [list(completions[start:start + group]) for start in range(0, len(completions), group)]
 
 
+@dataclass
+class OnlineModels:
+    """The models an online stage samples from, scores with and compares to, and the ids that pad and end answers.
+
+    Args:
+        policy: the model being trained (a PEFT model under LoRA).
+        reference: a frozen copy of the starting model; None under LoRA (the reference is then the policy with its
+            adapters switched off) or when no reference is needed.
+        scorer: the reward of a completion.
+        pad, ends: the padding id and the ids that end an answer.
+    """
+
+    policy: nn.Module
+    reference: nn.Module | None
+    scorer: Scorer
+    pad: int
+    ends: tuple[int, ...]
+
+    def sample(self, prompts: Sequence[PromptExample], per_prompt: int, config: OnlineConfig,
+               generator: torch.Generator) -> Generated:
+        """`per_prompt` completions of each prompt from the current policy, with the config's sampling settings."""
+        return generate(self.policy, [prompt.ids for prompt in prompts], samples_per_prompt=per_prompt,
+                        max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                        eos_id=self.ends, pad_id=self.pad, temperature=config.temperature, top_k=config.top_k,
+                        top_p=config.top_p, generator=generator)
+
+    @torch.no_grad()
+    def policy_log_probs(self, batch: SharedPromptBatch, temperature: float) -> Tensor:
+        """log pi(a_t | s_t) of the batch's answer tokens under the current policy, in eval mode, without a graph:
+        log pi_old once the policy moves."""
+        with evaluation_mode(self.policy):
+            return answer_log_probs(self.policy, batch, temperature)
+
+    @torch.no_grad()
+    def reference_log_probs(self, batch: SharedPromptBatch, temperature: float) -> Tensor:
+        """log pi_ref(a_t | s_t) of the batch's answer tokens: the frozen copy, or the policy without its adapters."""
+        if self.reference is not None:
+            with evaluation_mode(self.reference):
+                return answer_log_probs(self.reference, batch, temperature)
+        with self.policy.disable_adapter():
+            return self.policy_log_probs(batch, temperature)
+
+
+def load_online(config: OnlineConfig, run_dir: Path, needs_reference: bool) -> tuple[OnlineModels, Any, int,
+                                                                                 list[PromptExample],
+                                                                                 list[PromptExample]]:
+    """Everything an online stage starts from, before any adapter is added: (the models, the tokenizer, the longest
+    sequence, the training prompts, the held-out prompts).
+
+    The reference is a frozen copy of the starting policy when `needs_reference`, except under LoRA, where the
+    policy with its adapters switched off is the reference and no copy is kept; a reward model is frozen.
+    """
+    model, tokenizer = load_policy(config)
+    pad, ends, length = pad_id(tokenizer), end_ids(tokenizer, model), max_length(config, model)
+    train_prompts, eval_prompts = load_prompts(config, run_dir, tokenizer, length)
+    scorer = Scorer(config, tokenizer, ends)
+    if scorer.model is not None:
+        scorer.model.requires_grad_(False)
+    reference = None
+    if needs_reference and not config.lora_r:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    return OnlineModels(model, reference, scorer, pad, ends), tokenizer, length, train_prompts, eval_prompts
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, prompts: Sequence[PromptExample], scorer: Scorer, config: OnlineConfig,
              pad: int) -> dict[str, float]:
     """eval/reward and eval/mean_length of greedy completions of the held-out prompts (and eval/exact_match with a
     built-in task scored by another reward)."""
-    rewards, lengths, exact = [], [], []
-    for start in range(0, len(prompts), 64):
-        chunk = prompts[start:start + 64]
-        generated = generate(model, [prompt.ids for prompt in chunk], samples_per_prompt=1,
-                             max_new_tokens=config.max_new_tokens, eos_id=scorer.end_ids, pad_id=pad,
-                             greedy=True)
-        scores, logs = scorer(chunk, generated)
-        rewards.extend(scores.tolist())
-        if "rewards/exact_match" in logs:
-            exact.append(logs["rewards/exact_match"] * len(chunk))
-        lengths.extend(len(completion) for completion in generated.completions)
-    figures = {"eval/reward": sum(rewards) / len(rewards), "eval/mean_length": sum(lengths) / len(lengths)}
-    if exact:
-        figures["eval/exact_match"] = sum(exact) / len(prompts)
+    generated = greedy_decode(model, [prompt.ids for prompt in prompts], max_new_tokens=config.max_new_tokens,
+                              eos_id=scorer.end_ids, pad_id=pad)
+    scores, logs = scorer(prompts, generated)
+    lengths = [len(completion) for completion in generated.completions]
+    figures = {"eval/reward": sum(scores.tolist()) / len(prompts), "eval/mean_length": sum(lengths) / len(lengths)}
+    if "rewards/exact_match" in logs:
+        figures["eval/exact_match"] = logs["rewards/exact_match"]
     return figures

@@ -1,10 +1,11 @@
 """On-policy preference pairs: the policy's own answers, judged by a verifier, as DPO or reward-model data.
 
-DPO learns from comparisons of answers to the same prompt (seed 004). Comparisons of answers the policy itself
-writes are the most informative ones for it: for each prompt, sample K answers from the model (seed 003's token MDP,
-`generation.generate`), score them with reward functions (`rewards`, e.g. a verifier that checks the answer column),
-and keep one pair per prompt whose best answer scored higher than its worst: chosen = a best-scoring answer,
-rejected = a worst-scoring one. Prompts whose K answers all scored the same teach nothing and are left out (counted).
+DPO learns from comparisons of answers to the same prompt (docs/math.md §6). Comparisons of answers the policy
+itself writes are the most informative ones for it: for each prompt, sample K answers from the model (the token
+MDP sampled, docs/math.md §7b: `generation.generate`), score them with reward functions (`rewards`, e.g. a
+verifier that checks the answer column), and keep one pair per prompt whose best answer scored higher than its
+worst: chosen = a best-scoring answer, rejected = a worst-scoring one. Prompts whose K answers all scored the same
+teach nothing and are left out (counted).
 
     advantage pairs --model models/smollm2 --task arithmetic --task-format chat --samples-per-prompt 4 \\
         --out data/pairs.jsonl

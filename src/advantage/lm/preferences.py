@@ -66,7 +66,7 @@ class RankedExample:
     """One tokenized prompt and its K >= 2 answers, best first (a preference pair: chosen, rejected).
 
     Attributes:
-        prompt_ids: the prompt's token ids (the initial state, seed 003).
+        prompt_ids: the prompt's token ids (the initial state, docs/math.md §5).
         completion_ids: K token-id lists, each ending with one end token.
     """
 

@@ -1,4 +1,4 @@
-"""Reward model: a scalar r(x, y) learned from preferences between completions (seed 004; seed 000, InstructGPT).
+"""Reward model: a scalar r(x, y) learned from preferences between completions (docs/math.md §5; InstructGPT).
 
 The model is a transformer body with a linear head (`models.ScalarHeadModel`): the reward of completion y after
 prompt x is the head's scalar at the last real token of the sequence x + y, which is the answer's end token: every
@@ -10,11 +10,11 @@ the same position in training and in scoring. Starting weights: the body of
 Preferences are rankings y_1 > y_2 > ... > y_K of answers to the same prompt, best first; a preference pair is the
 ranking (chosen, rejected) with K = 2. Writing r_k = r(x, y_k), the losses (objectives/preference.py, `loss`):
 
-    bt             Bradley-Terry on pairs (seed 004): P(y_w > y_l | x) = sigma(r_w - r_l),
+    bt             Bradley-Terry on pairs (docs/math.md §5): P(y_w > y_l | x) = sigma(r_w - r_l),
                    L = - mean_b log sigma(r_b,1 - r_b,2)
-    kwise          InstructGPT's K-wise loss (seed 000): every one of the C(K, 2) pairs of a ranking is a
+    kwise          InstructGPT's K-wise loss (docs/math.md §5): every one of the C(K, 2) pairs of a ranking is a
                    Bradley-Terry comparison, L = - mean_b 1 / C(K, 2) sum_{i<j} log sigma(r_b,i - r_b,j)
-    plackett_luce  the Plackett-Luce likelihood of the whole ranking (seed 004): pick the best of the K answers,
+    plackett_luce  the Plackett-Luce likelihood of the whole ranking (docs/math.md §5): pick the best of the K answers,
                    then the best of the rest, ...: L = - mean_b sum_k [r_b,k - log sum_{j>=k} exp r_b,j]
 
 For K = 2 all three are the same loss. Every loss depends on differences of rewards of the same prompt, so the
@@ -79,8 +79,8 @@ class RewardConfig(PreferenceDataConfig):
     """The reward model's hyperparameters: every LMConfig field, the data fields, and the loss."""
 
     loss: Literal["bt", "kwise", "plackett_luce"] = param(
-        "bt", "bt: Bradley-Terry on pairs (seed 004); kwise: every pair of each ranking (InstructGPT, seed 000); "
-              "plackett_luce: the likelihood of the whole ranking (seed 004)")
+        "bt", "bt: Bradley-Terry on pairs; kwise: every pair of each ranking (InstructGPT); "
+              "plackett_luce: the likelihood of the whole ranking (docs/math.md §5)")
 
 
 CONFIG = RewardConfig
@@ -115,10 +115,10 @@ def ranking_loss(rewards: Tensor, mask: Tensor, loss: str) -> Tensor:
         Scalar.
     """
     if loss == "bt":
-        return bradley_terry_loss(rewards[:, 0], rewards[:, 1])  # seed 004
+        return bradley_terry_loss(rewards[:, 0], rewards[:, 1])  # docs/math.md §5
     if loss == "kwise":
-        return kwise_pairwise_loss(rewards, mask)  # seed 000
-    return plackett_luce_loss(rewards, mask)  # seed 004
+        return kwise_pairwise_loss(rewards, mask)  # docs/math.md §5
+    return plackett_luce_loss(rewards, mask)  # docs/math.md §5
 
 
 def accumulate_gradients(model: ScalarHeadModel, examples: Sequence[RankedExample], micro_batches: int, pad: int,

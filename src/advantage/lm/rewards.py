@@ -19,8 +19,8 @@ Several functions combine as a weighted sum
 
     r(x, y) = sum_j w_j f_j(x, y).
 
-The episode of seed 003's token MDP ends with the completion, and this is its return: the reward arrives at the last
-token only. A function that raises, or returns None, NaN, a non-number or the wrong count, stops the run with a
+The episode of the token MDP (docs/math.md §5) ends with the completion, and this is its return: the reward arrives at
+the last token only. A function that raises, or returns None, NaN, a non-number or the wrong count, stops the run with a
 message naming it: a silent 0 would teach the policy something nobody asked for.
 """
 

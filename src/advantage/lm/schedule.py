@@ -31,3 +31,11 @@ def learning_rate_at(config: LMConfig, step: int, steps: int) -> float:
     decay = {"constant": 1.0, "linear": 1.0 - progress,
              "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[config.lr_schedule]
     return config.learning_rate * warmup * decay
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: LMConfig, step: int, steps: int) -> float:
+    """Give every parameter group the learning rate of step `step` (`learning_rate_at`); returns it."""
+    learning_rate = learning_rate_at(config, step, steps)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    return learning_rate

@@ -1,10 +1,11 @@
-"""Supervised fine-tuning (SFT): maximum likelihood on the completion tokens (seed 003).
+"""Supervised fine-tuning (SFT): maximum likelihood on the completion tokens (docs/math.md §7b).
 
-The language model as an MDP (seed 003): the state is the token prefix, the action the next token, the transition
-deterministic and the prompt the fixed initial state, so the probability of a trajectory is the product of the
-policy's token probabilities, log P_theta(tau) = sum_t log pi_theta(a_t | s_t). SFT maximises this log-likelihood
-of demonstration completions given their prompts: seed 003's objective with the trajectories taken from the data
-instead of sampled, and R(tau) = 1 for every one of them. The loss of one optimizer step is the token-level mean
+The language model as an MDP (docs/math.md §5): the state is the token prefix, the action the next token, the
+transition deterministic and the prompt the fixed initial state, so the probability of a trajectory is the
+product of the policy's token probabilities, log P_theta(tau) = sum_t log pi_theta(a_t | s_t). SFT maximises
+this log-likelihood of demonstration completions given their prompts: the notes' objective (docs/math.md §1)
+with the trajectories taken from the data instead of sampled, and R(tau) = 1 for every one of them. The loss of
+one optimizer step is the token-level mean
 
     L(theta) = - (1 / N_tokens) sum_{examples n} sum_{completion tokens t} log pi_theta(a_t^n | s_t^n),
 
@@ -51,6 +52,7 @@ from advantage.lm.examples import (
     pack_examples,
     tokenize_pairs,
 )
+from advantage.lm.generation import greedy_decode
 from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
 from advantage.lm.logprobs import masked_log_probs
 from advantage.lm.models import evaluation_mode
@@ -95,7 +97,7 @@ def completion_nll(model: nn.Module, batch: TokenBatch, num_tokens: int) -> Tens
         num_tokens: completion tokens of the whole batch (all micro-batches), so that the shares add up to the
             token-level mean of the batch.
     """
-    # (B, T): log pi(x_t | x_<t) at the completion tokens, seed 003's actions (the head runs on those alone)
+    # (B, T): log pi(x_t | x_<t) at the completion tokens, the actions of docs/math.md §5 (the head runs on those alone)
     log_probs = masked_log_probs(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.loss_mask)
     return aggregate(-log_probs, batch.loss_mask, "token", num_tokens=max(num_tokens, 1))
 
@@ -139,21 +141,6 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[SFTExample], micro
 # -------------------------------------------------------------------------------------------------------- evaluation
 
 
-def greedy_completions(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                       end_ids: int | Sequence[int], pad: int, batch_size: int = 32) -> list[list[int]]:
-    """Greedy decoding of every prompt (`generation.generate`, batches of `batch_size`); each result is cut before
-    the end token that stopped it (any of `end_ids`)."""
-    from advantage.lm.generation import generate
-
-    ends = (end_ids,) if isinstance(end_ids, int) else tuple(end_ids)
-    results = []
-    for start in range(0, len(prompts), batch_size):
-        generated = generate(model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens, eos_id=ends,
-                             pad_id=pad, greedy=True)
-        results.extend(strip_end_tokens(completion, ends) for completion in generated.completions)
-    return results
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, examples: Sequence[SFTExample], batch_size: int, pad: int,
              max_new_tokens: int = 0, end_ids: Sequence[int] | None = None) -> dict[str, float]:
@@ -168,12 +155,13 @@ def evaluate(model: nn.Module, tokenizer, examples: Sequence[SFTExample], batch_
                   for start in range(0, len(examples), batch_size))
         ends = tuple(end_ids) if end_ids else end_token_ids(tokenizer)
         budget = max_new_tokens or max(len(example.completion_ids) for example in examples)
-        generated = greedy_completions(model, [example.prompt_ids for example in examples], budget, ends, pad,
-                                       batch_size)
+        generated = greedy_decode(model, [example.prompt_ids for example in examples], max_new_tokens=budget,
+                                  eos_id=ends, pad_id=pad, batch_size=batch_size)
+        outputs = [strip_end_tokens(completion, ends) for completion in generated.completions]
         references = [strip_end_tokens(example.completion_ids, ends) for example in examples]
         matches = [tokenizer.decode(output, skip_special_tokens=True).strip()
                    == tokenizer.decode(reference, skip_special_tokens=True).strip()
-                   for output, reference in zip(generated, references)]
+                   for output, reference in zip(outputs, references)]
     return {"eval/nll": nll, "eval/exact_match": sum(matches) / len(matches)}
 
 

@@ -1,7 +1,7 @@
 """The built-in character-level tokenizer, and loading any tokenizer from a local directory.
 
 One character is one token, so a task's text and its tokens are the same thing to read: "12+34=46\n" is nine
-tokens, and a completion of length L is L actions of the language-model MDP (seed 003: state = token prefix,
+tokens, and a completion of length L is L actions of the language-model MDP (docs/math.md §5: state = token prefix,
 action = next token). The vocabulary is four special tokens followed by every printable ASCII character
 (codes 32..126: letters, digits, punctuation including '+', '-', '*', '=', and the space) plus newline and tab:
 101 tokens. Other characters map to <unk>.

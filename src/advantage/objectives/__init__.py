@@ -13,7 +13,7 @@ Modules, in the order the seeds derive them:
 docs/math.md maps every seed formula to its function and its test.
 """
 
-from advantage.objectives.grpo import group_normalized_advantages, grpo_loss
+from advantage.objectives.grpo import answer_kl_penalty, group_normalized_advantages, grpo_loss
 from advantage.objectives.kl import (
     categorical_entropy,
     categorical_kl,
@@ -65,7 +65,13 @@ from advantage.objectives.returns import (
     td_residual,
     total_return,
 )
-from advantage.objectives.rlhf import last_token_index, ptx_loss, shaped_token_rewards, terminal_at_last_token
+from advantage.objectives.rlhf import (
+    kl_penalty_loss,
+    last_token_index,
+    ptx_loss,
+    shaped_token_rewards,
+    terminal_at_last_token,
+)
 from advantage.objectives.trust_region import (
     backtracking_line_search,
     conjugate_gradient,
@@ -75,16 +81,16 @@ from advantage.objectives.trust_region import (
 )
 
 __all__ = [
-    "adaptive_kl_beta", "aggregate", "backtracking_line_search", "bradley_terry_loss",
+    "adaptive_kl_beta", "aggregate", "answer_kl_penalty", "backtracking_line_search", "bradley_terry_loss",
     "bradley_terry_probability", "categorical_entropy", "categorical_kl", "clipped_surrogate_loss",
     "clipped_surrogate_terms", "clipped_value_loss", "conjugate_gradient", "cpi_loss", "discounted_returns",
     "dpo_implicit_rewards", "dpo_loss", "episode_return_per_step", "explained_variance", "fill_padding",
-    "fisher_vector_product", "flat_grad", "gae", "gaussian_entropy", "gaussian_kl",
-    "group_normalized_advantages", "grpo_loss", "importance_ratio", "importance_sampling_estimate",
-    "kl_estimate", "kl_k1", "kl_k2", "kl_k3", "kl_loss_term", "kl_penalty_surrogate_loss", "kl_reward_penalty",
-    "kwise_pairwise_loss", "last_token_index", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
-    "n_step_advantage", "n_step_returns", "natural_gradient_step", "normalize_advantages",
-    "plackett_luce_dpo_loss", "plackett_luce_log_likelihood", "plackett_luce_loss", "policy_gradient_loss",
-    "psi", "ptx_loss", "shaped_token_rewards", "shift_to_next", "surrogate_stats", "td_residual",
-    "terminal_at_last_token", "total_return", "value_loss",
+    "fisher_vector_product", "flat_grad", "gae", "gaussian_entropy", "gaussian_kl", "group_normalized_advantages",
+    "grpo_loss", "importance_ratio", "importance_sampling_estimate", "kl_estimate", "kl_k1", "kl_k2", "kl_k3",
+    "kl_loss_term", "kl_penalty_loss", "kl_penalty_surrogate_loss", "kl_reward_penalty", "kwise_pairwise_loss",
+    "last_token_index", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "n_step_advantage",
+    "n_step_returns", "natural_gradient_step", "normalize_advantages", "plackett_luce_dpo_loss",
+    "plackett_luce_log_likelihood", "plackett_luce_loss", "policy_gradient_loss", "psi", "ptx_loss",
+    "shaped_token_rewards", "shift_to_next", "surrogate_stats", "td_residual", "terminal_at_last_token",
+    "total_return", "value_loss",
 ]

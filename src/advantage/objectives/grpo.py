@@ -1,4 +1,4 @@
-"""GRPO (seed 000): the group mean as the baseline, PPO's clipped ratio per token, and a k3 KL to the reference.
+"""GRPO (docs/math.md §6): the group mean as the baseline, PPO's clipped ratio per token, and a k3 KL to the reference.
 
     J_GRPO(theta) = E_{q, {o_i} ~ pi_old} 1/G sum_i 1/|o_i| sum_t { min(r_it A_it, clip(r_it, 1-eps, 1+eps) A_it)
                                                               - beta D_KL[pi_theta || pi_ref] }
@@ -16,14 +16,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from advantage.objectives.kl import KLEstimator, kl_estimate, kl_loss_term
-from advantage.objectives.masking import Aggregation, aggregate, fill_padding, masked_mean
+from advantage.objectives.kl import KLEstimator, kl_estimate, kl_loss_term, kl_reward_penalty
+from advantage.objectives.masking import Aggregation, aggregate, fill_padding, masked_mean, masked_sum
 from advantage.objectives.ppo import SurrogateStats, clipped_surrogate_terms, importance_ratio, surrogate_stats
 
 
 def group_normalized_advantages(rewards: Tensor, group_size: int | None = None, eps: float = 1e-4,
                                 unbiased: bool = False, scale_by_std: bool = True) -> Tensor:
-    """A_i = (r_i - mean(r)) / (std(r) + eps) within each group of answers to one prompt (seed 000).
+    """A_i = (r_i - mean(r)) / (std(r) + eps) within each group of answers to one prompt (docs/math.md §6).
 
     Args:
         rewards: (num_groups, G), or flat (num_groups * G,) with `group_size` = G (consecutive answers share
@@ -55,7 +55,7 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask
               aggregation: Aggregation = "sequence",
               constant_length: float | None = None, num_tokens: float | Tensor | None = None,
               num_sequences: float | Tensor | None = None) -> tuple[Tensor, SurrogateStats, Tensor]:
-    """Minus J_GRPO for a batch of answers (seed 000), per token then aggregated.
+    """Minus J_GRPO for a batch of answers (docs/math.md §6), per token then aggregated.
 
     Args:
         log_probs: (B, T) log pi_theta of the answer tokens (differentiable).
@@ -65,8 +65,8 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask
         clip_range, clip_range_high: epsilon of the clip (symmetric unless clip_range_high is given).
         beta: KL coefficient; 0 disables the KL term (no reference model needed).
         ref_log_probs: (B, T) log pi_ref, required when beta > 0.
-        kl_estimator: seed 000 uses "k3"; see advantage.objectives.kl for what each estimator's gradient does
-            in the loss.
+        kl_estimator: the notes use "k3" (docs/math.md §4); see advantage.objectives.kl for what each estimator's
+            gradient does in the loss.
         kl_placement: "loss_weighted" (default) multiplies the per-token KL term by the ratio pi/pi_old, which
             makes its gradient the unbiased grad KL(pi || pi_ref) for k3 (and k1); "loss" differentiates the
             term as the seed writes it, which for k3 descends the reverse KL(pi_ref || pi) instead. The logged
@@ -99,3 +99,20 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask
             mean_kl = masked_mean(kl_estimate(log_probs, ref_log_probs, kl_estimator), mask)
     loss = aggregate(terms, mask, aggregation, constant_length, num_tokens, num_sequences)
     return loss, surrogate_stats(log_probs, old_log_probs, advantages, clip_range, clip_range_high, mask), mean_kl
+
+
+def answer_kl_penalty(log_probs: Tensor, ref_log_probs: Tensor, mask: Tensor, beta: float,
+                      estimator: KLEstimator = "k1") -> Tensor:
+    """The KL as a term of each answer's reward (placement "reward"): -beta sum_t k(a_t) over the answer's tokens.
+
+    The detached per-token `kl.kl_reward_penalty` summed over each answer, to be added to r_i before the group
+    normalisation (docs/math.md §4, "KL placement"; with k1 the policy gradient is unbiased for grad KL).
+
+    Args:
+        log_probs: (N, T) log pi_old(a_t | s_t) of each answer's tokens (the sampling policy).
+        ref_log_probs: (N, T) the same under the frozen reference.
+        mask: (N, T), 1 on answer tokens.
+    Returns:
+        (N,) one penalty per answer, detached.
+    """
+    return masked_sum(kl_reward_penalty(log_probs, ref_log_probs, beta, estimator), mask, dim=-1)

@@ -1,8 +1,9 @@
 """KL divergence: exact forms, the sample estimators k1, k2, k3, entropy, and where an estimator is placed.
 
-Seed 000: D_KL(P || Q) = sum_x P(x) log(P(x) / Q(x)), "the information lost when Q approximates P".
+The notes (docs/math.md §4): D_KL(P || Q) = sum_x P(x) log(P(x) / Q(x)), "the information lost when Q approximates P".
 
-Sample estimators of KL(pi || pi_ref) from a ~ pi, with r = pi_ref(a) / pi(a) (seed 000's GRPO uses k3):
+Sample estimators of KL(pi || pi_ref) from a ~ pi, with r = pi_ref(a) / pi(a) (the notes' GRPO uses k3,
+docs/math.md §4):
 
     k1 = -log r                 unbiased, can be negative, high variance
     k2 = 1/2 (log r)^2          biased (exact to second order), never negative
@@ -10,10 +11,10 @@ Sample estimators of KL(pi || pi_ref) from a ~ pi, with r = pi_ref(a) / pi(a) (s
 
 Placement. The same estimator can enter training in two ways, and they do NOT give the same gradient:
 
-- "reward": the estimate, detached, is subtracted from the reward (RLHF, seed 000/001). Its gradient comes
+- "reward": the estimate, detached, is subtracted from the reward (RLHF, docs/math.md §4). Its gradient comes
   only through the score function: E[k(a) grad log pi(a)]. For k1 this is exactly grad KL (unbiased);
   k2 and k3 give biased gradients.
-- "loss": beta * k(a) is added to the loss and differentiated as it stands (GRPO, seed 000). Its gradient is
+- "loss": beta * k(a) is added to the loss and differentiated as it stands (GRPO, docs/math.md §4). Its gradient is
   the pathwise E[grad k(a)] with a held fixed: k1 gives 0 in expectation (useless), k2 gives exactly grad KL
   (unbiased), and k3 gives grad KL(pi_ref || pi), the gradient of the *reverse* KL (biased).
 - "loss_weighted": beta * (pi/pi_old) * k(a) in the loss, pi_old = pi at sampling time: the gradient is
@@ -38,7 +39,7 @@ KL_PLACEMENTS: tuple[str, ...] = ("reward", "loss", "loss_weighted")
 
 
 def categorical_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """Exact KL(p || q) = sum_a p(a) log(p(a)/q(a)) between categoricals given by logits (seed 000).
+    """Exact KL(p || q) = sum_a p(a) log(p(a)/q(a)) between categoricals given by logits (docs/math.md §4).
 
     Shapes: (..., A) -> (...). Written out rather than through torch.distributions: it sits on the hot path of
     PPO-penalty and TRPO, and the formula is the point.
@@ -80,9 +81,9 @@ def kl_k2(log_probs: Tensor, ref_log_probs: Tensor) -> Tensor:
 
 
 def kl_k3(log_probs: Tensor, ref_log_probs: Tensor) -> Tensor:
-    """k3 = (r - 1) - log r, r = pi_ref(a)/pi(a), for a ~ pi (seed 000's GRPO KL term).
+    """k3 = (r - 1) - log r, r = pi_ref(a)/pi(a), for a ~ pi (the GRPO KL term, docs/math.md §4).
 
-    Seed 000 writes it pi_ref/pi_theta - log(pi_ref/pi_theta) - 1. Unbiased and never negative.
+    The notes write it pi_ref/pi_theta - log(pi_ref/pi_theta) - 1. Unbiased and never negative.
     """
     log_r = ref_log_probs - log_probs
     return torch.expm1(log_r) - log_r
@@ -100,9 +101,10 @@ def kl_estimate(log_probs: Tensor, ref_log_probs: Tensor, estimator: KLEstimator
 
 
 def kl_reward_penalty(log_probs: Tensor, ref_log_probs: Tensor, beta: float, estimator: KLEstimator = "k1") -> Tensor:
-    """Placement "reward": the per-element reward term -beta * k(a), detached (seed 000's -beta log(pi/pi_SFT)).
+    """Placement "reward": the per-element reward term -beta * k(a), detached (docs/math.md §4).
 
-    Unbiased for grad KL(pi || pi_ref) with k1 (the default), when the penalty flows through the policy gradient.
+    The notes write it -beta log(pi/pi_SFT). Unbiased for grad KL(pi || pi_ref) with k1 (the default), when the
+    penalty flows through the policy gradient.
     """
     return -beta * kl_estimate(log_probs.detach(), ref_log_probs.detach(), estimator)
 

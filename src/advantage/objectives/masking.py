@@ -10,9 +10,9 @@ made explicit by `aggregate`:
 - ``"token"``: sum over every real element of the batch divided by the number of real elements.
   Every token (or step) weighs the same; long sequences dominate.
 - ``"sequence"``: average each sequence over its own real elements, then average the sequences.
-  Every sequence weighs the same; this is GRPO's 1/|o_i| (seed 000).
+  Every sequence weighs the same; this is GRPO's 1/|o_i| (docs/math.md §6).
 - ``"constant"``: sum over every real element divided by (number of sequences x a constant length).
-  With ``constant_length=1`` this is the seeds' REINFORCE estimator 1/N sum_n sum_t (seed 003);
+  With ``constant_length=1`` this is the notes' REINFORCE estimator 1/N sum_n sum_t (docs/math.md §1);
   with the maximum generation length it is the "Dr. GRPO" normaliser.
 
 For the "token" and "constant" modes the denominator can be given from outside (``num_tokens``,

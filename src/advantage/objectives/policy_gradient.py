@@ -1,14 +1,14 @@
 """The policy-gradient estimator, its six weightings psi, advantage normalisation and the critic's losses.
 
-Seed 004 writes the policy-gradient theorem as one template,
+One of the notes writes the policy-gradient theorem as one template (docs/math.md §1),
 
     g = E[ sum_{t=0}^T psi_t * grad log pi_theta(a_t | s_t) ],
 
 with six interchangeable choices of psi_t (all unbiased, with very different variance):
 
-    1. "total_return"           sum_{t'=0}^T gamma^t' r_t'            whole-trajectory return (seed 000, 003)
-    2. "reward_to_go"           sum_{t'=t}^T gamma^(t'-t) r_t'        return after a_t (seed 003)
-    3. "reward_to_go_baseline"  sum_{t'=t}^T gamma^(t'-t) r_t' - b(s_t)   with a baseline (seed 000, 003)
+    1. "total_return"           sum_{t'=0}^T gamma^t' r_t'            whole-trajectory return (docs/math.md §1)
+    2. "reward_to_go"           sum_{t'=t}^T gamma^(t'-t) r_t'        return after a_t (docs/math.md §1)
+    3. "reward_to_go_baseline"  sum_{t'=t}^T gamma^(t'-t) r_t' - b(s_t)   with a baseline (docs/math.md §1)
     4. "q_value"                Q^pi(s_t, a_t)
     5. "advantage"              A^pi(s_t, a_t) = Q^pi(s_t, a_t) - V^pi(s_t)
     6. "td_residual"            r_t + gamma V^pi(s_{t+1}) - V^pi(s_t)
@@ -39,7 +39,7 @@ def psi(form: PsiForm, rewards: Tensor, gamma: float, *, terminated: Tensor | No
         truncated: Tensor | None = None, values: Tensor | None = None, next_values: Tensor | None = None,
         q_values: Tensor | None = None, baseline: Tensor | None = None, mask: Tensor | None = None,
         dim: int = 0) -> Tensor:
-    """The weight psi_t of seed 004's policy-gradient template, for one of its six forms (module docstring).
+    """The weight psi_t of the policy-gradient template (docs/math.md §1), for one of its six forms (module docstring).
 
     Args:
         form: which psi (see PSI_FORMS).
@@ -79,7 +79,7 @@ def psi(form: PsiForm, rewards: Tensor, gamma: float, *, terminated: Tensor | No
 
 def policy_gradient_loss(log_probs: Tensor, psi_values: Tensor, mask: Tensor | None = None,
                          aggregation: Aggregation = "token", constant_length: float | None = None) -> Tensor:
-    """REINFORCE surrogate, loss = -(1/N) sum_n sum_t psi_t log pi_theta(a_t|s_t) (seed 003's "loss", seed 000).
+    """REINFORCE surrogate, loss = -(1/N) sum_n sum_t psi_t log pi_theta(a_t|s_t) (the notes' "loss", docs/math.md §1).
 
     Its gradient is minus the seeds' estimator sum_t psi_t grad log pi(a_t|s_t), averaged as `aggregation`
     says: "token" averages over steps; "constant" with constant_length=1 is exactly the seeds' 1/N sum_n sum_t
@@ -96,17 +96,17 @@ def policy_gradient_loss(log_probs: Tensor, psi_values: Tensor, mask: Tensor | N
 def normalize_advantages(advantages: Tensor, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
     """Advantage normalisation, (A - mean(A)) / (std(A) + eps) over the real elements of the batch.
 
-    Subtracting the batch mean is a (slightly data-dependent) baseline, seed 000's "b ~ E[R]"; dividing by the
-    std fixes the step size's scale. Padded elements come back 0.
+    Subtracting the batch mean is a (slightly data-dependent) baseline, the notes' "b ~ E[R]" (docs/math.md §1);
+    dividing by the std fixes the step size's scale. Padded elements come back 0.
     """
     return masked_whiten(advantages.detach(), mask, eps=eps)
 
 
 def value_loss(values: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Critic regression loss, L(w) = 1/2 (target - V_w(s_t))^2, averaged over real steps (seed 004).
+    """Critic regression loss, L(w) = 1/2 (target - V_w(s_t))^2, averaged over real steps (docs/math.md §2).
 
-    With target = r + gamma V(s_{t+1}) this is seed 004's critic objective 1/2 (r + gamma V(s') - V(s))^2; the
-    target is held constant (semi-gradient), which gives seed 004's gradient -(r + gamma V(s') - V(s)) grad V(s).
+    With target = r + gamma V(s_{t+1}) this is the notes' critic objective 1/2 (r + gamma V(s') - V(s))^2; the
+    target is held constant (semi-gradient), which gives their gradient -(r + gamma V(s') - V(s)) grad V(s).
     """
     return 0.5 * masked_mean((values - targets.detach()) ** 2, mask)
 
@@ -115,8 +115,8 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, targets: Tensor, clip
                        mask: Tensor | None = None, num_tokens: float | Tensor | None = None) -> Tensor:
     """PPO's clipped critic loss, 1/2 max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2).
 
-    Seed 004 notes that in practice the critic "may add clip tricks": the new value may not move further
-    than `clip_range` from the value at collection time, unless that makes the error smaller. With `num_tokens`
+    The notes say that in practice the critic "may add clip tricks" (docs/math.md §2): the new value may not move
+    further than `clip_range` from the value at collection time, unless that makes the error smaller. With `num_tokens`
     the sum over real elements is divided by it (a micro-batch's share of the whole batch's mean).
     """
     if clip_range < 0:

@@ -1,12 +1,12 @@
 """Importance sampling and the surrogates built on it: L^CPI, PPO-clip, PPO-penalty with its adaptive beta.
 
-Seed 000 and seed 004 derive importance sampling, E_{x~p}[f(x)] = E_{x~q}[f(x) p(x)/q(x)], which lets data
-collected by the old policy pi_old (theta') be reused to improve pi_theta. Seed 004 warns that only the mean is
+The notes derive importance sampling (docs/math.md §3), E_{x~p}[f(x)] = E_{x~q}[f(x) p(x)/q(x)], which lets data
+collected by the old policy pi_old (theta') be reused to improve pi_theta. They warn that only the mean is
 preserved, not the variance; TRPO and PPO keep pi_theta close to pi_old so that the weights stay near 1.
 
-Seed 003 writes the PPO objective with "grad P_theta / P_theta'" inside the sum. That is the *gradient* of the
+One of the notes writes the PPO objective with "grad P_theta / P_theta'" inside the sum. That is the *gradient* of the
 surrogate r_t(theta) A_t, with r_t(theta) = P_theta / P_theta': the code minimises -r_t A_t, whose gradient is
--grad P_theta / P_theta' * A_t. See docs/math.md.
+-grad P_theta / P_theta' * A_t. See docs/math.md, §3 and resolution 1.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from advantage.objectives.masking import Aggregation, aggregate, fill_padding, m
 
 
 def importance_ratio(log_probs: Tensor, old_log_probs: Tensor, mask: Tensor | None = None) -> Tensor:
-    """r_t(theta) = pi_theta(a_t|s_t) / pi_old(a_t|s_t), from log-probabilities (seed 004's L^CPI).
+    """r_t(theta) = pi_theta(a_t|s_t) / pi_old(a_t|s_t), from log-probabilities (L^CPI, docs/math.md §3).
 
     Computed as exp(log pi_theta - log pi_old); `old_log_probs` is treated as data. Padded elements (mask 0) get
     ratio 1 with zero gradient, so that padding holding -inf or large values cannot overflow into NaN.
@@ -29,7 +29,7 @@ def importance_ratio(log_probs: Tensor, old_log_probs: Tensor, mask: Tensor | No
 
 
 def importance_sampling_estimate(f_values: Tensor, target_log_probs: Tensor, behaviour_log_probs: Tensor) -> Tensor:
-    """E_{x~p}[f(x)] estimated from samples x ~ q: mean of f(x) p(x)/q(x) (seed 000, seed 004).
+    """E_{x~p}[f(x)] estimated from samples x ~ q: mean of f(x) p(x)/q(x) (docs/math.md §3).
 
     Args:
         f_values: f(x_i) for samples x_i drawn from the behaviour distribution q, shape (N, ...).
@@ -46,10 +46,11 @@ def importance_sampling_estimate(f_values: Tensor, target_log_probs: Tensor, beh
 
 def cpi_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask: Tensor | None = None,
              aggregation: Aggregation = "token", constant_length: float | None = None) -> Tensor:
-    """Minus the conservative-policy-iteration surrogate, -L^CPI = -E_t[r_t(theta) A_t] (seed 004, TRPO's objective).
+    """Minus the conservative-policy-iteration surrogate, -L^CPI = -E_t[r_t(theta) A_t] (TRPO's objective,
+    docs/math.md §3).
 
     At theta = theta_old its gradient equals the policy gradient with psi = A; away from it, it is the
-    importance-sampled estimate of J(theta) - J(theta_old) under the old state distribution (seed 004).
+    importance-sampled estimate of J(theta) - J(theta_old) under the old state distribution (docs/math.md §3).
     """
     ratio = importance_ratio(log_probs, old_log_probs, mask)
     return -aggregate(ratio * advantages.detach(), mask, aggregation, constant_length)
@@ -57,7 +58,7 @@ def cpi_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask:
 
 def clipped_surrogate_terms(ratio: Tensor, advantages: Tensor, clip_low: float,
                             clip_high: float | None = None) -> Tensor:
-    """Per-element PPO-clip loss, -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) (seed 000, 003, 004 L^CLIP).
+    """Per-element PPO-clip loss, -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) (L^CLIP, docs/math.md §3).
 
     `clip_high` defaults to `clip_low` (the symmetric clip of the seeds); a larger upper bound is the
     "clip-higher" variant. Where the clipped branch is the minimum the term is constant in theta, so it
@@ -108,7 +109,7 @@ def clipped_surrogate_loss(log_probs: Tensor, old_log_probs: Tensor, advantages:
                            aggregation: Aggregation = "token",
                            constant_length: float | None = None,
                            num_tokens: float | Tensor | None = None) -> tuple[Tensor, SurrogateStats]:
-    """PPO-clip loss, -L^CLIP = -E_t[min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t)] (seed 000, 003, 004).
+    """PPO-clip loss, -L^CLIP = -E_t[min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t)] (docs/math.md §3).
 
     `num_tokens`: the real elements of the whole batch when this is one micro-batch of it (see `aggregate`).
     Returns the scalar loss and its SurrogateStats.
@@ -121,7 +122,7 @@ def clipped_surrogate_loss(log_probs: Tensor, old_log_probs: Tensor, advantages:
 
 def kl_penalty_surrogate_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, kl: Tensor,
                               beta: float, mask: Tensor | None = None) -> Tensor:
-    """PPO-penalty loss, -E_t[r_t A_t] + beta * KL (seed 003's Loss_kl; seed 000's J^theta'(theta) - beta KL).
+    """PPO-penalty loss, -E_t[r_t A_t] + beta * KL (the notes' Loss_kl and J^theta'(theta) - beta KL, docs/math.md §3).
 
     Args:
         kl: per-element KL between the old and the new policy at s_t, differentiable in theta (the classic
@@ -135,15 +136,15 @@ def kl_penalty_surrogate_loss(log_probs: Tensor, old_log_probs: Tensor, advantag
 
 def adaptive_kl_beta(beta: float, measured_kl: float, target_kl: float, tolerance: float = 1.5,
                      factor: float = 2.0) -> float:
-    """The adaptive KL coefficient of PPO-penalty (seed 004, the "1.5x rule").
+    """The adaptive KL coefficient of PPO-penalty (the "1.5x rule", docs/math.md §3).
 
         KL < target / 1.5  ->  beta / 2   (policies too close: weigh improvement more)
         KL > target * 1.5  ->  beta * 2   (policies too far: weigh the constraint more)
         otherwise          ->  beta
 
-    Seed 004's text reads "less than 1.5 times the target halves beta, more than 1.5 times doubles it"; taken
+    The notes' text reads "less than 1.5 times the target halves beta, more than 1.5 times doubles it"; taken
     literally beta would never stay put and would be halved even at 1.2x the target, so the code follows the PPO
-    paper the seed summarises: d < d_targ / 1.5 halves (docs/math.md, resolution 2).
+    paper the notes summarise: d < d_targ / 1.5 halves (docs/math.md, resolution 2).
     """
     if target_kl <= 0:
         raise ValueError(f"target_kl must be > 0, got {target_kl}")

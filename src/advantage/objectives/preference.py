@@ -1,12 +1,12 @@
 """Preferences instead of rewards: reward-model losses (Bradley-Terry, K-wise, Plackett-Luce) and DPO.
 
-Seed 004 models a preference between two answers with Bradley-Terry,
+The notes (docs/math.md §5) model a preference between two answers with Bradley-Terry,
     P(y_1 > y_2 | x) = exp r(x, y_1) / (exp r(x, y_1) + exp r(x, y_2)) = sigma(r(x, y_1) - r(x, y_2)),
 and a full ranking tau of K answers with Plackett-Luce,
     P(tau | y_1..y_K, x) = prod_{k=1}^K exp r(x, y_tau(k)) / sum_{j=k}^K exp r(x, y_tau(j)).
-Seed 000 trains InstructGPT's reward model on all C(K, 2) pairs of a K-wise ranking.
+One of them trains InstructGPT's reward model on all C(K, 2) pairs of a K-wise ranking.
 
-DPO (seed 004) substitutes the reward that the KL-regularised optimum implies,
+DPO (docs/math.md §6) substitutes the reward that the KL-regularised optimum implies,
     r(x, y) = beta log(pi*(y|x) / pi_ref(y|x)) + beta log Z(x),
 into these likelihoods; Z(x) cancels in every difference and in every softmax, leaving losses of the policy.
 
@@ -25,12 +25,12 @@ from advantage.objectives.masking import masked_sum
 
 
 def bradley_terry_probability(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
-    """P(y_w > y_l | x) = sigma(r_w - r_l) under Bradley-Terry (seed 004)."""
+    """P(y_w > y_l | x) = sigma(r_w - r_l) under Bradley-Terry (docs/math.md §5)."""
     return torch.sigmoid(chosen_rewards - rejected_rewards)
 
 
 def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
-    """Reward-model loss -E[log sigma(r(x, y_w) - r(x, y_l))] (seed 004's L_R, seed 000 with K = 2).
+    """Reward-model loss -E[log sigma(r(x, y_w) - r(x, y_l))] (docs/math.md §5: L_R, the K-wise loss with K = 2).
 
     Shapes: (B,), (B,) -> scalar. Uses logsigmoid for stability at large margins.
     """
@@ -38,7 +38,8 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tens
 
 
 def kwise_pairwise_loss(ranked_rewards: Tensor, mask: Tensor | None = None) -> Tensor:
-    """InstructGPT's K-wise loss, -1/C(K,2) E[sum_{i<j} log sigma(r_i - r_j)] over every pair of a ranking (seed 000).
+    """InstructGPT's K-wise loss, -1/C(K,2) E[sum_{i<j} log sigma(r_i - r_j)] over every pair of a ranking
+    (docs/math.md §5).
 
     Args:
         ranked_rewards: (B, K) reward-model scores, column 0 the best answer.
@@ -62,7 +63,7 @@ def kwise_pairwise_loss(ranked_rewards: Tensor, mask: Tensor | None = None) -> T
 
 
 def plackett_luce_log_likelihood(ranked_scores: Tensor, mask: Tensor | None = None) -> Tensor:
-    """log P(tau) = sum_k [ s_k - log sum_{j>=k} exp s_j ] for scores listed in ranked order (seed 004).
+    """log P(tau) = sum_k [ s_k - log sum_{j>=k} exp s_j ] for scores listed in ranked order (docs/math.md §5).
 
     Args:
         ranked_scores: (B, K), column 0 ranked first.
@@ -83,12 +84,15 @@ def plackett_luce_log_likelihood(ranked_scores: Tensor, mask: Tensor | None = No
 
 
 def plackett_luce_loss(ranked_scores: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Negative Plackett-Luce log-likelihood of full rankings, -E[log P(tau)] (seed 004). K = 2 is Bradley-Terry."""
+    """Negative Plackett-Luce log-likelihood of full rankings, -E[log P(tau)] (docs/math.md §5).
+
+    K = 2 is Bradley-Terry.
+    """
     return -plackett_luce_log_likelihood(ranked_scores, mask).mean()
 
 
 def dpo_implicit_rewards(policy_log_probs: Tensor, ref_log_probs: Tensor, beta: float) -> Tensor:
-    """DPO's implicit reward beta * log(pi_theta(y|x) / pi_ref(y|x)) (seed 004), up to beta log Z(x).
+    """DPO's implicit reward beta * log(pi_theta(y|x) / pi_ref(y|x)) (docs/math.md §6), up to beta log Z(x).
 
     Inputs are sequence log-probabilities log pi(y|x) = sum_t log pi(y_t | x, y_<t); any shape.
     """
@@ -112,7 +116,8 @@ class PreferenceStats:
 
 def dpo_loss(policy_chosen_log_probs: Tensor, policy_rejected_log_probs: Tensor, ref_chosen_log_probs: Tensor,
              ref_rejected_log_probs: Tensor, beta: float) -> tuple[Tensor, PreferenceStats]:
-    """Pairwise DPO, -E[log sigma(beta log pi(y_w|x)/pi_ref(y_w|x) - beta log pi(y_l|x)/pi_ref(y_l|x))] (seed 000, 004).
+    """Pairwise DPO, -E[log sigma(beta log pi(y_w|x)/pi_ref(y_w|x) - beta log pi(y_l|x)/pi_ref(y_l|x))]
+    (docs/math.md §6).
 
     Shapes: four (B,) sequence log-probabilities -> scalar loss and PreferenceStats.
     """
@@ -129,7 +134,8 @@ def dpo_loss(policy_chosen_log_probs: Tensor, policy_rejected_log_probs: Tensor,
 
 def plackett_luce_dpo_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, beta: float,
                            mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Listwise DPO, -E[log prod_k exp(beta h_tau(k)) / sum_{j>=k} exp(beta h_tau(j))], h = log pi/pi_ref (seed 004).
+    """Listwise DPO, -E[log prod_k exp(beta h_tau(k)) / sum_{j>=k} exp(beta h_tau(j))], h = log pi/pi_ref
+    (docs/math.md §6).
 
     Args:
         policy_log_probs, ref_log_probs: (B, K) sequence log-probabilities, column 0 the best answer.

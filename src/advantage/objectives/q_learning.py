@@ -1,6 +1,6 @@
-"""Q-learning targets (seed 000 names Q-learning; seed 003 defines Q(s_t, a) = r_t + gamma V(s_{t+1})).
+"""Q-learning targets (docs/math.md §3: the notes name Q-learning and define Q(s_t, a) = r_t + gamma V(s_{t+1})).
 
-Seed 000: "the Q value estimates how well an actor will do after a state (and action)". With the greedy policy,
+One of the notes: "the Q value estimates how well an actor will do after a state (and action)". With the greedy policy,
 V(s') = max_a' Q(s', a'), which gives the Bellman optimality target of Q-learning / DQN:
 
     y = r + gamma * (1 - terminated) * max_a' Q_target(s', a')

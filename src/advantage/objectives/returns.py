@@ -2,7 +2,7 @@
 
 Layout. Every function reduces along one *time axis* `dim`:
 - time-major rollouts from vectorised environments are (T, N) with ``dim=0`` (the default);
-- language-model token rewards are (B, T) with ``dim=1`` (seed 003: state = prefix, action = next token).
+- language-model token rewards are (B, T) with ``dim=1`` (docs/math.md §5: state = prefix, action = next token).
 Any further dimensions are carried along.
 
 Episode ends. `terminated` and `truncated` are separate boolean tensors shaped like `rewards`:
@@ -69,11 +69,11 @@ def _floating(x: Tensor, *others: Tensor | None) -> Tensor:
 
 
 def total_return(rewards: Tensor, gamma: float = 1.0, mask: Tensor | None = None, dim: int = 0) -> Tensor:
-    """Return of whole trajectories, R(tau) = sum_t gamma^t r_t (seed 000; seed 003 "E[R(tau)]").
+    """Return of whole trajectories, R(tau) = sum_t gamma^t r_t (docs/math.md §1; the notes' "E[R(tau)]").
 
     Args:
         rewards: rewards with the time axis at `dim`, one trajectory per row, e.g. (T, N) or (B, T).
-        gamma: discount; 1.0 gives the plain sum of seed 000.
+        gamma: discount; 1.0 gives the notes' plain sum (docs/math.md §1).
         mask: 1 for real steps; padding contributes nothing.
     Returns:
         `rewards` with the time axis reduced, e.g. (N,) or (B,).
@@ -87,7 +87,7 @@ def total_return(rewards: Tensor, gamma: float = 1.0, mask: Tensor | None = None
 def discounted_returns(rewards: Tensor, gamma: float, terminated: Tensor | None = None,
                        truncated: Tensor | None = None, next_values: Tensor | None = None,
                        mask: Tensor | None = None, dim: int = 0) -> Tensor:
-    """Discounted reward-to-go, G_t = sum_{t'>=t} gamma^(t'-t) r_t' within the episode (seed 003, seed 004 psi_2).
+    """Discounted reward-to-go, G_t = sum_{t'>=t} gamma^(t'-t) r_t' within the episode (docs/math.md §1, psi_2).
 
     Recursively, G_t = r_t + gamma * G_{t+1}, except at an episode boundary:
     terminated_t -> G_t = r_t;  truncated_t or last real step -> G_t = r_t + gamma * next_values_t.
@@ -112,7 +112,7 @@ def discounted_returns(rewards: Tensor, gamma: float, terminated: Tensor | None 
 
 def episode_return_per_step(rewards: Tensor, gamma: float, terminated: Tensor | None = None,
                             truncated: Tensor | None = None, mask: Tensor | None = None, dim: int = 0) -> Tensor:
-    """psi_1 of seed 004: every step of an episode gets the episode's whole return sum_{t'=0}^T gamma^t' r_t'.
+    """psi_1 (docs/math.md §1): every step of an episode gets the episode's whole return sum_{t'=0}^T gamma^t' r_t'.
 
     The return is counted from the episode's first step inside the given rollout; rows may hold several
     episodes one after another (separated by `terminated` / `truncated`). Nothing is bootstrapped.
@@ -132,7 +132,7 @@ def td_residual(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: flo
                 terminated: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
     """TD residual delta_t = r_t + gamma * V(s_{t+1}) - V(s_t), with V(s_{t+1}) = 0 when terminated_t.
 
-    Seed 003 (delta_t^V), seed 004 (psi_6, "时序差分残差"). Elementwise, so any layout works.
+    docs/math.md §2: the notes' delta_t^V, and psi_6 ("时序差分残差"). Elementwise, so any layout works.
     Truncation needs nothing special here: `next_values` already holds V(final observation).
     """
     rewards = _floating(rewards, values, next_values)
@@ -145,7 +145,7 @@ def td_residual(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: flo
 def n_step_advantage(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: float, n: int,
                      terminated: Tensor | None = None, truncated: Tensor | None = None,
                      mask: Tensor | None = None, dim: int = 0) -> Tensor:
-    """n-step advantage A^n_t = sum_{k=0}^{n-1} gamma^k delta_{t+k} (seed 003's A^1, A^2, A^3, ...).
+    """n-step advantage A^n_t = sum_{k=0}^{n-1} gamma^k delta_{t+k} (the notes' A^1, A^2, A^3, ...; docs/math.md §2).
 
     Equivalently sum_{k<n} gamma^k r_{t+k} + gamma^n V(s_{t+n}) - V(s_t): the sum telescopes. The sum
     stops at the episode's end (terminated: no bootstrap; truncated or last real step: bootstrap from
@@ -174,7 +174,7 @@ def n_step_advantage(rewards: Tensor, values: Tensor, next_values: Tensor, gamma
 def n_step_returns(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: float, n: int,
                    terminated: Tensor | None = None, truncated: Tensor | None = None,
                    mask: Tensor | None = None, dim: int = 0) -> Tensor:
-    """n-step return G^(n)_t = sum_{k<n} gamma^k r_{t+k} + gamma^n V(s_{t+n}), cut at episode ends (seed 003).
+    """n-step return G^(n)_t = sum_{k<n} gamma^k r_{t+k} + gamma^n V(s_{t+n}), cut at episode ends (docs/math.md §2).
 
     Equal to n_step_advantage + V(s_t); the target of an n-step critic.
     """
@@ -185,10 +185,10 @@ def n_step_returns(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: 
 def gae(rewards: Tensor, values: Tensor, next_values: Tensor, gamma: float, gae_lambda: float,
         terminated: Tensor | None = None, truncated: Tensor | None = None,
         mask: Tensor | None = None, dim: int = 0, with_returns: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """Generalised advantage estimation, A^GAE_t = sum_{l>=0} (gamma*lambda)^l delta_{t+l} (seed 003, seed 004).
+    """Generalised advantage estimation, A^GAE_t = sum_{l>=0} (gamma*lambda)^l delta_{t+l} (docs/math.md §2).
 
-    Seed 003 derives it as the lambda-weighted mix (1-lambda)(A^1 + lambda A^2 + lambda^2 A^3 + ...) of the
-    n-step advantages and sums the geometric series. Computed by the recursion
+    The notes derive it (docs/math.md §2) as the lambda-weighted mix (1-lambda)(A^1 + lambda A^2 + lambda^2 A^3 + ...)
+    of the n-step advantages and sums the geometric series. Computed by the recursion
     A_t = delta_t + gamma*lambda*(1 - end_t) * A_{t+1}, where end_t = terminated or truncated or last real step;
     truncation still bootstraps inside delta_t through next_values.
 

@@ -1,11 +1,11 @@
-"""RLHF on the token MDP (seed 000, 001, 003): KL-shaped per-token rewards and the PPO-ptx pretraining term.
+"""RLHF on the token MDP (docs/math.md §5): KL-shaped per-token rewards and the PPO-ptx pretraining term.
 
-Seed 000's objective for the policy pi_phi^RL, starting from the SFT model pi^SFT:
+The notes' objective for the policy pi_phi^RL, starting from the SFT model pi^SFT (docs/math.md §5):
 
     objective(phi) = E_{(x,y) ~ pi_phi^RL}[ r_theta(x, y) - beta log(pi_phi^RL(y|x) / pi^SFT(y|x)) ]
                      + gamma E_{x ~ D_pretrain}[ log pi_phi^RL(x) ]
 
-With the token as the action (seed 003), log(pi/pi_SFT)(y|x) = sum_t log(pi/pi_SFT)(y_t | x, y_<t), so the
+With the token as the action (docs/math.md §5), log(pi/pi_SFT)(y|x) = sum_t log(pi/pi_SFT)(y_t | x, y_<t), so the
 KL penalty is spread over the tokens while the reward model scores only the whole answer, i.e. its last token.
 PPO (advantage.objectives.ppo) then maximises the return of these per-token rewards, with GAE over tokens.
 """
@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from advantage.objectives.kl import KLEstimator, kl_reward_penalty
-from advantage.objectives.masking import Aggregation, aggregate, fill_padding
+from advantage.objectives.kl import KLEstimator, kl_loss_term, kl_reward_penalty
+from advantage.objectives.masking import Aggregation, aggregate, fill_padding, masked_whiten
+from advantage.objectives.returns import gae, shift_to_next
 
 
 def last_token_index(mask: Tensor) -> Tensor:
@@ -26,7 +27,7 @@ def last_token_index(mask: Tensor) -> Tensor:
 
 
 def terminal_at_last_token(mask: Tensor) -> Tensor:
-    """(B, T) bool, True at the last real token of each row: a completion's end is a terminal state (seed 003).
+    """(B, T) bool, True at the last real token of each row: a completion's end is a terminal state (docs/math.md §2).
 
     Pass it as `terminated` to the return and GAE functions along the token axis (dim=1).
     """
@@ -39,7 +40,8 @@ def terminal_at_last_token(mask: Tensor) -> Tensor:
 
 def shaped_token_rewards(scores: Tensor, log_probs: Tensor, ref_log_probs: Tensor, mask: Tensor, beta: float,
                          estimator: KLEstimator = "k1") -> tuple[Tensor, Tensor]:
-    """Per-token RLHF rewards: r_t = -beta k_t on every answer token, plus r_theta(x, y) on the last one (seed 000).
+    """Per-token RLHF rewards: r_t = -beta k_t on every answer token, plus r_theta(x, y) on the last one
+    (docs/math.md §5).
 
     Args:
         scores: (B,) reward-model scores r_theta(x, y) of whole answers.
@@ -65,7 +67,8 @@ def shaped_token_rewards(scores: Tensor, log_probs: Tensor, ref_log_probs: Tenso
 
 def ptx_loss(pretrain_log_probs: Tensor, mask: Tensor | None, coefficient: float,
              aggregation: Aggregation = "token", constant_length: float | None = None) -> Tensor:
-    """PPO-ptx term as a loss, -gamma E_{x ~ D_pretrain}[log pi(x)] (seed 000's "+ gamma E[log pi^RL(x)]").
+    """PPO-ptx term as a loss, -gamma E_{x ~ D_pretrain}[log pi(x)] (the notes' "+ gamma E[log pi^RL(x)]",
+    docs/math.md §5).
 
     Args:
         pretrain_log_probs: (B, T) per-token log pi(x_t | x_<t) on pretraining text.
@@ -74,3 +77,37 @@ def ptx_loss(pretrain_log_probs: Tensor, mask: Tensor | None, coefficient: float
             constant_length=1 sums each sequence, exactly the seed's E_x[log pi(x)].
     """
     return -coefficient * aggregate(pretrain_log_probs, mask, aggregation, constant_length)
+
+
+def kl_penalty_loss(log_probs: Tensor, ref_log_probs: Tensor, mask: Tensor, beta: float,
+                    estimator: KLEstimator = "k2", num_tokens: float | Tensor | None = None) -> Tensor:
+    """The KL as a loss term instead of a reward (placement "loss"): beta sum_{b,t} m k(a_t) / num_tokens.
+
+    The per-token `kl.kl_loss_term`, differentiated pathwise (unbiased for grad KL with k2; docs/math.md §4,
+    "KL placement"), averaged over the real tokens like the policy loss it joins.
+
+    Args:
+        log_probs: (B, T) log pi(a_t | s_t) of the sampled answer tokens, differentiable.
+        ref_log_probs: (B, T) the same under the frozen reference.
+        mask: (B, T), 1 on answer tokens.
+        num_tokens: the real tokens of the whole batch when this is one minibatch share of it (default: this
+            batch's).
+    """
+    return aggregate(kl_loss_term(log_probs, ref_log_probs, beta, estimator), mask, "token", num_tokens=num_tokens)
+
+
+def advantages_and_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float,
+                           whiten: bool) -> tuple[Tensor, Tensor]:
+    """GAE over each answer's tokens (docs/math.md §2), the answer's end a terminal state; returns = A + V (the
+    critic's lambda-return target); the advantages optionally whitened over the batch.
+
+    Args:
+        rewards, values, mask: (N, A) per answer token.
+    """
+    ends = terminal_at_last_token(mask)
+    next_values = shift_to_next(values, dim=1)  # V(s_{t+1}); ignored after the terminal token
+    advantages, returns = gae(rewards, values, next_values, gamma, gae_lambda, terminated=ends, mask=mask, dim=1,
+                              with_returns=True)
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns

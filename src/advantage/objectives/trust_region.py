@@ -1,9 +1,9 @@
 """TRPO's machinery: the Fisher-vector product, conjugate gradient, the natural step and the line search.
 
-Seed 004 (and seed 000) state TRPO as
+The notes (docs/math.md §3) state TRPO as
 
     maximise  L(theta') = E_{s,a ~ pi_theta}[ pi_theta'(a|s) / pi_theta(a|s) * A(s, a) ]
-    subject to  E_s[ KL(pi_theta'(.|s) || pi_theta(.|s)) ] <= delta      (seed 004 puts the new policy first;
+    subject to  E_s[ KL(pi_theta'(.|s) || pi_theta(.|s)) ] <= delta      (the notes put the new policy first;
                                                                       the code measures KL(old || new) as the
                                                                       TRPO/PPO papers do: docs/math.md, note 6)
 

@@ -1,5 +1,5 @@
-"""A2C, advantage actor-critic (seed 004): the actor follows E[grad log pi(a|s) A(s,a)], the critic V_w regresses
-by 1/2 (target - V_w(s))^2; the advantage is the n-step one of seed 003 (A^n = delta_t + ... + gamma^(n-1)
+"""A2C, advantage actor-critic (docs/math.md §7): the actor follows E[grad log pi(a|s) A(s,a)], the critic V_w regresses
+by 1/2 (target - V_w(s))^2; the advantage is the n-step one of docs/math.md §2 (A^n = delta_t + ... + gamma^(n-1)
 delta_{t+n-1}) or GAE(gamma, lambda). One gradient step per short rollout of all environments (synchronous).
 """
 
@@ -21,7 +21,8 @@ from advantage.objectives.policy_gradient import (
 )
 from advantage.objectives.returns import gae, n_step_advantage
 from advantage.rl.common import RLConfig, Session, check_gamma, make_env, torch_generator, validate_common
-from advantage.rl.networks import FlatParameters, Policy, ValueFunction
+from advantage.rl.flat_parameters import FlatParameters
+from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param, require
 from advantage.run.session import Run
@@ -33,7 +34,7 @@ class A2CConfig(RLConfig):
 
     num_envs: int = param(8, "parallel environments")
     num_steps: int = param(5, "steps per environment per update (the n of the n-step advantage)")
-    advantage: Literal["n_step", "gae"] = param("n_step", "n-step advantage (seed 003) or GAE(gamma, lambda)")
+    advantage: Literal["n_step", "gae"] = param("n_step", "n-step advantage or GAE(gamma, lambda) (docs/math.md §2)")
     gamma: float = param(0.99, "discount gamma")
     gae_lambda: float = param(1.0, "GAE lambda (advantage=gae)")
     learning_rate: float = param(7e-4, "learning rate")
@@ -94,14 +95,14 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
         rollout = collector.collect(policy, critic, config.num_steps, step, finished)
         step += batch_size
 
-        # 2. Advantages: seed 003's n-step form (bootstrapped from V at the rollout's end), or GAE.
+        # 2. Advantages: the n-step form of docs/math.md §2 (bootstrapped from V at the rollout's end), or GAE.
         if config.advantage == "n_step":
             advantages = n_step_advantage(rollout.rewards, rollout.values, rollout.next_values, config.gamma,
                                           config.num_steps, rollout.terminated, rollout.truncated, rollout.valid)
         else:
             advantages = gae(rollout.rewards, rollout.values, rollout.next_values, config.gamma, config.gae_lambda,
                              rollout.terminated, rollout.truncated, rollout.valid)
-        targets = advantages + rollout.values  # the critic's regression target r + gamma V(s') ... (seed 004)
+        targets = advantages + rollout.values  # the critic's regression target r + gamma V(s') ... (docs/math.md §2)
         weights = normalize_advantages(advantages, rollout.valid) if config.normalize_advantage else advantages
 
         # 3. One step on actor and critic together: -E[A log pi] + c_v * 1/2 (target - V)^2 - c_e * H(pi).

@@ -1,4 +1,4 @@
-"""DQN (seed 000 mentions Q-learning): an epsilon-greedy behaviour policy fills a replay buffer; the Q-network
+"""DQN (Q-learning, docs/math.md §3 and §7): an epsilon-greedy behaviour policy fills a replay buffer; the Q-network
 regresses on Bellman targets r + gamma max_a' Q_target(s', a') computed with a periodically synchronised target
 network (or the double-DQN target). Discrete actions only.
 """
@@ -16,7 +16,8 @@ from torch import nn
 from advantage.errors import UsageError
 from advantage.objectives.q_learning import linear_schedule, q_learning_targets, td_loss
 from advantage.rl.common import RLConfig, Session, check_gamma, make_env, torch_generator, validate_common
-from advantage.rl.networks import FlatParameters, QNetwork
+from advantage.rl.flat_parameters import FlatParameters
+from advantage.rl.networks import QNetwork
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param, require
 from advantage.run.session import Run
@@ -176,7 +177,7 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 with torch.no_grad():
                     target_flat.flat.lerp_(online_flat.flat, config.tau)
 
-        # 2. Regress Q(s, a) on the Bellman targets (seed 003's Q = r + gamma V(s'), with V(s') = max Q).
+        # 2. Regress Q(s, a) on the Bellman targets (docs/math.md §3: Q = r + gamma V(s'), with V(s') = max Q).
         if step >= config.learning_starts and buffer.size >= config.batch_size:
             for _ in range(config.gradient_steps):
                 observations, actions, rewards, next_observations, terminated = buffer.sample(config.batch_size,

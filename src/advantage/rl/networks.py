@@ -92,7 +92,7 @@ class Policy(nn.Module):
         return gaussian_entropy(self.log_std).expand(params.shape[0])
 
     def kl(self, old_params: Tensor, params: Tensor, old_log_std: Tensor | None = None) -> Tensor:
-        """Exact KL(pi_old(.|s) || pi_theta(.|s)) per state, shape (B,) (seed 000's D_KL; PPO's penalty direction)."""
+        """Exact KL(pi_old(.|s) || pi_theta(.|s)) per state, shape (B,) (docs/math.md §4; PPO's penalty direction)."""
         if self.discrete:
             return categorical_kl(old_params, params)
         old_log_std = self.log_std.detach() if old_log_std is None else old_log_std
@@ -123,96 +123,3 @@ class QNetwork(nn.Module):
     def forward(self, observations: Tensor) -> Tensor:
         """Q(s, a) for every a: (B, obs_dim) -> (B, A)."""
         return self.body(observations)
-
-
-class FlatParameters:
-    """The parameters of several modules stored as views into one contiguous tensor, gradients likewise.
-
-    Small networks are trained with many tiny steps, where the per-tensor work of the optimiser, of
-    `clip_grad_norm_` and of `zero_grad` (one kernel per weight and bias, 13 tensors for an actor and a critic)
-    costs more than the arithmetic. With every parameter a view into `flat` and every gradient a view into
-    `flat.grad`, each of those is a single operation on one tensor. Backward still writes each module's gradient
-    (into its view, in place), and the modules, their state_dicts and checkpoints are unchanged.
-    The optimiser must be built on `[flat_parameters.flat]`, not on the modules' parameters.
-    """
-
-    def __init__(self, modules: list[nn.Module]):
-        parameters = [p for module in modules for p in module.parameters()]
-        total = sum(p.numel() for p in parameters)
-        self.flat = nn.Parameter(torch.empty(total, dtype=parameters[0].dtype))
-        self.flat.grad = torch.zeros_like(self.flat)
-        offset = 0
-        for p in parameters:
-            size = p.numel()
-            self.flat.data[offset:offset + size].copy_(p.data.reshape(-1))
-            p.data = self.flat.data[offset:offset + size].view_as(p)
-            # A gradient that already exists is accumulated in place by autograd, so backward fills the view.
-            p.grad = self.flat.grad[offset:offset + size].view_as(p)
-            offset += size
-        self.parameters = parameters
-
-    def zero_grad(self) -> None:
-        """Zero every gradient at once (never set them to None: the views must survive)."""
-        self.flat.grad.zero_()
-
-    def clip_grad_norm(self, max_norm: float) -> Tensor:
-        """Scale all gradients together so their global L2 norm is at most `max_norm` (<= 0: no clipping).
-
-        Same rule as torch.nn.utils.clip_grad_norm_: factor min(1, max_norm / (norm + 1e-6)). Returns the norm
-        before clipping.
-        """
-        norm = torch.linalg.vector_norm(self.flat.grad)
-        if max_norm > 0:
-            self.flat.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        return norm
-
-
-def _linear_layers(module: nn.Sequential) -> list[nn.Linear]:
-    return [m for m in module if isinstance(m, nn.Linear)]
-
-
-def fused_forward(policy: Policy, critic: ValueFunction | None):
-    """A fast inference function obs (B, obs_dim) -> (B, P + 1): the policy's outputs and V(s) in one pass.
-
-    Collection calls the networks once per vector step with a handful of rows, where PyTorch's per-module
-    overhead dominates (about 4x the arithmetic for two 64x64 MLPs). Concatenating the first layers and
-    block-diagonalising the others runs both networks as 3 matrix products instead of 6 module calls. Built from
-    the current weights (rebuild after every update); exact up to float summation order (tests compare it).
-    Without a critic the last column is 0.
-    """
-    actor_layers = _linear_layers(policy.body)
-    if critic is None:
-        weights = [layer.weight.detach().t().contiguous() for layer in actor_layers]
-        biases = [layer.bias.detach() for layer in actor_layers]
-        weights[-1] = torch.cat([weights[-1], torch.zeros(weights[-1].shape[0], 1)], dim=1)
-        biases[-1] = torch.cat([biases[-1], torch.zeros(1)])
-    else:
-        critic_layers = _linear_layers(critic.body)
-        if len(critic_layers) != len(actor_layers):
-            raise ValueError("fused_forward needs policy and critic of the same depth")
-        weights = [torch.cat([actor_layers[0].weight, critic_layers[0].weight]).detach().t().contiguous()]
-        biases = [torch.cat([actor_layers[0].bias, critic_layers[0].bias]).detach()]
-        for a, c in zip(actor_layers[1:], critic_layers[1:]):
-            weights.append(torch.block_diag(a.weight, c.weight).detach().t().contiguous())
-            biases.append(torch.cat([a.bias, c.bias]).detach())
-    activation = _activation(policy.body)
-    last = len(weights) - 1
-
-    def forward(observations: Tensor) -> Tensor:
-        hidden = observations
-        for index, (weight, bias) in enumerate(zip(weights, biases)):
-            hidden = torch.addmm(bias, hidden, weight)
-            if index < last:
-                hidden = activation(hidden)
-        return hidden
-
-    return forward
-
-
-def _activation(module: nn.Sequential):
-    for m in module:
-        if isinstance(m, nn.Tanh):
-            return torch.tanh
-        if isinstance(m, nn.ReLU):
-            return torch.relu
-    return lambda x: x

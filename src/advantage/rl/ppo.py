@@ -1,4 +1,4 @@
-"""PPO (seed 003, seed 004): collect with pi_old, estimate advantages by GAE, then several epochs of minibatch
+"""PPO (docs/math.md §3 and §7): collect with pi_old, estimate advantages by GAE, then several epochs of minibatch
 steps on the clipped surrogate L^CLIP, or on the KL-penalised surrogate with the adaptive beta of the 1.5x rule.
 
 Names: an *iteration* collects one *batch* of num_steps x num_envs transitions; the batch is split into
@@ -29,7 +29,8 @@ from advantage.objectives.ppo import (
 )
 from advantage.objectives.returns import gae
 from advantage.rl.common import RLConfig, Session, check_gamma, make_env, torch_generator, validate_common
-from advantage.rl.networks import FlatParameters, Policy, ValueFunction
+from advantage.rl.flat_parameters import FlatParameters
+from advantage.rl.networks import Policy, ValueFunction
 from advantage.rl.rollout import Collector, FinishedEpisode
 from advantage.run.config import param, require
 from advantage.run.session import Run
@@ -123,11 +124,11 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
             group["lr"] = lr
         clip = config.clip_range * (progress_left if config.anneal_clip else 1.0)
 
-        # 1. Collect a batch with pi_old (seed 003: trajectories sampled from the current policy).
+        # 1. Collect a batch with pi_old (docs/math.md §3: trajectories sampled from the current policy).
         rollout = collector.collect(policy, critic, config.num_steps, step, finished)
         step += batch_size
 
-        # 2. Advantages by GAE(gamma, lambda) and the lambda-returns the critic regresses on (seed 003, 004).
+        # 2. Advantages by GAE(gamma, lambda) and the lambda-returns the critic regresses on (docs/math.md §2).
         advantages, returns = gae(rollout.rewards, rollout.values, rollout.next_values, config.gamma,
                                   config.gae_lambda, rollout.terminated, rollout.truncated, rollout.valid,
                                   with_returns=True)
@@ -140,7 +141,7 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 old_params = policy(observations)
                 old_log_std = policy.log_std.detach().clone() if not space.discrete else None
 
-        # 3. Several epochs of minibatch steps on the surrogate (importance ratio to pi_old, seed 004).
+        # 3. Several epochs of minibatch steps on the surrogate (importance ratio to pi_old, docs/math.md §3).
         samples = observations.shape[0]
         minibatch_size = max(1, samples // config.num_minibatches)
         losses: list[Tensor] = []  # per minibatch: policy loss, value loss, gradient norm (stacked, one sync)
@@ -191,7 +192,7 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 stop_early = True
                 break
 
-        # 4. PPO-penalty: adapt beta between iterations by the 1.5x rule (seed 004).
+        # 4. PPO-penalty: adapt beta between iterations by the 1.5x rule (docs/math.md §3).
         with torch.no_grad():
             mean_kl = float(policy.kl(old_params, policy(observations), old_log_std).mean()) \
                 if config.variant == "kl_penalty" else None

@@ -1,9 +1,9 @@
-"""REINFORCE / vanilla policy gradient (seed 000, seed 003): sample whole episodes with pi_theta, weight every
+"""REINFORCE / vanilla policy gradient (docs/math.md §1 and §7): sample whole episodes with pi_theta, weight every
 log pi(a_t|s_t) by psi_t, step along (1/N) sum_n sum_t psi_t grad log pi(a_t|s_t).
 
-psi (seed 004's forms 1-3): the episode's total return, or the reward-to-go, optionally minus a baseline, the
-batch mean (seed 000's b ~ E[R(tau)]) or a learned V(s_t) (seed 003's B(s_t), which makes it actor-critic-like
-while staying Monte Carlo). One iteration = one episode in each of the `num_envs` environments.
+psi (forms 1-3 of the policy-gradient template, docs/math.md §1): the episode's total return, or the reward-to-go,
+optionally minus a baseline, the batch mean (the notes' b ~ E[R(tau)]) or a learned V(s_t) (their B(s_t), which makes it
+actor-critic-like while staying Monte Carlo). One iteration = one episode in each of the `num_envs` environments.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class ReinforceConfig(RLConfig):
 
     num_envs: int = param(8, "parallel environments = episodes per batch")
     psi: Literal["total_return", "reward_to_go"] = param("reward_to_go",
-                                                         "weight of grad log pi: seed 004's psi_1 or psi_2")
+                                                         "weight of grad log pi: psi_1 or psi_2 (docs/math.md §1)")
     baseline: Literal["none", "mean", "value"] = param("value", "subtract nothing, the batch mean, or a learned V(s_t)")
     gamma: float = param(0.99, "discount gamma")
     learning_rate: float = param(3e-3, "Adam learning rate of the policy")
@@ -88,7 +88,7 @@ def train(config: ReinforceConfig, run_dir: str | Path, resume: bool = False) ->
     last: dict = {}
 
     while step < config.total_steps:
-        # 1. A batch of whole episodes, one per environment, from a fresh reset (seed 000: tau ~ p_theta(tau)).
+        # 1. A batch of whole episodes, one per environment, from a fresh reset (docs/math.md §1: tau ~ p_theta(tau)).
         collector.reset(session.environment_seed(iteration))
         rollout = collector.collect(policy, critic, horizon, step, finished, one_episode_each=True)
         step += rollout.rewards.shape[0] * config.num_envs
@@ -98,7 +98,7 @@ def train(config: ReinforceConfig, run_dir: str | Path, resume: bool = False) ->
         terminated, truncated = rollout.terminated.T, rollout.truncated.T
         values = rollout.values.T if critic is not None else None
 
-        # 2. psi_t: total return or reward-to-go (seed 004 psi_1/psi_2), minus the baseline (psi_3).
+        # 2. psi_t: total return or reward-to-go (psi_1/psi_2, docs/math.md §1), minus the baseline (psi_3).
         weights = psi(config.psi, rewards, config.gamma, terminated=terminated, truncated=truncated,
                       next_values=rollout.next_values.T if critic is not None else None, mask=valid, dim=1)
         returns = psi("reward_to_go", rewards, config.gamma, terminated=terminated, truncated=truncated,

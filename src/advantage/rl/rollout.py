@@ -21,7 +21,8 @@ from torch import Tensor
 
 from advantage.objectives.masking import fill_padding
 from advantage.rl.envs import SpaceInfo
-from advantage.rl.networks import Policy, ValueFunction, fused_forward
+from advantage.rl.fused_forward import fused_forward
+from advantage.rl.networks import Policy, ValueFunction
 
 
 @dataclass

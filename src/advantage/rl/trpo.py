@@ -1,4 +1,4 @@
-"""TRPO (seed 004, seed 000): maximise the importance-sampled surrogate L^CPI subject to a mean-KL trust region,
+"""TRPO (docs/math.md §3 and §7): maximise the importance-sampled surrogate L^CPI subject to a mean-KL trust region,
 by a natural-gradient step (conjugate gradient on Fisher-vector products) and a backtracking line search that
 accepts only a step whose actual KL stays within delta and whose actual surrogate improves. The critic is fitted
 by regression on the lambda-returns.
@@ -109,7 +109,8 @@ def train(config: TRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
             old_params = policy(observations)
             old_log_std = None if space.discrete else policy.log_std.detach().clone()
 
-        # 2. Gradient g of L^CPI and the Fisher matrix as the Hessian of the mean KL, both at theta_old (seed 004).
+        # 2. Gradient g of L^CPI and the Fisher matrix as the Hessian of the mean KL, both at theta_old
+        #    (docs/math.md §3).
         params = policy(observations)
         surrogate = -cpi_loss(policy.log_prob(params, actions), old_log_probs, flat_advantages)
         gradient = flat_grad(surrogate, policy_parameters, retain_graph=True)
@@ -134,7 +135,7 @@ def train(config: TRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
                                           config.line_search_steps, config.line_search_shrink)
         vector_to_parameters(old_vector + search.fraction * full_step, policy_parameters)
 
-        # 4. Critic regression on the lambda-returns, 1/2 (G - V)^2 (seed 004's critic).
+        # 4. Critic regression on the lambda-returns, 1/2 (G - V)^2 (the critic of docs/math.md §2).
         samples = observations.shape[0]
         minibatch = max(1, samples // config.value_minibatches)
         for _ in range(config.value_epochs):

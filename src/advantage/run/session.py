@@ -126,7 +126,7 @@ class RunSession:
 
         Raises NonFiniteLossError after `max_nonfinite` consecutive ones; the last checkpoint stays intact.
         """
-        if math.isfinite(float(loss)):
+        if math.isfinite(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)):
             self.consecutive_nonfinite = 0
             return True
         self.consecutive_nonfinite += 1

@@ -152,7 +152,7 @@ class ArithmeticTask:
 
     def preference_rows(self, n: int, seed: int) -> list[dict[str, str]]:
         """n rows {"prompt", "chosen" (right), "rejected" (a plausible wrong answer)}: Bradley-Terry pairs
-        (seed 004)."""
+        (docs/math.md §5)."""
         return [self._preference_row(prompt, seed) for prompt in self.prompts(n, seed)]
 
     def preference_rows_for(self, prompts: Sequence[str], pairs_per_prompt: int) -> list[dict[str, str]]:
@@ -163,7 +163,7 @@ class ArithmeticTask:
 
     def ranking_rows(self, n: int, k: int, seed: int) -> list[dict[str, object]]:
         """n rows {"prompt", "responses": k distinct answers, best first}: the right answer, then wrong ones by
-        increasing absolute error. For K-wise comparisons (seed 000) and Plackett-Luce (seed 004)."""
+        increasing absolute error. For K-wise comparisons and Plackett-Luce (docs/math.md §5)."""
         return [self._ranking_row(prompt, k, seed) for prompt in self.prompts(n, seed)]
 
     def write_task_files(self, directory: str | os.PathLike, n_train: int = 1000, n_eval: int = 100,

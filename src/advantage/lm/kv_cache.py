@@ -1,0 +1,117 @@
+"""A key-value cache whose layers write into preallocated buffers: speed machinery of `generation.generate`.
+
+transformers' `DynamicLayer` concatenates every decoding step's keys and values to all the earlier ones, copying the
+whole cache at each step (quadratic in the length, and most of the time of a small model's decode step on a CPU).
+The layers here copy only the step's own keys into buffers sized for the longest sequence, and keep the interface
+`DynamicCache` promises, so the model's forward pass does not know the difference. `generate` is its one caller.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor, nn
+
+
+@functools.cache
+def _preallocated_layer_class():
+    """`PreallocatedLayer`, defined on first use so that importing this module does not import transformers."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A `DynamicLayer` that writes new keys and values into buffers with room for `capacity` positions.
+
+        transformers' `DynamicLayer` concatenates every step's keys to all the earlier ones, copying the whole cache
+        at each step (quadratic in the length; most of the time of a small model's decode step). Here a step copies
+        only its own keys; `keys` and `values` stay what `DynamicLayer` promises, the (batch, heads, length, dim)
+        states seen so far, as views of the buffers. A buffer that fills up is doubled (not expected: `generate`
+        sizes it for the longest sequence).
+        """
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+
+        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self.key_buffer = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[3])
+            self.value_buffer = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[3])
+            self._expose(0)
+
+        def _expose(self, length: int) -> None:
+            self.keys = self.key_buffer[:, :, :length]
+            self.values = self.value_buffer[:, :, :length]
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start = self.keys.shape[2]
+            end = start + key_states.shape[2]
+            if end > self.key_buffer.shape[2]:
+                room = max(end, 2 * self.key_buffer.shape[2]) - self.key_buffer.shape[2]
+                self.key_buffer = torch.cat([self.key_buffer, self.key_buffer.new_empty(
+                    *self.key_buffer.shape[:2], room, self.key_buffer.shape[3])], dim=2)
+                self.value_buffer = torch.cat([self.value_buffer, self.value_buffer.new_empty(
+                    *self.value_buffer.shape[:2], room, self.value_buffer.shape[3])], dim=2)
+            self.key_buffer[:, :, start:end] = key_states
+            self.value_buffer[:, :, start:end] = value_states
+            self._expose(end)
+            return self.keys, self.values
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+            if self.is_initialized and tokens_to_remove < 0:
+                self._expose(max(0, self.keys.shape[2] + tokens_to_remove))
+
+        def _select_rows(self, index: Tensor) -> None:
+            if self.is_initialized:  # copies the filled positions only
+                index = index.to(self.key_buffer.device)
+                self.key_buffer = self._selected(self.key_buffer, self.keys, index)
+                self.value_buffer = self._selected(self.value_buffer, self.values, index)
+                self._expose(self.keys.shape[2])
+
+        @staticmethod
+        def _selected(buffer: Tensor, filled: Tensor, index: Tensor) -> Tensor:
+            selected = buffer.new_empty(len(index), *buffer.shape[1:])
+            selected[:, :, :filled.shape[2]] = filled.index_select(0, index)
+            return selected
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                rows = torch.arange(self.key_buffer.shape[0], device=self.key_buffer.device)
+                self._select_rows(rows.repeat_interleave(repeats))
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            if self.is_initialized:
+                rows = torch.arange(self.key_buffer.shape[0], device=self.key_buffer.device)
+                self._select_rows(rows[indices.to(rows.device) if isinstance(indices, Tensor) else indices])
+
+        def reorder_cache(self, beam_idx: Tensor) -> None:
+            self._select_rows(beam_idx)
+
+        def reset(self) -> None:
+            super().reset()
+            self.key_buffer = self.value_buffer = None
+
+    return PreallocatedLayer
+
+
+def key_value_cache(model: nn.Module, capacity: int):
+    """A `transformers.DynamicCache` for `model` whose layers have room for `capacity` positions (no re-copying).
+
+    Falls back to the model's ordinary `DynamicCache` when some layer is not a plain full-attention `DynamicLayer`
+    (sliding-window or linear-attention layers keep their own bookkeeping).
+    """
+    from transformers import DynamicCache
+
+    try:
+        from transformers.cache_utils import DynamicLayer
+        cache = DynamicCache(config=model.config)
+    except (ImportError, TypeError):  # transformers before per-layer caches: its plain cache, copying at each step
+        return DynamicCache()
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        layer_class = _preallocated_layer_class()
+        cache.layers = [layer_class(capacity) for _ in cache.layers]
+    return cache
