@@ -116,10 +116,7 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
         loss = policy_loss - config.ent_coef * entropy + config.vf_coef * critic_loss
         grad_norm = float("nan")
         if session.finite(loss):
-            flat.zero_grad()
-            loss.backward()
-            grad_norm = float(flat.clip_grad_norm(config.max_grad_norm))
-            optimizer.step()
+            grad_norm = float(flat.descend(loss, optimizer, config.max_grad_norm))
 
         # 4. Log and checkpoint.
         recent = session.record_episodes(finished)

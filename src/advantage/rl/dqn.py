@@ -190,10 +190,7 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 loss = td_loss(q_taken, targets, config.loss)
                 if not session.finite(loss):
                     continue
-                online_flat.zero_grad()
-                loss.backward()
-                online_flat.clip_grad_norm(config.max_grad_norm)
-                optimizer.step()
+                online_flat.descend(loss, optimizer, config.max_grad_norm)
                 gradient_updates += 1
                 losses.append(float(loss.detach()))
                 q_means.append(float(q_taken.detach().mean()))

@@ -52,3 +52,12 @@ class FlatParameters:
         if max_norm > 0:
             self.flat.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return norm
+
+    def descend(self, loss: Tensor, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
+        """One gradient step on `loss`: zero the gradients, backpropagate, clip their global norm to `max_norm`
+        (<= 0: no clipping) and step `optimizer` (built on `[self.flat]`). Returns the norm before clipping."""
+        self.zero_grad()
+        loss.backward()
+        norm = self.clip_grad_norm(max_norm)
+        optimizer.step()
+        return norm

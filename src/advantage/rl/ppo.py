@@ -179,10 +179,7 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
                     loss = loss - config.ent_coef * policy.entropy(params).mean()
                 if not session.finite(loss):
                     continue
-                flat.zero_grad()
-                loss.backward()
-                grad_norm = flat.clip_grad_norm(config.max_grad_norm)
-                optimizer.step()
+                grad_norm = flat.descend(loss, optimizer, config.max_grad_norm)
                 seen_log_probs[index] = log_probs.detach()
                 seen_advantages[index] = minibatch_advantages
                 losses.append(torch.stack([policy_loss.detach(), critic_loss.detach(), grad_norm]))
