@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from advantage.run.config import param, require
+from advantage.run.processes import DEVICES_HELP
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -86,6 +87,7 @@ class LMConfig:
     checkpoint_every: int = param(0, "optimizer steps between checkpoints; 0 = about every 10% of the run")
     keep_checkpoints: int = param(2, "how many of the newest checkpoints to keep")
     max_nonfinite: int = param(5, "stop after this many consecutive steps with a non-finite loss")
+    device: str = param("auto", f"where the models and batches live: {DEVICES_HELP}")
     threads: int = param(0, "torch threads; 0 leaves torch's default")
     tensorboard: bool = param(True, "also write TensorBoard event files")
     progress: bool = param(True, "show progress (a live bar on a terminal, periodic lines otherwise)")

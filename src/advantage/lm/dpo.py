@@ -51,7 +51,7 @@ from advantage.lm.config import mixed_precision
 from advantage.lm.data_order import DataOrder, total_steps
 from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
 from advantage.lm.logprobs import answer_sequence_log_probs
-from advantage.lm.models import evaluation_mode
+from advantage.lm.models import evaluation_mode, model_device
 from advantage.lm.offline import BatchGradient, train_offline
 from advantage.lm.preferences import (
     PairwiseTally,
@@ -70,7 +70,7 @@ from advantage.lm.schedule import make_optimizer
 from advantage.lm.session import LMSession
 from advantage.objectives.preference import dpo_loss, plackett_luce_dpo_loss
 from advantage.run.config import param, require
-from advantage.run.processes import Processes
+from advantage.run.processes import Processes, to_device
 from advantage.run.session import Run
 
 
@@ -122,7 +122,8 @@ def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], bat
     share = examples[rank::world_size]
     width = max(len(example.completion_ids) for example in examples)
     with evaluation_mode(model):
-        chunks = [ranking_log_probs(model, collate_rankings(share[start:start + batch_size], pad))
+        chunks = [ranking_log_probs(model, to_device(collate_rankings(share[start:start + batch_size], pad),
+                                                    model_device(model)))
                   for start in range(0, len(share), batch_size)]
     local = torch.cat([F.pad(chunk, (0, width - chunk.shape[1])) for chunk in chunks]) if chunks \
         else torch.zeros((0, width))
@@ -169,7 +170,7 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
     loss_total, tally, real_tokens = 0.0, PairwiseTally(), 0
     for start in range(0, len(examples), size):
         micro = examples[start:start + size]
-        batch = collate_rankings(micro, pad)  # b prompts, b * K answers
+        batch = to_device(collate_rankings(micro, pad), model_device(model))  # b prompts, b * K answers
         policy = ranking_log_probs(model, batch)  # (b, K): log pi_theta(y_k | x)
         value, rewards = preference_loss(policy, reference[start:start + size], batch.mask, loss, beta)
         # This micro-batch's share of the batch mean: every pair weighs 1 / B, whichever micro-batch (and process)
@@ -193,7 +194,7 @@ def evaluate(model: nn.Module, examples: Sequence[RankedExample], reference: Ten
         loss_total, implicit, own = 0.0, PairwiseTally(), PairwiseTally()
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
-            batch = collate_rankings(chunk, pad)
+            batch = to_device(collate_rankings(chunk, pad), model_device(model))
             policy = ranking_log_probs(model, batch)  # (b, K)
             value, rewards = preference_loss(policy, reference[start:start + batch_size], batch.mask, loss, beta)
             loss_total += float(value) * len(chunk) / len(examples)
@@ -221,7 +222,7 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     # 1. Data: rankings best first (a pair is a ranking of two), each answer ending with one end token.
     kind = data_kind(config, config.loss == "plackett_luce")
     train_rows, eval_rows = load_preference_rows(config, session.run_dir, kind)
-    model, tokenizer = load_policy(config)
+    model, tokenizer = load_policy(config, session.processes.device)
     pad, length, ends = pad_id(tokenizer), max_length(config, model), end_ids(tokenizer, model)
     train_examples = tokenize_rankings(train_rows, kind, tokenizer, length, "training", ends)
     eval_examples = tokenize_rankings(eval_rows, kind, tokenizer, length, "evaluation", ends) if eval_rows else []
@@ -254,7 +255,8 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     if state is not None:
         if "reference_log_probs" not in state:
             raise UsageError(f"{session.checkpoint_path}: no reference log-probabilities in this checkpoint")
-        reference, eval_reference = state["reference_log_probs"], state["eval_reference_log_probs"]
+        reference, eval_reference = (processes.put(state[key]) for key in ("reference_log_probs",
+                                                                           "eval_reference_log_probs"))
 
     def held_out() -> dict[str, float]:
         with mixed_precision(config):

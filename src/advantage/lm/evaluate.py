@@ -28,6 +28,7 @@ from advantage.errors import UsageError
 from advantage.lm.config import mixed_precision
 from advantage.lm.generation import greedy_decode
 from advantage.lm.loading import end_ids, load_policy, max_length, pad_id
+from advantage.lm.models import model_device
 from advantage.lm.online import OnlineConfig, Scorer, load_prompts, validate_online
 from advantage.lm.session import STAGES
 from advantage.run.config import apply_overrides, load_yaml_mapping
@@ -83,7 +84,7 @@ def evaluate_model(config: OnlineConfig, shown: int = 3) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:  # a built-in task's files, read once
         training, held_out = load_prompts(config, Path(scratch), tokenizer, max_length(config, model))
     prompts = (held_out if config.task != "none" else training)[:config.eval_max_prompts or None]
-    scorer = Scorer(config, tokenizer, ends)
+    scorer = Scorer(config, tokenizer, ends, model_device(model))
     with mixed_precision(config):
         generated = greedy_decode(model, [prompt.ids for prompt in prompts], max_new_tokens=config.max_new_tokens,
                                   eos_id=ends, pad_id=pad)

@@ -171,7 +171,9 @@ def sample_tokens(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, t
     else:
         cumulative = log_probs.exp().cumsum(dim=-1)  # (N, V), non-decreasing; flat over filtered tokens
         total = cumulative[:, -1:]  # (N, 1), 1 up to rounding
-        uniform = torch.rand((len(logits), 1), generator=generator, device=logits.device)  # (N, 1)
+        # Drawn where the generator lives (a CPU generator draws the same numbers whatever the model's device).
+        uniform = torch.rand((len(logits), 1), generator=generator,
+                             device=generator.device if generator is not None else logits.device).to(logits.device)
         # The first token whose cumulative sum exceeds u * total has a positive probability; the threshold stays
         # below the total, so one always exists (u * total can round up to the total itself).
         threshold = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))

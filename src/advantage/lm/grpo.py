@@ -152,8 +152,8 @@ def collect(models: OnlineModels, prompts: list[PromptExample], config: GRPOConf
     batches, olds, references = [], [], []
     with mixed_precision(config):
         for start in range(0, len(prompts), size):
-            batch = collate_shared_prompt([prompt.ids for prompt in prompts[start:start + size]],
-                                          groups[start:start + size], models.pad)
+            batch = processes.put(collate_shared_prompt([prompt.ids for prompt in prompts[start:start + size]],
+                                                        groups[start:start + size], models.pad))
             batches.append(batch)
             olds.append(models.policy_log_probs(batch, config.temperature) if config.num_iterations > 1 else None)
             references.append(models.reference_log_probs(batch, config.temperature) if config.beta > 0 else None)
@@ -242,7 +242,8 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
 
     # The data (prompts), the policy, the reward, and the reference (a frozen copy of the start, or the base model
     # with the adapters disabled under LoRA; none with beta = 0).
-    models, tokenizer, _, train_prompts, eval_prompts = load_online(config, session.run_dir, config.beta > 0)
+    models, tokenizer, _, train_prompts, eval_prompts = load_online(config, session.run_dir, config.beta > 0,
+                                                                    processes.device)
     if config.lora_r:
         models.policy = add_lora(models.policy, config)
     model = models.policy.train()

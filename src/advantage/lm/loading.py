@@ -3,6 +3,7 @@ wrapped in LoRA adapters, with its end tokens, pad token and context length."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -11,10 +12,12 @@ from advantage.errors import UsageError
 from advantage.lm.config import BUILTIN_PREFIX, LMConfig
 from advantage.lm.models import quiet_transformers
 from advantage.run.config import require
+from advantage.run.processes import resolve_device
 
 
-def load_policy(config: LMConfig):
-    """The model to train and its tokenizer, as `config.model` names them, in `config.dtype`, in train mode.
+def load_policy(config: LMConfig, device: torch.device | None = None):
+    """The model to train and its tokenizer, as `config.model` names them, in `config.dtype`, in train mode, on
+    `device` (default: the one `config.device` names for this process, `run.processes.resolve_device`).
 
     "builtin:SIZE[-ARCH]" builds a model with random weights from `config.seed` and the character tokenizer;
     anything else is a local Hugging Face directory loaded offline.
@@ -43,7 +46,9 @@ def load_policy(config: LMConfig):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train(), tokenizer
+    if device is None:
+        device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    return model.to(device).train(), tokenizer
 
 
 def pad_id(tokenizer) -> int:

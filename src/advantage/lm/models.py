@@ -381,3 +381,8 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of `model`'s parameters: where its batches go."""
+    return next(model.parameters()).device

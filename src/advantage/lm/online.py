@@ -31,6 +31,7 @@ from advantage.lm.models import evaluation_mode
 from advantage.lm.rewards import RewardFunction, combined_rewards, reward_functions
 from advantage.lm.tokenizer import strip_end_tokens
 from advantage.run.config import param, require
+from advantage.run.processes import to_device
 
 BUILTIN_TASK_REWARD = "advantage.lm.tasks.arithmetic:reward"
 BUILTIN_CHAT_TASK_REWARD = "advantage.lm.tasks.arithmetic:answer_is_last_number"
@@ -145,11 +146,14 @@ class Scorer:
         config: the stage's config (reward_model or reward_functions, task).
         tokenizer: decodes the completions for the reward functions.
         end_ids: the ids that end a completion (`tokenizer.end_token_ids`), left out of the decoded text.
+        device: where the reward model runs and the rewards are returned.
     """
 
-    def __init__(self, config: OnlineConfig, tokenizer, end_ids: Sequence[int]):
+    def __init__(self, config: OnlineConfig, tokenizer, end_ids: Sequence[int],
+                 device: torch.device = torch.device("cpu")):
         self.tokenizer = tokenizer
         self.end_ids = tuple(end_ids)
+        self.device = device
         self.model = None
         self.functions: list[RewardFunction] = []
         self.monitor: list[RewardFunction] = []
@@ -158,7 +162,7 @@ class Scorer:
 
             if not Path(config.reward_model).is_dir():
                 raise UsageError(f"field 'reward_model': no directory '{config.reward_model}'")
-            self.model = ScalarHeadModel.from_pretrained(config.reward_model)
+            self.model = ScalarHeadModel.from_pretrained(config.reward_model).to(device)
         else:
             self.functions = reward_functions(config.reward_functions or task_reward(config), config.reward_weights)
         if config.task != "none" and (config.reward_model or config.reward_functions):
@@ -188,13 +192,14 @@ class Scorer:
             with torch.no_grad():
                 batch = collate_shared_prompt(generated.prompts, groups_of(generated.completions, group),
                                               pad_id(self.tokenizer))
-                return self.model.score_answers(batch).float(), logs
+                return self.model.score_answers(to_device(batch, self.device)).float(), logs
         completions = [[{"role": "assistant", "content": text}] for text in texts] \
             if repeated and repeated[0].conversational else texts
         columns["completion_ids"] = [list(completion) for completion in generated.completions]
         total, each = combined_rewards(self.functions, [prompt.prompt if prompt.prompt is not None else prompt.text
                                                         for prompt in repeated], completions, **columns)
-        return total, {**logs, **{f"rewards/{name}": float(values.mean()) for name, values in each.items()}}
+        return total.to(self.device), {**logs, **{f"rewards/{name}": float(values.mean())
+                                                  for name, values in each.items()}}
 
 
 def groups_of(completions: Sequence[list[int]], group: int) -> list[list[list[int]]]:
@@ -245,19 +250,18 @@ class OnlineModels:
             return self.policy_log_probs(batch, temperature)
 
 
-def load_online(config: OnlineConfig, run_dir: Path, needs_reference: bool) -> tuple[OnlineModels, Any, int,
-                                                                                 list[PromptExample],
-                                                                                 list[PromptExample]]:
-    """Everything an online stage starts from, before any adapter is added: (the models, the tokenizer, the longest
-    sequence, the training prompts, the held-out prompts).
+def load_online(config: OnlineConfig, run_dir: Path, needs_reference: bool,
+                device: torch.device) -> tuple[OnlineModels, Any, int, list[PromptExample], list[PromptExample]]:
+    """Everything an online stage starts from, on `device`, before any adapter is added: (the models, the
+    tokenizer, the longest sequence, the training prompts, the held-out prompts).
 
     The reference is a frozen copy of the starting policy when `needs_reference`, except under LoRA, where the
     policy with its adapters switched off is the reference and no copy is kept; a reward model is frozen.
     """
-    model, tokenizer = load_policy(config)
+    model, tokenizer = load_policy(config, device)
     pad, ends, length = pad_id(tokenizer), end_ids(tokenizer, model), max_length(config, model)
     train_prompts, eval_prompts = load_prompts(config, run_dir, tokenizer, length)
-    scorer = Scorer(config, tokenizer, ends)
+    scorer = Scorer(config, tokenizer, ends, device)
     if scorer.model is not None:
         scorer.model.requires_grad_(False)
     reference = None

@@ -30,6 +30,7 @@ from advantage.lm.config import mixed_precision
 from advantage.lm.data import write_jsonl
 from advantage.lm.generation import generate
 from advantage.lm.loading import end_ids, load_policy, max_length, pad_id
+from advantage.lm.models import model_device
 from advantage.lm.online import OnlineConfig, PromptExample, Scorer, load_prompts, validate_online
 from advantage.run.config import param, require
 from advantage.run.seeding import derive_seed
@@ -81,7 +82,7 @@ def sample_pairs(config: PairsConfig) -> dict[str, float]:
     prompts = (eval_prompts if config.split == "eval" else train_prompts)[:config.max_prompts or None]
     if not prompts:
         raise UsageError("field 'split': no eval prompts (give --eval-data, or use --task)")
-    scorer = Scorer(config, tokenizer, ends)
+    scorer = Scorer(config, tokenizer, ends, model_device(model))
     rows, rewards, best = [], [], []
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start:start + config.batch_size]

@@ -51,7 +51,7 @@ from torch import Tensor
 from advantage.lm.config import mixed_precision
 from advantage.lm.data_order import DataOrder, total_steps
 from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
-from advantage.lm.models import ScalarHeadModel, evaluation_mode
+from advantage.lm.models import ScalarHeadModel, evaluation_mode, model_device
 from advantage.lm.offline import BatchGradient, train_offline
 from advantage.lm.preferences import (
     LISTWISE,
@@ -71,6 +71,7 @@ from advantage.lm.schedule import make_optimizer
 from advantage.lm.session import LMSession
 from advantage.objectives.preference import bradley_terry_loss, kwise_pairwise_loss, plackett_luce_loss
 from advantage.run.config import param, require
+from advantage.run.processes import to_device
 from advantage.run.session import Run
 
 
@@ -138,7 +139,7 @@ def accumulate_gradients(model: ScalarHeadModel, examples: Sequence[RankedExampl
     loss_total, tally, real_tokens = 0.0, PairwiseTally(), 0
     for start in range(0, len(examples), size):
         micro = examples[start:start + size]
-        batch = collate_rankings(micro, pad)  # b prompts, b * K answers
+        batch = to_device(collate_rankings(micro, pad), model_device(model))  # b prompts, b * K answers
         rewards = ranking_rewards(model, batch)  # (b, K)
         # This micro-batch's share of the batch mean: every ranking weighs 1 / B, whichever micro-batch (and process)
         # holds it.
@@ -158,7 +159,7 @@ def evaluate(model: ScalarHeadModel, examples: Sequence[RankedExample], batch_si
         loss_total, tally = 0.0, PairwiseTally()
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
-            batch = collate_rankings(chunk, pad)
+            batch = to_device(collate_rankings(chunk, pad), model_device(model))
             rewards = ranking_rewards(model, batch)
             loss_total += float(ranking_loss(rewards, batch.mask, loss)) * len(chunk) / len(examples)
             tally.add(rewards, batch.mask)
@@ -182,7 +183,7 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> Ru
     # 1. Data: rankings best first (a pair is a ranking of two), each answer ending with one end token.
     kind = data_kind(config, config.loss in LISTWISE)
     train_rows, eval_rows = load_preference_rows(config, session.run_dir, kind)
-    policy, tokenizer = load_policy(config)
+    policy, tokenizer = load_policy(config, session.processes.device)
     pad, length, ends = pad_id(tokenizer), max_length(config, policy), end_ids(tokenizer, policy)
     train_examples = tokenize_rankings(train_rows, kind, tokenizer, length, "training", ends)
     eval_examples = tokenize_rankings(eval_rows, kind, tokenizer, length, "evaluation", ends) if eval_rows else []

@@ -168,7 +168,8 @@ class Rollout:
 
     def rows_of(self, prompts: list[int], per_prompt: int) -> Tensor:
         """The answer rows of the given prompts (row b * K + k is answer k of prompt b)."""
-        return torch.tensor([b * per_prompt + k for b in prompts for k in range(per_prompt)], dtype=torch.long)
+        return torch.tensor([b * per_prompt + k for b in prompts for k in range(per_prompt)], dtype=torch.long,
+                            device=self.mask.device)
 
 
 def collect(models: RLHFModels, prompts: list[PromptExample], config: RLHFConfig, generator: torch.Generator,
@@ -185,7 +186,7 @@ def collect(models: RLHFModels, prompts: list[PromptExample], config: RLHFConfig
     scores, reward_logs = models.scorer(prompts, generated)
     groups = groups_of(generated.completions, config.samples_per_prompt)
     prompt_ids = [prompt.ids for prompt in prompts]
-    batch = collate_shared_prompt(prompt_ids, groups, models.pad)
+    batch = processes.put(collate_shared_prompt(prompt_ids, groups, models.pad))
     mask = batch.answer_mask
     with mixed_precision(config):
         old_log_probs = models.policy_log_probs(batch, config.temperature)
@@ -233,8 +234,8 @@ def ppo_step(models: RLHFModels, rollout: Rollout, prompts: list[int], pretraini
     """
     model, value_model = models.policy, models.value_model
     rows = rollout.rows_of(prompts, config.samples_per_prompt)
-    batch = collate_shared_prompt([rollout.prompt_ids[b] for b in prompts],
-                                  [rollout.groups[b] for b in prompts], models.pad)
+    batch = processes.put(collate_shared_prompt([rollout.prompt_ids[b] for b in prompts],
+                                                [rollout.groups[b] for b in prompts], models.pad))
     mask = batch.answer_mask
     width = mask.shape[1]
 
@@ -302,7 +303,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> Run:
 
     # The policy and its frozen reference (the SFT model: a copy, or the base model with LoRA's adapters off), the
     # reward (a frozen reward model or functions) and the value model (from the reward model, else the policy).
-    models, tokenizer, ptx_examples, train_prompts, eval_prompts = _load(config, session.run_dir)
+    models, tokenizer, ptx_examples, train_prompts, eval_prompts = _load(config, session.run_dir, processes.device)
     model, value_model = models.policy, models.value_model
     # What the value optimizer steps: the whole separate model, or only the head on the shared body (whose
     # gradients, the value loss's included, the policy's optimizer steps).
@@ -356,8 +357,8 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> Run:
             trained = time.perf_counter()
             learning_rate = set_learning_rate(optimizer, config, step, steps)
             with mixed_precision(config):
-                pretraining = cycled_batch(ptx_examples, step, config.ptx_batch_size, models.pad) if ptx_examples \
-                    else None
+                pretraining = processes.put(cycled_batch(ptx_examples, step, config.ptx_batch_size, models.pad)) \
+                    if ptx_examples else None
                 figures = ppo_step(models, rollout, minibatch, pretraining, config, processes)
             loss = figures["losses/policy"] + figures["losses/ptx"]
             if window.optimizer_step(session, optimizer, loss, max_norm):  # both skip a non-finite step
@@ -391,10 +392,10 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> Run:
     return Run(session.run_dir, "rlhf", config, last, step, model, tokenizer)
 
 
-def _load(config: RLHFConfig, run_dir: Path) -> tuple[RLHFModels, object, list, list, list]:
+def _load(config: RLHFConfig, run_dir: Path, device: torch.device) -> tuple[RLHFModels, object, list, list, list]:
     """The models (the policy in training mode, with its adapters under LoRA), the tokenizer, the pretraining
     examples of PPO-ptx, and the training and held-out prompts."""
-    loaded, tokenizer, length, train_prompts, eval_prompts = load_online(config, run_dir, needs_reference=True)
+    loaded, tokenizer, length, train_prompts, eval_prompts = load_online(config, run_dir, True, device)
     model, scorer = loaded.policy, loaded.scorer
     ptx_examples = []
     if config.ptx_coef > 0:

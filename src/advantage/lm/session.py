@@ -161,6 +161,8 @@ class LMSession(RunSession):
             self.restore_common(state)
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"])
+            if "cuda_rng" in state and self.processes.device.type == "cuda":  # dropout on a GPU draws from it
+                torch.cuda.set_rng_state(state["cuda_rng"], self.processes.device)
         self.open_writers(steps, f"{self.stage} {self.config.model}", episodes=False, resumed=self.resume)
         return state
 
@@ -180,6 +182,8 @@ class LMSession(RunSession):
         self.metrics.flush()
         state = {**self.common_state(step), "optimizer": self._optimizer.state_dict(),
                  "torch_rng": torch.get_rng_state(),
+                 **({"cuda_rng": torch.cuda.get_rng_state(self.processes.device)}
+                    if self.processes.device.type == "cuda" else {}),
                  "data_fingerprint": self._fingerprint, **(extra or {})}
         save_checkpoint(self.run_dir, step, {"model": self._trainable}, state, keep=self.config.keep_checkpoints)
 
@@ -212,7 +216,7 @@ class LMSession(RunSession):
                 elif hasattr(model, "peft_config"):
                     base = self.config.model
                     if base.startswith(BUILTIN_PREFIX) or is_gguf(base):  # the adapter's base must be a directory
-                        base_model = load_policy(self.config)[0]
+                        base_model = load_policy(self.config, torch.device("cpu"))[0]
                         base = str(save_pretrained(base_model, tokenizer, self.run_dir / "base_model").absolute())
                     else:
                         base = str(Path(base).absolute())

@@ -55,14 +55,14 @@ from advantage.lm.examples import (
 from advantage.lm.generation import greedy_decode
 from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
 from advantage.lm.logprobs import masked_log_probs
-from advantage.lm.models import evaluation_mode
+from advantage.lm.models import evaluation_mode, model_device
 from advantage.lm.offline import BatchGradient, train_offline
 from advantage.lm.schedule import make_optimizer
 from advantage.lm.session import LMSession
 from advantage.lm.tokenizer import end_token_ids, strip_end_tokens
 from advantage.objectives.masking import aggregate
 from advantage.run.config import param, require
-from advantage.run.processes import Processes
+from advantage.run.processes import Processes, to_device
 from advantage.run.session import Run
 
 
@@ -129,8 +129,8 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[SFTExample], micro
     loss_total, real_tokens = 0.0, 0
     for start in range(0, len(examples), size):
         micro = examples[start:start + size]
-        batch = pack_examples(micro, pack_length, pad, _embedding_dtype(model)) if pack_length \
-            else collate_examples(micro, pad)  # collate
+        batch = to_device(pack_examples(micro, pack_length, pad, _embedding_dtype(model)) if pack_length
+                          else collate_examples(micro, pad), model_device(model))
         loss = completion_nll(model, batch, num_tokens)  # this micro-batch's share of L
         loss.backward()  # accumulate: .grad sums the shares into the gradient of L
         loss_total += float(loss.detach())
@@ -151,7 +151,8 @@ def evaluate(model: nn.Module, tokenizer, examples: Sequence[SFTExample], batch_
     """
     with evaluation_mode(model):
         num_tokens = completion_tokens(examples)
-        nll = sum(float(completion_nll(model, collate_examples(examples[start:start + batch_size], pad), num_tokens))
+        nll = sum(float(completion_nll(model, to_device(collate_examples(examples[start:start + batch_size], pad),
+                                                        model_device(model)), num_tokens))
                   for start in range(0, len(examples), batch_size))
         ends = tuple(end_ids) if end_ids else end_token_ids(tokenizer)
         budget = max_new_tokens or max(len(example.completion_ids) for example in examples)
@@ -198,7 +199,7 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> Run:
     train_path, eval_path = _data_paths(config, session.run_dir)
     train_rows = load_rows(train_path, "sft")  # malformed data stops the run here, before the model loads
     eval_rows = load_rows(eval_path, "sft") if eval_path else []
-    model, tokenizer = load_policy(config)
+    model, tokenizer = load_policy(config, session.processes.device)
     pad, length, ends = pad_id(tokenizer), max_length(config, model), end_ids(tokenizer, model)
     train_examples = _examples(train_rows, tokenizer, length, "training", ends)
     eval_examples = _examples(eval_rows, tokenizer, length, "evaluation", ends) if eval_rows else []

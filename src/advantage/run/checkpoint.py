@@ -96,7 +96,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, modules: dict[str, to
     final = root / f"step_{step:012d}"
     temporary = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        tensors = {f"{name}.{key}": value.detach().contiguous().clone()
+        # On the CPU, so that a checkpoint written on a GPU loads anywhere.
+        tensors = {f"{name}.{key}": value.detach().to("cpu", copy=True).contiguous()
                    for name, module in modules.items() for key, value in module.state_dict().items()}
         save_file(tensors, str(temporary / "model.safetensors"))
         with (temporary / "state.pt").open("wb") as stream:
@@ -130,7 +131,8 @@ def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module]
     path = Path(path)
     try:
         tensors = load_file(str(path / "model.safetensors"))
-        state = torch.load(path / "state.pt", weights_only=True)
+        # Tensors saved on a GPU come back on the CPU; load_state_dict puts them where the parameters are.
+        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     except (OSError, RuntimeError) as error:
         raise UsageError(f"{path}: unreadable checkpoint ({error})") from None
     for name, module in modules.items():
@@ -144,7 +146,7 @@ def save_weights(directory: str | os.PathLike, modules: dict[str, torch.nn.Modul
     """Write modules' weights to DIRECTORY/model.safetensors atomically (the `final/` policy)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{name}.{key}": value.detach().contiguous().clone()
+    tensors = {f"{name}.{key}": value.detach().to("cpu", copy=True).contiguous()
                for name, module in modules.items() for key, value in module.state_dict().items()}
     with atomic_path(directory / "model.safetensors") as temporary:
         save_file(tensors, temporary, metadata=metadata)

@@ -1,17 +1,60 @@
-"""The processes training together, or just this one: the one place torch.distributed is touched.
+"""The processes training together, or just this one, and the device each computes on: the one place
+torch.distributed is touched and the device is decided.
 
-A command launched by torchrun (or `accelerate launch`) finds WORLD_SIZE, RANK and the rendezvous address in its
-environment and joins the process group here; everything else asks a `Processes` object what to do (its share of
-a batch, whether it writes the run directory). A later device or sharding choice (GPU, FSDP) belongs here too.
+A command launched by torchrun (or `accelerate launch`) finds WORLD_SIZE, RANK, LOCAL_RANK and the rendezvous
+address in its environment and joins the process group here; everything else asks a `Processes` object what to do
+(its device, its share of a batch, whether it writes the run directory).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from advantage.errors import UsageError
+
+DEVICES_HELP = "auto (CUDA when present, else the CPU), cpu, cuda (under torchrun: cuda:LOCAL_RANK) or cuda:N"
+Movable = TypeVar("Movable")
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """The device a process computes on, from the `device` field: auto, cpu, cuda or cuda:N.
+
+    "auto" is CUDA when torch sees a GPU, else the CPU; "cuda" is the process's own GPU, cuda:LOCAL_RANK (0 outside
+    torchrun). Raises UsageError, naming the field, for anything else or for CUDA where torch sees no GPU.
+    """
+    name = requested.strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UsageError(f"field 'device': {requested!r} asks for CUDA, but torch sees no GPU on this machine "
+                             f"(use --device cpu, or auto)")
+        index = local_rank if name == "cuda" else int(name[5:])
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"field 'device': cuda:{index} does not exist (torch sees {torch.cuda.device_count()} "
+                             f"GPUs)")
+        return torch.device("cuda", index)
+    raise UsageError(f"field 'device': {requested!r} is not a device; expected {DEVICES_HELP}")
+
+
+def to_device(value: Movable, device: torch.device) -> Movable:
+    """A tensor, or a dataclass of tensors (a batch, possibly holding batches), with every tensor on `device`;
+    anything else as it is."""
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=True)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {field.name: to_device(getattr(value, field.name), device) for field in dataclasses.fields(value)
+                   if field.init}
+        return dataclasses.replace(value, **changes)
+    return value
 
 
 class Processes:
@@ -25,11 +68,19 @@ class Processes:
     writes the run directory and shows progress. Without WORLD_SIZE > 1 nothing of torch.distributed is touched.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            # NCCL takes only CUDA tensors, gloo only CPU ones: the backend follows the device.
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         self.rank = dist.get_rank() if self.world_size > 1 else 0
+
+    def put(self, value: Movable) -> Movable:
+        """`value` (a tensor or a batch) on this process's device."""
+        return to_device(value, self.device)
 
     @property
     def is_main(self) -> bool:
@@ -40,7 +91,7 @@ class Processes:
         """Each value summed over the processes (float64, so token counts stay exact)."""
         if self.world_size == 1:
             return [float(value) for value in values]
-        tensor = torch.tensor(values, dtype=torch.float64)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -67,11 +118,12 @@ class Processes:
         if self.world_size == 1:
             return local
         most = -(-total // self.world_size)
-        padded = torch.zeros((most, *local.shape[1:]), dtype=local.dtype)
+        padded = torch.zeros((most, *local.shape[1:]), dtype=local.dtype, device=self.device)
+        local = local.to(self.device)
         padded[:len(local)] = local
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(gathered, padded)
-        result = torch.empty((total, *local.shape[1:]), dtype=local.dtype)
+        result = torch.empty((total, *local.shape[1:]), dtype=local.dtype, device=self.device)
         for rank, rows in enumerate(gathered):
             result[rank::self.world_size] = rows[:len(range(rank, total, self.world_size))]
         return result

@@ -74,7 +74,7 @@ class RunSession:
                              f"to continue it, or choose another --out")
         else:
             check_run_directory(self.run_dir)
-        self.processes = Processes()
+        self.processes = Processes(getattr(config, "device", "cpu"))
         self.start_step = 0
         self.elapsed_before = 0.0
         self.consecutive_nonfinite = 0
