@@ -65,7 +65,7 @@ def child(bench_dir: str, threads: int, beta: float, model_dir: str = "", lora_r
                          lr_schedule="linear", clip_range=0.2, num_iterations=1, aggregation="token", beta=beta,
                          temperature=1.0, reward_functions=f"{os.path.abspath(__file__)}:count_a",
                          max_length=128, threads=threads, progress=False, tensorboard=False,
-                         checkpoint_every=10**9, seed=0)
+                         checkpoint_every=10**9, seed=0, device=os.environ.get("ADVANTAGE_BENCH_DEVICE", "auto"))
     began = time.perf_counter()
     run = grpo.train(config, work / "run")
     wall = time.perf_counter() - began
@@ -80,6 +80,7 @@ def child(bench_dir: str, threads: int, beta: float, model_dir: str = "", lora_r
             "generated_tokens_per_s": round(64 * 32 * len(steps) / sum(generation), 1),
             "time_s": [[round(g, 2), round(t, 2)] for g, t in zip(generation, training)],
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
             "completion_mean_length": statistics.mean(row["completions/mean_length"] for row in steps),
             "rewards": [round(row["rewards/mean"], 4) for row in steps]}
 

@@ -101,7 +101,8 @@ def child(stage: str, bench_dir: str, threads: int, pairs: int, bf16: bool, mode
     config = module.CONFIG(model=model_dir, data=str(work / "pairs.jsonl"), batch_size=8, epochs=1,
                            learning_rate=learning_rate, lr_schedule="linear", max_length=128, threads=threads,
                            mixed_precision="bf16" if bf16 else "no", progress=False, tensorboard=False,
-                           checkpoint_every=10**9, seed=0, **extra, **extra_lora)
+                           checkpoint_every=10**9, seed=0, device=os.environ.get("ADVANTAGE_BENCH_DEVICE", "auto"),
+                           **extra, **extra_lora)
     began = time.perf_counter()
     run = module.train(config, work / "run")
     wall = time.perf_counter() - began
@@ -130,6 +131,7 @@ def child(stage: str, bench_dir: str, threads: int, pairs: int, bf16: bool, mode
             "train_phase_pairs_per_s": round(pairs / (marks["finishing"] - marks["loaded"]), 2),
             "trl_tokens_per_s": round(trl_tokens / wall, 1), "model_gflops_per_s": round(flops / wall / 1e9, 1),
             "peak_rss_mib": round(peak_rss_mib, 1),
+            "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
             "first_loss": rows[0][loss_name], "last_loss": rows[-1][loss_name]}
 
 
@@ -157,8 +159,9 @@ def run_ours(stage: str, args) -> dict:
 
 def run_trl(stage: str, args) -> dict:
     script = os.path.join(args.bench_dir, TRL_SCRIPTS[stage])
-    command = [args.peers_python, script, "--runs", "1", "--threads", str(args.threads), "--pairs", str(args.pairs),
-               "--model-dir", args.model_dir, "--lora-r", str(args.lora_r)]
+    command = [args.peers_python, script, "--runs", "1", "--threads", str(args.threads), "--pairs", str(args.pairs)]
+    if args.model_dir:  # trl_reward.py takes no model directory: the tiny model only
+        command += ["--model-dir", args.model_dir, "--lora-r", str(args.lora_r)]
     result = last_json_line(command, args.threads, f"TRL {stage}", {"ANCHOR_BF16": "1" if args.bf16 else "0"})
     one = result["runs"][0]
     parameters = one["params"]

@@ -465,11 +465,12 @@ class SharedPromptBatch:
     @property
     def rows(self) -> Tensor:
         """(B * K,) the packed row of each answer: b for answers b * K .. b * K + K - 1."""
-        return torch.arange(len(self.prompt_lengths)).repeat_interleave(self.answers_per_prompt)
+        return torch.arange(len(self.prompt_lengths), device=self.prompt_lengths.device).repeat_interleave(
+            self.answers_per_prompt)
 
     def additive_mask(self, dtype: torch.dtype) -> Tensor:
         """The attention pattern as transformers' (B, 1, W, W) additive mask: 0 where allowed, dtype's min elsewhere."""
-        return torch.zeros(self.attention.shape, dtype=dtype).masked_fill(
+        return torch.zeros(self.attention.shape, dtype=dtype, device=self.attention.device).masked_fill(
             ~self.attention, torch.finfo(dtype).min).unsqueeze(1)
 
     def concatenated(self) -> PromptCompletionBatch:

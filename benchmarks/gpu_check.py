@@ -1,0 +1,244 @@
+"""The GPU check (issue 15): every language-model stage for a few steps on one CUDA device (and on two, under
+torchrun, when two exist), then GRPO and DPO speed against TRL on the same GPU, alternating sides.
+
+Prepared on the CPU machines, meant to be run as one script on a lent GPU machine (which has no package index: carry
+the wheels it lacks, and the peers' scripts, in ignored folders). From the repository root:
+
+    python benchmarks/gpu_check.py --out gpu_check --bench-dir shared/bench [--model DIR] [--steps 3] [--runs 2]
+
+--model defaults to SmolLM2-135M-Instruct in ~/.cache/advantage when it is there (`advantage fetch-model`), else
+builtin:tiny. The TRL side runs ../shared/bench/trl_grpo.py and trl_dpo.py (their workloads, one run per child)
+with `use_cpu` switched off; it is skipped, and said so, when trl does not import. `--device cpu` runs the same
+check on the CPU (a dry run of the script itself).
+
+Writes OUT/results.json and prints a markdown table: per stage, seconds, the last loss and the peak GPU memory
+(torch.cuda.max_memory_allocated); per speed workload, each side's figure and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2 = Path.home() / ".cache" / "advantage" / "models" / "smollm2-135m-instruct"
+
+# One stage in a fresh process, its peak GPU memory printed as the last line (the stage prints nothing else there).
+STAGE_CHILD = """
+import json, sys, time, torch
+from advantage import cli
+began = time.perf_counter()
+code = cli.main(sys.argv[1:])
+peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+print(json.dumps({"exit": code, "seconds": round(time.perf_counter() - began, 2), "peak_gpu_mib": peak}))
+"""
+
+# A peer's benchmark child with TRL's `use_cpu` switched off (their scripts pin the CPU).
+PEER_CHILD = """
+import json, runpy, sys, torch
+sys.path.insert(0, sys.argv[1])
+import trl_common
+trl_common.COMMON_ARGS["use_cpu"] = sys.argv[2] == "cpu"
+sys.argv = [sys.argv[3], "--child", *sys.argv[4:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+print(json.dumps({"peak_gpu_mib": peak}))
+"""
+
+
+def _json_lines(done: subprocess.CompletedProcess) -> list[dict]:
+    lines = []
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return lines
+
+
+def _run(command: list[str], timeout: int, environment: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                               **(environment or {})})
+
+
+def write_data(directory: Path) -> dict[str, Path]:
+    """Chat-format data for every stage: two-number additions as SFT rows, preference pairs and prompts with
+    their answer column, and the verifier as a reward function file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    questions = [(a, b) for a in range(10, 26) for b in (3, 17)]
+
+    def reply(text: str) -> list[dict]:
+        return [{"role": "assistant", "content": text}]
+
+    rows = {
+        "sft": [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "completion": reply(str(a + b))}
+                for a, b in questions],
+        "prefs": [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "chosen": reply(str(a + b)),
+                   "rejected": reply(str(a + b + 1))} for a, b in questions],
+        "prompts": [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
+                    for a, b in questions],
+    }
+    paths = {}
+    for name, items in rows.items():
+        paths[name] = directory / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(item) + "\n" for item in items))
+    paths["rewards"] = directory / "rewards.py"
+    paths["rewards"].write_text("def correct(prompts, completions, answer, **kwargs):\n"
+                                "    return [float(a in c[0]['content']) for c, a in zip(completions, answer)]\n")
+    return paths
+
+
+def stage_commands(model: str, data: dict[str, Path], out: Path, steps: int, device: str) -> dict[str, list[str]]:
+    """The five stages, each `steps` optimizer steps; rlhf reads the reward model the reward stage writes."""
+    real = not model.startswith("builtin:")
+    common = ["--max-steps", str(steps), "--progress", "false", "--tensorboard", "false", "--device", device,
+              "--batch-size", "8"]
+    on_data = {
+        "sft": ["--data", str(data["sft"])] if real else ["--task", "arithmetic"],
+        "reward": ["--data", str(data["prefs"])] if real else ["--task", "arithmetic"],
+        "dpo": ["--data", str(data["prefs"])] if real else ["--task", "arithmetic"],
+        "grpo": ["--data", str(data["prompts"]), "--reward-functions", f"{data['rewards']}:correct"] if real
+        else ["--task", "arithmetic"],
+        "rlhf": ["--data", str(data["prompts"])] if real else ["--task", "arithmetic"],
+    }
+    extra = {"grpo": ["--group-size", "8", "--max-new-tokens", "32"],
+             "rlhf": ["--reward-model", str(out / "reward" / "final"), "--max-new-tokens", "32",
+                      "--update-epochs", "1"]}
+    return {stage: [stage, "--model", model, *on_data[stage], *extra.get(stage, []), *common,
+                    "--out", str(out / stage)] for stage in ("sft", "reward", "dpo", "grpo", "rlhf")}
+
+
+def last_loss(run_dir: Path) -> float | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    losses = [value for row in rows for key, value in row.items() if key.startswith("losses/") and
+              key != "losses/grad_norm" and isinstance(value, (int, float))]
+    return losses[-1] if losses else None
+
+
+def check_stages(args, out: Path) -> list[dict]:
+    data = write_data(out / "data")
+    results = []
+    for stage, command in stage_commands(args.model, data, out / "one_gpu", args.steps, args.device).items():
+        done = _run([sys.executable, "-c", STAGE_CHILD, *command], timeout=args.timeout)
+        figures = (_json_lines(done) or [{}])[-1]
+        results.append({"check": f"{stage}, one device", "ok": done.returncode == 0 and figures.get("exit") == 0,
+                        "seconds": figures.get("seconds"), "peak_gpu_mib": figures.get("peak_gpu_mib"),
+                        "last_loss": last_loss(out / "one_gpu" / stage),
+                        "error": done.stderr.strip().splitlines()[-1:] if done.returncode else []})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def check_two_processes(args, out: Path) -> list[dict]:
+    """sft and grpo under torchrun on two GPUs (each process on cuda:LOCAL_RANK, NCCL)."""
+    import torch
+
+    if args.device == "cpu" or torch.cuda.device_count() < 2:
+        return [{"check": "two processes", "ok": None, "note": "fewer than two GPUs: not run"}]
+    data = write_data(out / "data")
+    results = []
+    for stage in ("sft", "grpo"):
+        command = stage_commands(args.model, data, out / "two_gpus", args.steps, "cuda")[stage]
+        began = time.perf_counter()
+        done = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "advantage.cli",
+                     *command], timeout=args.timeout)
+        results.append({"check": f"{stage}, two processes", "ok": done.returncode == 0,
+                        "seconds": round(time.perf_counter() - began, 2),
+                        "last_loss": last_loss(out / "two_gpus" / stage),
+                        "error": done.stderr.strip().splitlines()[-1:] if done.returncode else []})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def speed(args, out: Path) -> list[dict]:
+    """GRPO s/step and DPO pairs/s, ours and TRL's alternating, `--runs` each, on the peers' workloads."""
+    try:
+        import trl  # noqa: F401
+        peers = True
+    except ImportError:
+        peers = False
+    model_dir = "" if args.model.startswith("builtin:") else args.model
+    lora = ["--model-dir", model_dir, "--lora-r", str(args.lora_r)] if model_dir else []
+    results = []
+    workloads = {
+        "grpo": ([sys.executable, str(ROOT / "benchmarks" / "lm_grpo.py"), "--child", "--bench-dir", args.bench_dir,
+                  "--threads", "4", "--steps", "8", *lora], "trl_grpo.py", ["--threads", "4", "--steps", "8", *lora]),
+        "dpo": ([sys.executable, str(ROOT / "benchmarks" / "lm_speed.py"), "--child", "dpo", "--bench-dir",
+                 args.bench_dir, "--threads", "4", "--pairs", "512", *lora], "trl_dpo.py",
+                ["--threads", "4", "--pairs", "512", *lora]),
+    }
+    for name, (ours, peer_script, peer_arguments) in workloads.items():
+        for run in range(args.runs):
+            done = _run(ours, timeout=args.timeout, environment={"ADVANTAGE_BENCH_DEVICE": args.device})
+            figures = (_json_lines(done) or [{}])[-1]
+            results.append({"workload": name, "side": "advantage", "run": run, "ok": done.returncode == 0,
+                            **figures, "error": done.stderr.strip().splitlines()[-1:] if done.returncode else []})
+            print(json.dumps(results[-1]), flush=True)
+            if not peers:
+                continue
+            done = _run([sys.executable, "-c", PEER_CHILD, args.bench_dir, args.device,
+                         str(Path(args.bench_dir) / peer_script), *peer_arguments], timeout=args.timeout)
+            lines = _json_lines(done)
+            figures = {**(lines[-2] if len(lines) >= 2 else {}), **(lines[-1] if lines else {})}
+            results.append({"workload": name, "side": "TRL", "run": run, "ok": done.returncode == 0, **figures,
+                            "error": done.stderr.strip().splitlines()[-1:] if done.returncode else []})
+            print(json.dumps(results[-1]), flush=True)
+    if not peers:
+        results.append({"workload": "TRL", "ok": None, "note": "trl does not import here: the peers' side not run"})
+    return results
+
+
+def table(report: dict) -> str:
+    lines = ["| check | ok | seconds | last loss | peak GPU MiB |", "|---|---|---|---|---|"]
+    for row in report["stages"] + report["two_processes"]:
+        lines.append(f"| {row['check']} | {row.get('ok')} | {row.get('seconds')} | {row.get('last_loss')} | "
+                     f"{row.get('peak_gpu_mib')} |")
+    lines += ["", "| workload | side | run | ok | figure (grpo: median s/step; dpo: pairs/s) | peak GPU MiB |",
+              "|---|---|---|---|---|---|"]
+    for row in report["speed"]:
+        figure = (f"{row.get('median_step_s')} s/step" if row.get("workload") == "grpo" else
+                  f"{row.get('pairs_per_s') or row.get('samples_per_s')} pairs/s") if "note" not in row else row["note"]
+        lines.append(f"| {row.get('workload')} | {row.get('side', '')} | {row.get('run', '')} | {row.get('ok')} | "
+                     f"{figure} | {row.get('peak_gpu_mib')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu_check")
+    parser.add_argument("--model", default=str(SMOLLM2) if SMOLLM2.is_dir() else "builtin:tiny")
+    parser.add_argument("--bench-dir", default=str(ROOT.parent / "shared" / "bench"))
+    parser.add_argument("--device", default="cuda", help="cuda (the check), or cpu (a dry run of the script)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "device": args.device,
+              "torch": torch.__version__, "cuda": torch.version.cuda,
+              "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    print(json.dumps(report), flush=True)
+    report["stages"] = check_stages(args, out)
+    report["two_processes"] = check_two_processes(args, out)
+    report["speed"] = [] if args.skip_speed else speed(args, out)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()
