@@ -14,4 +14,4 @@ fi
 # Two worker processes (pytest-xdist), each test file on one of them (tests/conftest.py groups them; the quick
 # demo's two readers share one worker, so the demo runs once): the suite's wall time on 2 cores is about
 # half of one process's (every test pins torch to 1 thread). ADVANTAGE_TEST_WORKERS=0 runs it in this process.
-exec python -m pytest -n "${ADVANTAGE_TEST_WORKERS:-2}" --dist loadgroup "$@"
+exec python -m pytest -n "${ADVANTAGE_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -24,7 +24,7 @@ from advantage.lm.models import build_model
 from advantage.lm.schedule import learning_rate_at
 from advantage.lm.session import LMSession
 from advantage.lm.sft import SFTConfig, accumulate_gradients, completion_nll, train
-from advantage.lm.tokenizer import build_char_tokenizer
+from advantage.lm.tokenizer import build_char_tokenizer, strip_end_tokens
 
 torch.set_num_threads(1)
 
@@ -203,7 +203,7 @@ def test_sft_learns_arithmetic_and_final_reloads_in_plain_transformers(tmp_path)
     eos = run.tokenizer.eos_token_id
     in_memory = greedy_decode(run.model.eval(), prompts, max_new_tokens=6, eos_id=eos, pad_id=0).completions
     assert greedy_decode(reloaded, prompts, max_new_tokens=6, eos_id=eos, pad_id=0).completions == in_memory
-    assert [run.tokenizer.decode(tokens) for tokens in in_memory] == ["7\n", "18\n", "7\n"]
+    assert [run.tokenizer.decode(strip_end_tokens(tokens, (eos,))) for tokens in in_memory] == ["7\n", "18\n", "7\n"]
 
 
 # -------------------------------------------------------------------------------------------------------- resume

@@ -217,6 +217,7 @@ class OnlineModels:
             adapters switched off) or when no reference is needed.
         scorer: the reward of a completion.
         pad, ends: the padding id and the ids that end an answer.
+        value_model: V(s_t) of the answer's prefixes (rlhf's `ScalarHeadModel`); None where the stage has none.
     """
 
     policy: nn.Module
@@ -224,6 +225,7 @@ class OnlineModels:
     scorer: Scorer
     pad: int
     ends: tuple[int, ...]
+    value_model: nn.Module | None = None
 
     def sample(self, prompts: Sequence[PromptExample], per_prompt: int, config: OnlineConfig,
                generator: torch.Generator) -> Generated:

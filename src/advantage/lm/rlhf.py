@@ -25,13 +25,10 @@ One rollout, read top to bottom in `train`: `collect` (1. sample answers; 2. sco
 V_old; 3. per-token rewards; 4. GAE), then 5. `update_epochs` passes of `ppo_step` over minibatches of prompts, and
 6. the adaptive beta for the next rollout.
 
-The value model is separate by default: a scalar head on its own copy of a transformer body, initialised from the
-reward model when one is given (InstructGPT's choice), else from the policy; the value loss then never pulls on the
-policy's weights, at the cost of a second body. `value_model shared` puts a value head on the policy's own body
-instead (the value loss, weighted by `vf_coef`, then shapes its features too).
-
-metrics.jsonl (`step` = optimizer steps): the names docs/metrics.md gives rlhf (eval/ on rank 0).
-final/ is the trained policy in Hugging Face format; final/value_model/ the value model (ScalarHeadModel format).
+The value model is separate by default (its own body, from the reward model if given, else from the policy:
+InstructGPT's choice; the value loss never pulls on the policy); `value_model shared` puts a value head on the
+policy's body instead. metrics.jsonl: the names docs/metrics.md gives rlhf (`step` = optimizer steps). final/ is the
+trained policy in Hugging Face format; final/value_model/ the value model (ScalarHeadModel format).
 """
 
 from __future__ import annotations
@@ -143,13 +140,6 @@ def validate(config: RLHFConfig) -> None:
 
 
 @dataclass
-class RLHFModels(OnlineModels):
-    """The online models (policy, reference, scorer) and the value model V(s_t)."""
-
-    value_model: ScalarHeadModel | None = None  # (a default only because the fields above have none)
-
-
-@dataclass
 class Rollout:
     """One batch of sampled answers and everything PPO needs of it, per answer token (B * K rows, A columns)."""
 
@@ -166,13 +156,9 @@ class Rollout:
     generation_s: float
     scoring_s: float
 
-    def rows_of(self, prompts: list[int], per_prompt: int) -> Tensor:
-        """The answer rows of the given prompts (row b * K + k is answer k of prompt b)."""
-        return torch.tensor([b * per_prompt + k for b in prompts for k in range(per_prompt)], dtype=torch.long,
-                            device=self.mask.device)
 
 
-def collect(models: RLHFModels, prompts: list[PromptExample], config: RLHFConfig, generator: torch.Generator,
+def collect(models: OnlineModels, prompts: list[PromptExample], config: RLHFConfig, generator: torch.Generator,
             beta: float, processes: Processes) -> Rollout:
     """Steps 1-4: answers sampled from the current policy, scored, shaped into per-token rewards, and GAE."""
     began = time.perf_counter()
@@ -225,7 +211,7 @@ def _rollout_logs(scores: Tensor, rewards: Tensor, reward_logs: dict[str, float]
 # ------------------------------------------------------------------------------------------------------ the update
 
 
-def ppo_step(models: RLHFModels, rollout: Rollout, prompts: list[int], pretraining: TokenBatch | None,
+def ppo_step(models: OnlineModels, rollout: Rollout, prompts: list[int], pretraining: TokenBatch | None,
              config: RLHFConfig, processes: Processes) -> dict[str, float]:
     """Accumulate the gradients of one minibatch (the rollout's `prompts`) in the policy and the value model.
 
@@ -233,7 +219,8 @@ def ppo_step(models: RLHFModels, rollout: Rollout, prompts: list[int], pretraini
     gradients summed over processes are those of one process with the whole minibatch.
     """
     model, value_model = models.policy, models.value_model
-    rows = rollout.rows_of(prompts, config.samples_per_prompt)
+    per_prompt = config.samples_per_prompt  # answer row b * K + k is answer k of prompt b
+    rows = torch.tensor([b * per_prompt + k for b in prompts for k in range(per_prompt)], device=rollout.mask.device)
     batch = processes.put(collate_shared_prompt([rollout.prompt_ids[b] for b in prompts],
                                                 [rollout.groups[b] for b in prompts], models.pad))
     mask = batch.answer_mask
@@ -305,8 +292,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> Run:
     # reward (a frozen reward model or functions) and the value model (from the reward model, else the policy).
     models, tokenizer, ptx_examples, train_prompts, eval_prompts = _load(config, session.run_dir, processes.device)
     model, value_model = models.policy, models.value_model
-    # What the value optimizer steps: the whole separate model, or only the head on the shared body (whose
-    # gradients, the value loss's included, the policy's optimizer steps).
+    # The value optimizer steps a separate model whole, a shared body's head only (the policy's optimizer the rest).
     value_parameters = list(value_model.head.parameters() if config.value_model == "shared" else
                             value_model.parameters())
     torch.manual_seed(config.seed)
@@ -392,7 +378,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> Run:
     return Run(session.run_dir, "rlhf", config, last, step, model, tokenizer)
 
 
-def _load(config: RLHFConfig, run_dir: Path, device: torch.device) -> tuple[RLHFModels, object, list, list, list]:
+def _load(config: RLHFConfig, run_dir: Path, device: torch.device) -> tuple[OnlineModels, object, list, list, list]:
     """The models (the policy in training mode, with its adapters under LoRA), the tokenizer, the pretraining
     examples of PPO-ptx, and the training and held-out prompts."""
     loaded, tokenizer, length, train_prompts, eval_prompts = load_online(config, run_dir, True, device)
@@ -410,5 +396,5 @@ def _load(config: RLHFConfig, run_dir: Path, device: torch.device) -> tuple[RLHF
     if config.value_model == "shared":  # a head on the policy's own body (its adapters, with LoRA)
         body = (model.get_base_model() if config.lora_r else model).base_model
         value_model = ScalarHeadModel(body, seed=config.seed)
-    models = RLHFModels(model.train(), loaded.reference, scorer, loaded.pad, loaded.ends, value_model.train())
+    models = OnlineModels(model.train(), loaded.reference, scorer, loaded.pad, loaded.ends, value_model.train())
     return models, tokenizer, ptx_examples, train_prompts, eval_prompts
