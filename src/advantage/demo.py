@@ -77,6 +77,7 @@ class DemoPlan:
     compare_samples: int
     real_model_steps: int
     real_model_eval_prompts: int
+    real_model_questions: int = 8  # GRPO's batch of questions (each with 8 answers)
 
 
 FULL = DemoPlan(classic_steps=80_000, classic_seeds=(1, 2, 3), model="builtin:tiny", sft_steps=3000,
@@ -84,7 +85,7 @@ FULL = DemoPlan(classic_steps=80_000, classic_seeds=(1, 2, 3), model="builtin:ti
                 compare_samples=16, real_model_steps=25, real_model_eval_prompts=200)
 QUICK = DemoPlan(classic_steps=10_000, classic_seeds=(1,), model="builtin:nano", sft_steps=40, reward_steps=20,
                  rlhf_steps=4, dpo_steps=10, grpo_steps=4, pairs_per_prompt=2, compare_samples=4, real_model_steps=2,
-                 real_model_eval_prompts=8)
+                 real_model_eval_prompts=8, real_model_questions=2)
 
 # Part 3: the real model, its task and the verifier (as in the README's "Aligning a real chat model on a laptop").
 REAL_MODEL = "smollm2-135m-instruct"
@@ -225,11 +226,12 @@ def run_real_model(plan: DemoPlan, out: Path, progress: bool = True) -> dict[str
         ArithmeticTask(max_operand=REAL_TASK["max_operand"], chat=True).write_task_files(
             data, n_train=REAL_TASK["n_train"], n_eval=REAL_TASK["n_eval"], seed=REAL_TASK["seed"])
     run_dir = real / "grpo"
-    _say(f"[3/4 a real chat model 2/3] GRPO with LoRA r 16, {plan.real_model_steps} steps of 8 questions x 8 "
-         f"answers: {run_dir}")
+    _say(f"[3/4 a real chat model 2/3] GRPO with LoRA r 16, {plan.real_model_steps} steps of "
+         f"{plan.real_model_questions} questions x {REAL_GRPO['group_size']} answers: {run_dir}")
     _lm_stage("grpo", run_dir, progress, model=str(model), data=str(data / "sft_train.jsonl"),
               eval_data=str(data / "sft_eval.jsonl"), eval_max_prompts=plan.real_model_eval_prompts,
-              max_steps=plan.real_model_steps, eval_every=plan.real_model_steps, **REAL_GRPO)
+              max_steps=plan.real_model_steps, eval_every=plan.real_model_steps,
+              **{**REAL_GRPO, "batch_size": plan.real_model_questions})
     _say("[3/4 a real chat model 3/3] answers before and after")
     answers = {}
     for name, policy in (("before", model), ("after", run_dir / "final")):
