@@ -25,6 +25,7 @@ from advantage.rl.envs import SpaceInfo, load_normalization_state, make_vector_e
 from advantage.run.checkpoint import interval, load_checkpoint, save_checkpoint, save_weights
 from advantage.run.config import param, require
 from advantage.run.files import atomic_write_text
+from advantage.run.report import threshold_summary
 from advantage.run.seeding import derive_seed
 from advantage.run.session import RunSession
 
@@ -199,6 +200,10 @@ class Session(RunSession):
         atomic_write_text(final / "normalization.json", json.dumps(normalization_state(self._env)))
         self.close_writers(f"{self.algorithm} {self.config.env_id}: {step} steps in {self.elapsed():.1f} s "
                            f"-> {self.run_dir}")
+        # Not a silent flat curve: whether the task's solved return was reached, and if not the best on the way.
+        verdict = threshold_summary(self.run_dir, self.config.env_id)
+        if verdict:
+            print(f"{self.algorithm} {self.config.env_id}: {verdict}", file=sys.stderr, flush=True)
 
 
 def torch_generator(seed: int) -> torch.Generator:

@@ -29,7 +29,6 @@ from advantage.run.config import load_yaml_mapping
 from advantage.run.files import atomic_path, atomic_write_text
 from advantage.run.metrics import read_jsonl
 
-SOLVED_RETURN = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0}  # Gymnasium's reward thresholds of the tasks we ship
 # Config fields that do not change what a run learns: runs differing only in these (and the seed) are one group.
 _NOT_SETTINGS = {"seed", "progress", "tensorboard", "threads", "checkpoint_every", "keep_checkpoints", "label",
                  "max_nonfinite", "vectorization"}
@@ -98,6 +97,35 @@ def find_runs(paths: list[Path]) -> tuple[list[RunInfo], list[dict[str, Any]]]:
 
 
 # ------------------------------------------------------------------------------------------------- classic runs
+
+
+def solved_return(env_id: str) -> float | None:
+    """The return at which Gymnasium calls `env_id` solved (its spec's reward_threshold: CartPole-v1 475, Acrobot-v1
+    -100, MountainCar-v0 -110, ...), or None for a task without one or an id Gymnasium does not know."""
+    import gymnasium as gym
+
+    try:
+        threshold = gym.spec(env_id).reward_threshold
+    except gym.error.Error:
+        return None
+    return None if threshold is None else float(threshold)
+
+
+def threshold_summary(run_dir: Path, env_id: str, window: int = 20) -> str:
+    """One line saying whether a run's mean return over `window` training episodes reached the task's solved return:
+    at which step it first did, or that it never did and the best it reached ('' for a task without a threshold)."""
+    threshold = solved_return(env_id)
+    path = run_dir / "episodes.jsonl"
+    if threshold is None or not path.exists():
+        return ""
+    if not read_jsonl(path):
+        return f"never reached the threshold {threshold:g}: no episode finished"
+    steps, rolling = learning_curve(run_dir, window)
+    if (rolling >= threshold).any():
+        return (f"reached the threshold {threshold:g} (mean of {window} episodes) at step "
+                f"{int(steps[int(np.argmax(rolling >= threshold))])}")
+    return (f"never reached the threshold {threshold:g} (mean of {window} episodes); best mean return "
+            f"{float(rolling.max()):.1f}, last {float(rolling[-1]):.1f}")
 
 
 def learning_curve(run_dir: Path, window: int = 20) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +211,7 @@ def group_figures(label: str, runs: list[RunInfo], window: int = 20) -> GroupFig
     """Final return (mean of the last `window` episodes), best rolling mean, how many runs reached the
     environment's solved return and when (median steps and seconds), and the median steps per second."""
     finals, bests, steps_to, seconds_to, speeds = [], [], [], [], []
-    threshold = SOLVED_RETURN.get(str(runs[0].config.get("env_id")))
+    threshold = solved_return(str(runs[0].config.get("env_id")))
     for run in runs:
         steps, rolling = learning_curve(run.path, window)
         finals.append(rolling[-1])
@@ -239,8 +267,8 @@ def plot_learning_curves(groups: dict[str, list[RunInfo]], path: Path, window: i
         if len(runs) > 1:
             axis.fill_between(grid, low, high, color=colours[label], alpha=0.15)
     env_ids = {str(run.config.get("env_id")) for runs in groups.values() for run in runs}
-    for env_id in env_ids & set(SOLVED_RETURN):
-        axis.axhline(SOLVED_RETURN[env_id], color="grey", linestyle=":", linewidth=1)
+    for threshold in {solved_return(env_id) for env_id in env_ids} - {None}:
+        axis.axhline(threshold, color="grey", linestyle=":", linewidth=1)
     axis.set_xlabel("environment steps")
     _steps_axis(axis)
     axis.set_ylabel(f"return (mean of the last {window} episodes)")
@@ -443,6 +471,13 @@ def _image(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _solved_cell(row: GroupFigures, threshold: float | None) -> str:
+    """'2/3', or for a group none of whose runs got there 'never: 0/3 reached T' (not a silent blank)."""
+    if threshold is None:
+        return f"{row.solved}/{row.runs} (no threshold)"
+    return f"{row.solved}/{row.runs}" if row.solved else f"never: 0/{row.runs} reached {threshold:g}"
+
+
 def _classic_section(classic: list[RunInfo], out: Path, window: int) -> str:
     groups = group_runs(classic)
     colours = _colours(list(groups))
@@ -465,15 +500,17 @@ def _classic_section(classic: list[RunInfo], out: Path, window: int) -> str:
                                                "environment steps", "trust region: how far each update moved"),
                             "KL and clip fraction"))
     parts.append(_image(plot_steps_per_second(table, colours, out / "steps_per_second.png"), "steps per second"))
-    threshold_note = ", ".join(f"{env} {value:g}" for env, value in SOLVED_RETURN.items())
+    env_ids = sorted({str(run.config.get("env_id")) for run in classic})
+    threshold_note = ", ".join(f"{env} {solved_return(env):g}" if solved_return(env) is not None else
+                               f"{env}: none" for env in env_ids)
     parts.append(f"<p>Final return: mean of the last {window} training episodes at the end of each run (mean ± std "
                  f"over runs). Solved: the rolling mean first reaches the task's threshold ({threshold_note}).</p>")
     parts.append(_table(
         ["group", "runs", "final return", "± std", "best", "solved", "median steps to solve",
          "median s to solve", "steps/s"],
         [[row.label, row.runs, row.final_return_mean, row.final_return_std, row.best_return,
-          f"{row.solved}/{row.runs}", row.median_steps_to_solve, row.median_seconds_to_solve,
-          row.median_steps_per_second] for row in table]))
+          _solved_cell(row, solved_return(str(groups[row.label][0].config.get("env_id")))),
+          row.median_steps_to_solve, row.median_seconds_to_solve, row.median_steps_per_second] for row in table]))
     return "\n".join(parts)
 
 
