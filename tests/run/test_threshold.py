@@ -3,8 +3,6 @@ one that does says when."""
 
 import json
 
-import pytest
-
 from advantage import cli
 from advantage.run.report import solved_return, threshold_summary
 
