@@ -291,8 +291,14 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     seconds: dict[str, float] = {}
     _say(f"advantage demo ({'quick' if quick else 'full'}): writing {out}")
 
+    import torch
+
     clock = time.perf_counter()
+    threads = torch.get_num_threads()
     classic = run_classic(plan, out, progress)
+    # The classic algorithms run on one thread (their networks are small) and set it process-wide: the language
+    # models after them get this process's threads back.
+    torch.set_num_threads(threads)
     seconds["policy gradient"] = time.perf_counter() - clock
     clock = time.perf_counter()
     language = run_language_models(plan, out, progress)
