@@ -140,21 +140,25 @@ def check_stages(args, out: Path) -> list[dict]:
 
 
 def check_two_processes(args, out: Path) -> list[dict]:
-    """sft and grpo under torchrun on two GPUs (each process on cuda:LOCAL_RANK, NCCL)."""
+    """sft (data parallel, then sharded with FSDP2) and grpo under torchrun on two GPUs (each process on
+    cuda:LOCAL_RANK, NCCL)."""
     import torch
 
     if args.device == "cpu" or torch.cuda.device_count() < 2:
         return [{"check": "two processes", "ok": None, "note": "fewer than two GPUs: not run"}]
     data = write_data(out / "data")
     results = []
-    for stage in ("sft", "grpo"):
-        command = stage_commands(args.model, data, out / "two_gpus", args.steps, "cuda")[stage]
+    for label, stage, extra in (("sft", "sft", []), ("sft-fsdp", "sft", ["--sharding", "fsdp"]),
+                                ("grpo", "grpo", [])):
+        run_dir = out / "two_gpus" / label
+        command = [*stage_commands(args.model, data, out / "two_gpus", args.steps, "cuda")[stage], *extra,
+                   "--out", str(run_dir)]  # the last --out wins
         began = time.perf_counter()
         done = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "advantage.cli",
                      *command], timeout=args.timeout)
-        results.append({"check": f"{stage}, two processes", "ok": done.returncode == 0,
+        results.append({"check": f"{label}, two processes", "ok": done.returncode == 0,
                         "seconds": round(time.perf_counter() - began, 2),
-                        "last_loss": last_loss(out / "two_gpus" / stage),
+                        "last_loss": last_loss(run_dir),
                         "error": done.stderr.strip().splitlines()[-1:] if done.returncode else []})
         print(json.dumps(results[-1]), flush=True)
     return results

@@ -2,6 +2,7 @@
 is refused, and a --total-steps below one rollout says that a whole rollout is trained."""
 
 import pytest
+import yaml
 
 from advantage import cli
 
@@ -17,7 +18,10 @@ def test_a_runs_own_config_yaml_is_a_valid_config_for_its_algorithm_only(command
     assert "algorithm:" in saved.read_text()
     assert cli.main([*command[:2 if command is PPO else 1], "--config", str(saved), "--out", str(tmp_path / "again"),
                      "--progress", "false"]) == 0
-    assert (tmp_path / "again" / "config.yaml").read_text() == saved.read_text()  # the same run, once more
+    # The same run once more: the same values (each now marked as coming from that file).
+    again = (tmp_path / "again" / "config.yaml").read_text()
+    assert yaml.safe_load(again) == yaml.safe_load(saved.read_text())
+    assert f"  # from {saved}" in again
     capsys.readouterr()
     assert cli.main([*other, "--config", str(saved), "--out", str(tmp_path / "other")]) == 2
     name = "ppo" if command is PPO else "sft"

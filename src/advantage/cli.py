@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a classic RL algorithm on a Gymnasium environment",
         description="Train ALGO on a Gymnasium environment and write a run directory (config.yaml, metrics.jsonl, "
                     "episodes.jsonl, TensorBoard events, checkpoints/, final/). Values come from the algorithm's "
-                    "defaults, then its shipped preset for the environment, then --config, then the flags. "
-                    "'advantage train ALGO --help' lists ALGO's hyperparameters.")
+                    "defaults (on an environment with Box actions and no shipped preset: its defaults for Box "
+                    "actions, shown as 'Box actions: ...' in 'advantage train ALGO --help'), then its shipped preset "
+                    "for the environment, then --config, then the flags. The run prints where its values came from "
+                    "in one line and marks each in config.yaml.")
     algorithms = train.add_subparsers(dest="algorithm", required=True, metavar="ALGO", parser_class=_Parser)
     for name in ALGORITHMS:
         module = algorithm_module(name)
@@ -204,7 +206,9 @@ def _add_single_flag(parser: argparse.ArgumentParser, config_class: type, field:
     allowed = choices(config_class, field.name)
     extra = f" (one of: {', '.join(map(str, allowed))})" if allowed else ""
     metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(kind, "STR")
-    text = f"{field.metadata.get('help', '')}{extra} [default: {field.default}]".replace("%", "%%")
+    box = getattr(config_class, "BOX_DEFAULTS", {})
+    default = f"default: {field.default}" + (f"; Box actions: {box[field.name]}" if field.name in box else "")
+    text = f"{field.metadata.get('help', '')}{extra} [{default}]".replace("%", "%%")
     aliases = ["--env"] if field.name == "env_id" else []  # the issue's and Gymnasium users' short spelling
     parser.add_argument(flag, *aliases, dest=f"cfg_{field.name}", default=None, metavar=metavar, help=text)
     # A renamed field's old flag still works (hidden from --help); apply_overrides maps it, with a notice.

@@ -116,8 +116,9 @@ def test_a_finished_run_continues_with_a_larger_budget(tmp_path, name):
 
 @pytest.mark.learning
 def test_trpo_learns_pendulum(tmp_path):
-    """A continuous task: TRPO's Gaussian policy goes from the random ~ -1300 to well above -800."""
-    config = preset_config("trpo", env_id="Pendulum-v1", total_steps=60_000, seed=1)
+    """A continuous task: TRPO's Gaussian policy goes from the random ~ -1300 to well above -800 (measured: -258 over
+    the last 20 episodes at 40k steps; -235 at 60k)."""
+    config = preset_config("trpo", env_id="Pendulum-v1", total_steps=40_000, seed=1)
     run = trpo.train(config, tmp_path / "trpo")
     assert first_mean_return(run.run_dir) < -1000
     assert last_mean_return(run.run_dir) > -800

@@ -139,7 +139,8 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, capsys):
                      "128", "--checkpoint-every", "1", "--total-steps", "4096", "--out", str(out), "--progress",
                      "false", "--vectorization", "sync"])
     assert code == 1
-    error = capsys.readouterr().err.strip().splitlines()
+    started, *error = capsys.readouterr().err.strip().splitlines()
+    assert started.startswith("advantage: ppo NaNAfter-v0: ")  # where the values came from
     assert len(error) == 1 and "non-finite" in error[0]
     checkpoints = sorted((out / "checkpoints").glob("step_*"))
     assert checkpoints, "the checkpoints before the NaNs must survive"

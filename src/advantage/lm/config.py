@@ -88,6 +88,9 @@ class LMConfig:
     keep_checkpoints: int = param(2, "how many of the newest checkpoints to keep")
     max_nonfinite: int = param(5, "stop after this many consecutive steps with a non-finite loss")
     device: str = param("auto", f"where the models and batches live: {DEVICES_HELP}")
+    sharding: Literal["none", "fsdp"] = param(
+        "none", "under torchrun: none keeps a whole copy of the model, its gradients and optimizer state on every "
+                "process (data parallel); fsdp shards the three over the processes with torch FSDP2 (sft, dpo)")
     threads: int = param(0, "torch threads; 0 leaves torch's default")
     tensorboard: bool = param(True, "also write TensorBoard event files")
     progress: bool = param(True, "show progress (a live bar on a terminal, periodic lines otherwise)")

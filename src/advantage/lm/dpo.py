@@ -68,6 +68,7 @@ from advantage.lm.preferences import (
 )
 from advantage.lm.schedule import make_optimizer
 from advantage.lm.session import LMSession
+from advantage.lm.sharding import is_sharded, shard
 from advantage.objectives.preference import dpo_loss, plackett_luce_dpo_loss
 from advantage.run.config import param, require
 from advantage.run.processes import Processes, to_device
@@ -119,6 +120,8 @@ def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], bat
         (N, K_max) float32; 0 where a ranking has fewer answers.
     """
     rank, world_size = (processes.rank, processes.world_size) if processes else (0, 1)
+    if is_sharded(model):  # every process must run every forward pass of a sharded model: each computes them all
+        rank, world_size, processes = 0, 1, None
     share = examples[rank::world_size]
     width = max(len(example.completion_ids) for example in examples)
     with evaluation_mode(model):
@@ -231,11 +234,14 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
         train_examples = best_and_worst(train_examples)
     processes = session.processes
     micro_size = config.batch_size // (processes.world_size * config.gradient_accumulation_steps)
-    evaluating = bool(eval_examples) and processes.is_main
 
-    # 2. The trained model is the same object: with LoRA, only adapters on it.
+    # 2. The trained model is the same object: with LoRA, only adapters on it; sharded over the processes if asked.
     if config.lora_r:
         model = add_lora(model, config)
+    if config.sharding == "fsdp":
+        model = shard(model, processes.world_size)
+    # Rank 0 alone evaluates, unless the model is sharded: then every process takes part in each forward pass.
+    evaluating = bool(eval_examples) and (processes.is_main or is_sharded(model))
 
     # 3. Reference log-probabilities, once, with the starting model (with LoRA: the adapters disabled); a resumed
     #    run reads the values its checkpoint stored instead.
@@ -243,7 +249,7 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     if session.checkpoint_path is None:
         with model.disable_adapter() if config.lora_r else contextlib.nullcontext(), mixed_precision(config):
             reference = reference_log_probs(model, train_examples, micro_size, pad, processes)  # (N, K)
-            # Rank 0 alone evaluates, in the evaluation's own chunks (bit-identical margins of 0 at step 0).
+            # The evaluating process(es), in the evaluation's own chunks (bit-identical margins of 0 at step 0).
             eval_reference = reference_log_probs(model, eval_examples, micro_size, pad) if evaluating else None
     model.train()
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state

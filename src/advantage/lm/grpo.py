@@ -97,6 +97,8 @@ CONFIG = GRPOConfig
 def validate(config: GRPOConfig) -> None:
     """Reject invalid hyperparameters with a one-line error naming the field."""
     validate_online(config)
+    require(config.sharding == "none", "sharding", "fsdp is implemented for sft and dpo only so far; grpo runs "
+            "data parallel (none)", config.sharding)
     require(config.group_size >= 2, "group_size", "must be >= 2 (the group is the baseline)", config.group_size)
     require(config.num_iterations >= 1, "num_iterations", "must be >= 1", config.num_iterations)
     require(config.clip_range > 0, "clip_range", "must be > 0", config.clip_range)

@@ -228,12 +228,16 @@ def _finishing(config) -> Callable[[Tensor], Tensor] | None:
 
 def head_parts(model: nn.Module) -> HeadParts | None:
     """The body and head of a transformers causal LM (or of the model a PEFT wrapper holds), or None when its logits
-    are not finish(head(body(x))).
+    are not finish(head(body(x))) or when the model is sharded (FSDP2 gathers its weights on its own forward only).
 
     The split is verified once per model, in eval mode and without gradients, on a two-token input: the head's
     output on the body's hidden states must equal the model's own logits. Unknown post-processing then falls back
     to the whole forward pass rather than giving wrong log-probabilities.
     """
+    from advantage.lm.sharding import is_sharded
+
+    if is_sharded(model):  # FSDP2 gathers the weights on the model's own forward only (lm/sharding.py)
+        return None
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return _VERIFIED[causal_lm]

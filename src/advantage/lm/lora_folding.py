@@ -38,7 +38,9 @@ def adapters_folded(model: nn.Module) -> Iterator[None]:
     subtraction), so training and its exact resume are unaffected. Outside PEFT LoRA (or for variants such as DoRA)
     this does nothing.
     """
-    layers = _foldable_lora_layers(model)
+    from advantage.lm.sharding import is_sharded
+
+    layers = [] if is_sharded(model) else _foldable_lora_layers(model)  # sharded weights are FSDP2's to gather
     if not layers:
         yield
         return

@@ -29,6 +29,7 @@ from advantage.lm.data_order import DataOrder
 from advantage.lm.preferences import PairwiseTally
 from advantage.lm.schedule import set_learning_rate
 from advantage.lm.session import LMSession, StepWindow
+from advantage.lm.sharding import memory_figures
 
 
 @dataclass
@@ -97,7 +98,8 @@ def train_offline(session: LMSession, model: nn.Module, optimizer: Optimizer, or
                       "charts/learning_rate": learning_rate}
             if batch.completion_tokens is not None:
                 logged["charts/completion_tokens"] = window.completion_tokens / window.steps
-            logged.update({"charts/epoch": order.epochs_done(step), "charts/skipped_updates": session.skipped_updates})
+            logged.update({"charts/epoch": order.epochs_done(step), "charts/skipped_updates": session.skipped_updates,
+                           **memory_figures(model, optimizer, processes.device)})
             if evaluation_due:
                 logged.update(held_out())
             last = session.metrics.log(step, session.elapsed(), logged)

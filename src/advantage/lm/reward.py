@@ -88,6 +88,8 @@ CONFIG = RewardConfig
 def validate(config: RewardConfig) -> None:
     """Reject invalid hyperparameters with a one-line error naming the field."""
     validate_preference_data(config, config.loss, config.loss in LISTWISE)
+    require(config.sharding == "none", "sharding", "fsdp is implemented for sft and dpo only so far; reward runs "
+            "data parallel (none)", config.sharding)
     require(not config.lora_r or config.lora_merge, "lora_merge",
             "must be true for a reward model (final/ is read by ScalarHeadModel.from_pretrained, which needs "
             "merged weights)", config.lora_merge)

@@ -113,6 +113,8 @@ CONFIG = RLHFConfig
 def validate(config: RLHFConfig) -> None:
     """Reject invalid hyperparameters with a one-line error naming the field."""
     validate_online(config)
+    require(config.sharding == "none", "sharding", "fsdp is implemented for sft and dpo only so far; rlhf runs "
+            "data parallel (none)", config.sharding)
     require(config.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", config.samples_per_prompt)
     require(config.update_epochs >= 1, "update_epochs", "must be >= 1", config.update_epochs)
     require(config.num_minibatches >= 1, "num_minibatches", "must be >= 1", config.num_minibatches)

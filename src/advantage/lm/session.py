@@ -26,19 +26,40 @@ from advantage.errors import UsageError
 from advantage.lm.config import BUILTIN_PREFIX, LMConfig
 from advantage.lm.loading import load_policy
 from advantage.lm.models import quiet_transformers
+from advantage.lm.sharding import (
+    gathered_full_state,
+    gathered_optimizer_state,
+    gathered_trainable_state,
+    is_sharded,
+    load_optimizer_state,
+    load_trainable_state,
+    optimizer_state_by_name,
+)
 from advantage.run.checkpoint import (
     interval,
-    load_checkpoint,
+    read_checkpoint,
     removed_if_it_fails,
     save_checkpoint,
 )
-from advantage.run.config import apply_overrides, load_config_file, load_yaml_mapping
+from advantage.run.config import apply_overrides, load_config_file, load_yaml_mapping, read_sources, with_sources
 from advantage.run.session import Run, RunSession, default_run_dir
 
 STAGES = ("sft", "reward", "dpo", "grpo", "rlhf")
 
 
 # --------------------------------------------------------------------------------------------------------- session
+
+
+class _Tensors:
+    """Tensors already gathered (a sharded model's full trainable weights), looking like a module to
+    `save_checkpoint`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """name -> tensor."""
+        return self.tensors
 
 
 class _TrainableParameters:
@@ -88,7 +109,9 @@ class StepWindow:
         """One optimizer step on the accumulated gradients when `loss` is finite; always zeroes them after."""
         stepped = session.finite(loss)
         if stepped:
-            grad_norm = float(nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_norm))
+            norm = nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_norm)
+            # Sharded (FSDP2) gradients give the norm of all the slices as a DTensor: the same number everywhere.
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             optimizer.step()
             self.loss += loss
             self.grad_norm += grad_norm
@@ -147,19 +170,30 @@ class LMSession(RunSession):
         Returns:
             The saved state (for the stage's own extra entries), or None on a fresh start.
         """
-        self._trainable, self._optimizer, self._fingerprint = _TrainableParameters(model), optimizer, data_fingerprint
+        self._model, self._optimizer, self._fingerprint = model, optimizer, data_fingerprint
+        self._trainable = _TrainableParameters(model)
         self.steps = steps
         self.checkpoint_every = interval(self.config.checkpoint_every, steps)
         self.eval_every = interval(self.config.eval_every, steps)
         self.write_config()
         state = None
         if self.checkpoint_path is not None:
-            state = load_checkpoint(self.checkpoint_path, {"model": self._trainable})
+            tensors, state = read_checkpoint(self.checkpoint_path)
             if state.get("data_fingerprint") != data_fingerprint:
                 raise UsageError(f"{self.checkpoint_path}: the training data (or tokenizer, or max_length) changed "
                                  f"since this checkpoint; exact resume needs the same data")
+            weights = {key.removeprefix("model."): value for key, value in tensors.items()}
+            # A checkpoint holds whole tensors and, written by a sharded run, the optimizer state keyed by parameter
+            # name: it resumes sharded or not, on any number of processes (lm/sharding.py).
+            by_name = state.get("optimizer_keys") == "names"
+            if is_sharded(model) or by_name:
+                load_trainable_state(model, weights)
+                saved = state["optimizer"] if by_name else optimizer_state_by_name(model, optimizer, state["optimizer"])
+                load_optimizer_state(model, optimizer, saved)
+            else:
+                self._trainable.load_state_dict(weights)
+                optimizer.load_state_dict(state["optimizer"])
             self.restore_common(state)
-            optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"])
             if "cuda_rng" in state and self.processes.device.type == "cuda":  # dropout on a GPU draws from it
                 torch.cuda.set_rng_state(state["cuda_rng"], self.processes.device)
@@ -177,15 +211,38 @@ class LMSession(RunSession):
     def save(self, step: int, extra: dict[str, Any] | None = None) -> None:
         """Flush the logs; checkpoint the trainable parameters, optimizer, RNG and counters after `step` steps."""
         assert self.metrics is not None
-        if not self.processes.is_main:  # the other processes hold the same weights and state
+        sharded = is_sharded(self._model)
+        if sharded:  # every process gives its slices; rank 0 receives the whole tensors and writes them
+            weights = _Tensors(gathered_trainable_state(self._model))
+            optimizer_state = gathered_optimizer_state(self._model, self._optimizer)
+        if not self.processes.is_main:  # the other processes hold the same weights and state (or their slices)
             return
         self.metrics.flush()
-        state = {**self.common_state(step), "optimizer": self._optimizer.state_dict(),
+        state = {**self.common_state(step),
+                 **({"optimizer": optimizer_state, "optimizer_keys": "names"} if sharded
+                    else {"optimizer": self._optimizer.state_dict()}),
                  "torch_rng": torch.get_rng_state(),
                  **({"cuda_rng": torch.cuda.get_rng_state(self.processes.device)}
                     if self.processes.device.type == "cuda" else {}),
                  "data_fingerprint": self._fingerprint, **(extra or {})}
-        save_checkpoint(self.run_dir, step, {"model": self._trainable}, state, keep=self.config.keep_checkpoints)
+        save_checkpoint(self.run_dir, step, {"model": weights if sharded else self._trainable}, state,
+                        keep=self.config.keep_checkpoints)
+
+    def _unsharded_copy(self, full: dict[str, torch.Tensor]) -> nn.Module:
+        """A plain model on the CPU, built as the stage built its own (LoRA included), holding the `full` weights of a
+        sharded one."""
+        from advantage.lm.loading import add_lora
+
+        model = load_policy(self.config, torch.device("cpu"))[0]
+        if self.config.lora_r:
+            model = add_lora(model, self.config)
+        missing, unexpected = model.load_state_dict(full, strict=False)
+        # Tied weights (the language-model head sharing the embeddings) may appear under one of their names only.
+        tied = {name for name in missing if name.endswith("lm_head.weight")}
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"gathered weights do not fit the model: missing {missing[:3]}, unexpected "
+                               f"{unexpected[:3]}")
+        return model
 
     def show(self, step: int, figures: dict[str, float]) -> None:
         """Move the progress display to `step` with a few figures."""
@@ -204,6 +261,10 @@ class LMSession(RunSession):
         from advantage.lm.fetch import is_gguf
         from advantage.lm.models import ScalarHeadModel, save_pretrained
 
+        if is_sharded(model):  # rank 0 puts the gathered weights into an unsharded copy on the CPU and saves that
+            full = gathered_full_state(model)
+            if self.processes.is_main:
+                model = self._unsharded_copy(full)
         if not self.processes.is_main:  # rank 0 writes final/; the weights are the same everywhere
             self.processes.barrier()
             return model
@@ -275,5 +336,7 @@ def resume(run_dir: str | Path, stage: str | None = None, **fields: Any) -> Run:
         raise UsageError(f"--resume {run_dir}: that run is '{name}', not '{stage}'")
     module = stage_module(name)
     config = apply_overrides(module.CONFIG(), saved, str(run_dir / "config.yaml"))
+    # Where each value came from, as the run's start wrote it (not "config.yaml" for every field).
+    config = with_sources(config, read_sources(run_dir / "config.yaml"))
     config = apply_overrides(config, fields, "arguments")
     return module.train(config, run_dir, resume=True)

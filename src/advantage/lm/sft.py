@@ -59,6 +59,7 @@ from advantage.lm.models import evaluation_mode, model_device
 from advantage.lm.offline import BatchGradient, train_offline
 from advantage.lm.schedule import make_optimizer
 from advantage.lm.session import LMSession
+from advantage.lm.sharding import is_sharded, shard
 from advantage.lm.tokenizer import end_token_ids, strip_end_tokens
 from advantage.objectives.masking import aggregate
 from advantage.run.config import param, require
@@ -206,15 +207,18 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> Run:
     eval_examples = eval_examples[:config.eval_max_prompts or None]
     if config.lora_r:
         model = add_lora(model, config)
+    processes = session.processes
+    if config.sharding == "fsdp":
+        model = shard(model, processes.world_size)
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
     optimizer = make_optimizer(model, config)
     steps = total_steps(config, len(train_examples))
-    processes = session.processes
     order = DataOrder(len(train_examples), config.batch_size, config.seed, processes.rank, processes.world_size)
     data_id = fingerprint([[e.prompt_ids, e.completion_ids] for e in train_examples])
     session.start(model, optimizer, steps, data_id)
     micro_size = config.batch_size // (processes.world_size * config.gradient_accumulation_steps)
-    evaluating = bool(eval_examples) and processes.is_main  # rank 0 alone evaluates
+    # Rank 0 alone evaluates, unless the model is sharded: then every process takes part in each forward pass.
+    evaluating = bool(eval_examples) and (processes.is_main or is_sharded(model))
 
     def held_out() -> dict[str, float]:
         with mixed_precision(config):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -30,7 +30,11 @@ from advantage.run.session import Run
 
 @dataclass
 class A2CConfig(RLConfig):
-    """A2C's hyperparameters (defaults close to Stable-Baselines3's A2C)."""
+    """A2C's hyperparameters (defaults close to Stable-Baselines3's A2C; for Box actions, BOX_DEFAULTS)."""
+
+    # Box (continuous) actions and no preset: rl-baselines3-zoo's MuJoCo entries for A2C keep SB3's A2C settings
+    # and add observation normalisation (MuJoCo's observations span orders of magnitude).
+    BOX_DEFAULTS: ClassVar[dict[str, object]] = {"normalize_observation": True}
 
     num_envs: int = param(8, "parallel environments")
     num_steps: int = param(5, "steps per environment per update (the n of the n-step advantage)")

@@ -23,7 +23,7 @@ import torch
 from advantage.errors import UsageError
 from advantage.rl.envs import SpaceInfo, load_normalization_state, make_vector_env, normalization_state, space_info
 from advantage.run.checkpoint import interval, load_checkpoint, save_checkpoint, save_weights
-from advantage.run.config import param, require
+from advantage.run.config import describe_sources, param, require
 from advantage.run.files import atomic_write_text
 from advantage.run.report import threshold_summary
 from advantage.run.seeding import derive_seed
@@ -134,6 +134,8 @@ class Session(RunSession):
         # Written only now that the environment and the networks exist: a run that cannot start (an unknown
         # environment, an unsupported action space) leaves no run directory behind.
         self.write_config()
+        if not self.resume:  # which defaults applied (those for the action space?), the preset, the file, the flags
+            print(f"advantage: {describe_sources(self.algorithm, self.config)}", file=sys.stderr, flush=True)
         if self._start_note:
             print(self._start_note, file=sys.stderr)
         state = None

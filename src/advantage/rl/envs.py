@@ -54,6 +54,21 @@ def space_info(env: gym.vector.VectorEnv, env_id: str) -> SpaceInfo:
     raise UsageError(f"env '{env_id}': unsupported action space {action_space} (Discrete or flat Box only)")
 
 
+def action_space_kind(env_id: str) -> str | None:
+    """"Box" or "Discrete": the kind of `env_id`'s action space (one environment is made and closed to see it), or
+    None when it cannot be made (the run then fails later with the environment's own error)."""
+    try:
+        env = gym.make(env_id)
+    except Exception:  # noqa: BLE001 - any failure here is reported where the run makes its environments
+        return None
+    try:
+        space = env.action_space
+        return "Box" if isinstance(space, gym.spaces.Box) else "Discrete" if isinstance(space, gym.spaces.Discrete) \
+            else None
+    finally:
+        env.close()
+
+
 def make_vector_env(env_id: str, num_envs: int, vectorization: Vectorization = "auto",
                     normalize_observation: bool = False, normalize_reward: bool = False, gamma: float = 0.99,
                     clip_observation: float = 10.0, clip_reward: float = 10.0,

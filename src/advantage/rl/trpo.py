@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -31,7 +32,12 @@ from advantage.run.session import Run
 
 @dataclass
 class TRPOConfig(RLConfig):
-    """TRPO's hyperparameters (defaults close to Stable-Baselines3's TRPO)."""
+    """TRPO's hyperparameters (defaults close to Stable-Baselines3's TRPO; for Box actions, BOX_DEFAULTS)."""
+
+    # Box (continuous) actions and no preset: one environment x 2,048 steps as sb3-contrib's TRPO, with the
+    # observation and return normalisation that the MuJoCo TRPO set-ups of rl-baselines3-zoo use.
+    BOX_DEFAULTS: ClassVar[dict[str, object]] = {
+        "num_envs": 1, "num_steps": 2048, "normalize_observation": True, "normalize_reward": True}
 
     num_envs: int = param(4, "parallel environments")
     num_steps: int = param(512, "steps per environment per iteration (batch = num_steps x num_envs)")

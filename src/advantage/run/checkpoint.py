@@ -126,8 +126,8 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
-def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
-    """Load weights into `modules` (strictly) and return the saved state mapping."""
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of a checkpoint's model.safetensors ("module.key" -> CPU tensor) and its saved state mapping."""
     path = Path(path)
     try:
         tensors = load_file(str(path / "model.safetensors"))
@@ -135,6 +135,12 @@ def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module]
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     except (OSError, RuntimeError) as error:
         raise UsageError(f"{path}: unreadable checkpoint ({error})") from None
+    return tensors, state
+
+
+def load_checkpoint(path: str | os.PathLike, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """Load weights into `modules` (strictly) and return the saved state mapping."""
+    tensors, state = read_checkpoint(path)
     for name, module in modules.items():
         prefix = f"{name}."
         module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)

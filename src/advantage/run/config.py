@@ -1,13 +1,17 @@
 """Configs are dataclasses whose every field carries a one-line help; YAML presets, files and CLI flags fill them.
 
-Precedence (later wins): the dataclass defaults < a shipped preset for the environment < `--config FILE.yaml` <
-command-line flags. The resolved config is written to RUN_DIR/config.yaml.
+Precedence (later wins): the dataclass defaults < the defaults for the environment's action space (classic, Box
+actions) < a shipped preset for the environment < `--config FILE.yaml` < command-line flags. Every layer is applied
+with `apply_overrides`, which remembers where each field's value came from (`sources_of`); the resolved config is
+written to RUN_DIR/config.yaml with that source as a comment on each line that did not keep its default, and the
+run prints the same in one line when it starts (`describe_sources`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import types
 import typing
@@ -103,7 +107,8 @@ def _notice_renamed(old: str, new: str, source: str) -> None:
 
 def apply_overrides(config: Any, overrides: dict[str, Any], source: str) -> Any:
     """A copy of `config` with fields replaced from a mapping (unknown keys are an error naming `source`; a renamed
-    field's old name is read as the new one, with a notice)."""
+    field's old name is read as the new one, with a notice). The copy remembers that those fields came from
+    `source` (`sources_of`)."""
     names = {f.name for f in dataclasses.fields(config)}
     renamed = renamed_fields(type(config))
     updates = {}
@@ -115,7 +120,46 @@ def apply_overrides(config: Any, overrides: dict[str, Any], source: str) -> Any:
         if name not in names:
             raise UsageError(f"{source}: unknown field '{key}' for {type(config).__name__}")
         updates[name] = coerce(type(config), name, value, source)
-    return dataclasses.replace(config, **updates)
+    # A field set again moves to its new source's group, so that the groups read in the order they were applied.
+    earlier = {name: where for name, where in sources_of(config).items() if name not in updates}
+    return with_sources(dataclasses.replace(config, **updates), {**earlier, **{name: source for name in updates}})
+
+
+def sources_of(config: Any) -> dict[str, str]:
+    """Where each field set by `apply_overrides` came from, field -> source ("preset ppo/Acrobot-v1", "command
+    line", a file name, ...); a field absent here has its dataclass default."""
+    return dict(getattr(config, "_sources", {}))
+
+
+def with_sources(config: Any, sources: dict[str, str]) -> Any:
+    """`config` remembering `sources` (field -> where its value came from); returns the same object."""
+    object.__setattr__(config, "_sources", dict(sources))
+    return config
+
+
+def describe_sources(name: str, config: Any) -> str:
+    """One line saying where the values of a resolved config came from, grouped by source in the order applied:
+    "ppo Swimmer-v5: defaults for Box actions (num_envs=1, num_steps=2048); command line (seed=2); the rest: ppo's
+    defaults". A field set to its default value is still listed (its source chose it)."""
+    groups: dict[str, list[str]] = {}
+    for field, source in sources_of(config).items():
+        groups.setdefault(source, []).append(f"{field}={getattr(config, field)}")
+    subject = getattr(config, "env_id", None) or getattr(config, "model", "")
+    parts = [f"{source} ({', '.join(fields)})" for source, fields in groups.items()]
+    parts.append(f"the rest: {name}'s defaults")
+    return f"{name} {subject}: " + "; ".join(parts)
+
+
+_ANNOTATION = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*): .*?  # from (.+)$")
+
+
+def read_sources(path: str | os.PathLike) -> dict[str, str]:
+    """The sources that `save_config` wrote as comments in a run's config.yaml (field -> source)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    return {match[1]: match[2] for match in map(_ANNOTATION.match, lines) if match}
 
 
 def load_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
@@ -157,5 +201,21 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Any, path: str | os.PathLike, algorithm: str) -> None:
-    """Write the resolved config as YAML (with the algorithm's name), atomically."""
-    atomic_write_text(path, yaml.safe_dump({"algorithm": algorithm, **to_dict(config)}, sort_keys=False))
+    """Write the resolved config as YAML (with the algorithm's name), atomically; each field that did not keep its
+    dataclass default carries its source as a comment ("num_envs: 1  # from defaults for Box actions")."""
+    sources = sources_of(config)
+    lines = []
+    for line in yaml.safe_dump({"algorithm": algorithm, **to_dict(config)}, sort_keys=False).splitlines():
+        key = line.split(":", 1)[0]
+        # Only a complete one-line `key: value` gets a comment (a long string may continue on the next line).
+        if key in sources and not line.startswith((" ", "-")) and _one_line(line, key, getattr(config, key)):
+            line = f"{line}  # from {sources[key]}"
+        lines.append(line)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _one_line(line: str, key: str, value: Any) -> bool:
+    try:
+        return yaml.safe_load(line) == {key: value}
+    except yaml.YAMLError:
+        return False

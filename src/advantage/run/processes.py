@@ -100,8 +100,11 @@ class Processes:
         return tensor.tolist()
 
     def sum_gradients(self, model: nn.Module) -> None:
-        """Replace every trainable parameter's .grad by its sum over the processes, in one all-reduce."""
-        if self.world_size == 1:
+        """Replace every trainable parameter's .grad by its sum over the processes, in one all-reduce. A model sharded
+        with FSDP2 (`--sharding fsdp`) had its gradients reduce-scattered as sums in the backward pass already."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if self.world_size == 1 or isinstance(model, FSDPModule):
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
         flat = torch.cat([grad.reshape(-1) for grad in grads])

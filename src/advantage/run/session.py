@@ -84,7 +84,7 @@ class RunSession:
         self._clock_start = time.perf_counter()
 
     def write_config(self) -> None:
-        """Create the run directory and write config.yaml (rank 0)."""
+        """Create the run directory and write config.yaml (rank 0), each value marked with where it came from."""
         if self.processes.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml", self.algorithm)
