@@ -31,29 +31,20 @@ def main() -> None:
     import numpy as np
     import torch
     from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
+
+    from sb3_episodes import episode_logger
 
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     env = make_vec_env(args.env_id, n_envs=1, seed=args.seed)
     model = PPO("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0)
-    returns: list[float] = []
-    log = open(os.path.join(args.out, "episodes.jsonl"), "w")
-
-    class Episodes(BaseCallback):
-        def _on_step(self) -> bool:
-            for info in self.locals["infos"]:
-                if "episode" in info:
-                    returns.append(float(info["episode"]["r"]))
-                    log.write(json.dumps({"step": self.num_timesteps, "return": returns[-1],
-                                          "length": int(info["episode"]["l"])}) + "\n")
-            return True
+    episodes, returns = episode_logger(os.path.join(args.out, "episodes.jsonl"))
 
     start = time.perf_counter()
-    model.learn(total_timesteps=args.timesteps, callback=Episodes())
+    model.learn(total_timesteps=args.timesteps, callback=episodes)
     wall = time.perf_counter() - start
-    log.close()
+    episodes.log.close()
     final = float(np.mean(returns[-20:])) if returns else None
     print(json.dumps({"side": "sb3", "env_id": args.env_id, "seed": args.seed, "steps": int(model.num_timesteps),
                       "time_s": round(wall, 1), "final_return": final, "episodes": len(returns)}))

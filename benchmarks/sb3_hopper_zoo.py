@@ -31,9 +31,10 @@ def main() -> None:
     import numpy as np
     import torch
     from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
+
+    from sb3_episodes import episode_logger
 
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
@@ -46,23 +47,12 @@ def main() -> None:
                 max_grad_norm=0.7, vf_coef=0.835671,
                 policy_kwargs=dict(log_std_init=-2, ortho_init=False, activation_fn=torch.nn.ReLU,
                                    net_arch=dict(pi=[256, 256], vf=[256, 256])))
-    returns: list[float] = []
-    log = open(os.path.join(args.out, "episodes.jsonl"), "w")
-
-    class Episodes(BaseCallback):
-        def _on_step(self) -> bool:
-            for info in self.locals["infos"]:
-                if "episode" in info:
-                    returns.append(float(info["episode"]["r"]))
-                    log.write(json.dumps({"step": self.num_timesteps, "return": returns[-1],
-                                          "length": int(info["episode"]["l"])}) + "\n")
-                    log.flush()
-            return True
+    episodes, returns = episode_logger(os.path.join(args.out, "episodes.jsonl"))
 
     start = time.perf_counter()
-    model.learn(total_timesteps=args.timesteps, callback=Episodes())
+    model.learn(total_timesteps=args.timesteps, callback=episodes)
     wall = time.perf_counter() - start
-    log.close()
+    episodes.log.close()
     means = [float(np.mean(returns[max(0, i - 19):i + 1])) for i in range(19, len(returns))]
 
     env.training = False
