@@ -41,7 +41,7 @@ from advantage.run.checkpoint import (
     removed_if_it_fails,
     save_checkpoint,
 )
-from advantage.run.config import apply_overrides, load_config_file, load_yaml_mapping, read_sources, with_sources
+from advantage.run.config import apply_overrides, load_config_file, load_yaml_mapping, resumed_config
 from advantage.run.session import Run, RunSession, default_run_dir
 
 STAGES = ("sft", "reward", "dpo", "grpo", "rlhf")
@@ -335,8 +335,5 @@ def resume(run_dir: str | Path, stage: str | None = None, **fields: Any) -> Run:
     if stage is not None and name != stage:
         raise UsageError(f"--resume {run_dir}: that run is '{name}', not '{stage}'")
     module = stage_module(name)
-    config = apply_overrides(module.CONFIG(), saved, str(run_dir / "config.yaml"))
-    # Where each value came from, as the run's start wrote it (not "config.yaml" for every field).
-    config = with_sources(config, read_sources(run_dir / "config.yaml"))
-    config = apply_overrides(config, fields, "arguments")
+    config = resumed_config(module.CONFIG(), saved, run_dir / "config.yaml", fields)
     return module.train(config, run_dir, resume=True)

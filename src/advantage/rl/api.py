@@ -18,7 +18,7 @@ from advantage.errors import UsageError
 from advantage.rl.envs import action_space_kind
 from advantage.rl.presets import preset_for
 from advantage.run.checkpoint import removed_if_it_fails
-from advantage.run.config import apply_overrides, load_config_file, load_yaml_mapping, read_sources, with_sources
+from advantage.run.config import apply_overrides, load_config_file, load_yaml_mapping, resumed_config
 from advantage.run.session import Run, default_run_dir
 
 ALGORITHMS = ("reinforce", "a2c", "ppo", "trpo", "dqn")
@@ -84,8 +84,5 @@ def resume(run_dir: str | Path, **fields: Any) -> Run:
     saved = load_yaml_mapping(run_dir / "config.yaml")
     name = saved.pop("algorithm", None)
     module = algorithm_module(str(name))
-    config = apply_overrides(module.CONFIG(), saved, str(run_dir / "config.yaml"))
-    # Where each value came from, as the run's start wrote it (not "config.yaml" for every field).
-    config = with_sources(config, read_sources(run_dir / "config.yaml"))
-    config = apply_overrides(config, fields, "arguments")
+    config = resumed_config(module.CONFIG(), saved, run_dir / "config.yaml", fields)
     return module.train(config, run_dir, resume=True)

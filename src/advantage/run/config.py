@@ -162,6 +162,14 @@ def read_sources(path: str | os.PathLike) -> dict[str, str]:
     return {match[1]: match[2] for match in map(_ANNOTATION.match, lines) if match}
 
 
+def resumed_config(config: Any, saved: dict[str, Any], path: str | os.PathLike, fields: dict[str, Any]) -> Any:
+    """The config of a resumed run: `config` (its class's defaults) with the fields `saved` from its config.yaml at
+    `path`, each keeping the source its start wrote beside it, then `fields` (the resume's own arguments)."""
+    config = apply_overrides(config, saved, str(path))
+    config = with_sources(config, read_sources(path))  # not "config.yaml" for every field
+    return apply_overrides(config, fields, "arguments")
+
+
 def load_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; errors name the file (and line, for syntax errors)."""
     path = Path(path)
