@@ -12,7 +12,8 @@ with `use_cpu` switched off; it is skipped, and said so, when trl does not impor
 check on the CPU (a dry run of the script itself).
 
 Writes OUT/results.json and prints a markdown table: per stage, seconds, the last loss and the peak GPU memory
-(torch.cuda.max_memory_allocated); per speed workload, each side's figure and the ratio.
+(torch.cuda.max_memory_allocated); per classic algorithm, its seconds on the CPU and on the GPU (what
+`--device auto` should choose); per speed workload, each side's figure and the ratio.
 """
 
 from __future__ import annotations
@@ -202,11 +203,44 @@ def speed(args, out: Path) -> list[dict]:
     return results
 
 
+# The classic algorithms on both devices (`--device auto` is the CPU for them: this measures whether it should be).
+CLASSIC = {"ppo CartPole-v1": ["ppo", "--env-id", "CartPole-v1", "--total-steps", "16384"],
+           "ppo HalfCheetah-v5": ["ppo", "--env-id", "HalfCheetah-v5", "--no-preset", "--total-steps", "8192"],
+           "a2c CartPole-v1": ["a2c", "--env-id", "CartPole-v1", "--total-steps", "8000"],
+           "trpo Pendulum-v1": ["trpo", "--env-id", "Pendulum-v1", "--total-steps", "8192"],
+           "reinforce CartPole-v1": ["reinforce", "--env-id", "CartPole-v1", "--total-steps", "8000"],
+           "dqn CartPole-v1": ["dqn", "--env-id", "CartPole-v1", "--total-steps", "8000"]}
+
+
+def classic_devices(args, out: Path) -> list[dict]:
+    """Each classic algorithm for a few thousand steps on the CPU and on the GPU, one thread: seconds and steps/s
+    (the update's device; collection is on the CPU either way)."""
+    devices = ["cpu"] if args.device == "cpu" else ["cpu", "cuda"]
+    results = []
+    for name, command in CLASSIC.items():
+        for device in devices:
+            run_dir = out / "classic" / f"{name.replace(' ', '-')}-{device}"
+            done = _run([sys.executable, "-m", "advantage.cli", "train", *command, "--device", device, "--threads",
+                         "1", "--progress", "false", "--tensorboard", "false", "--out", str(run_dir)],
+                        timeout=args.timeout)
+            metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+                if (run_dir / "metrics.jsonl").exists() else []
+            results.append({"check": f"{name}, {device}", "ok": done.returncode == 0,
+                            "seconds": metrics[-1]["time_s"] if metrics else None,
+                            "steps_per_s": round(metrics[-1]["step"] / metrics[-1]["time_s"]) if metrics else None,
+                            "error": done.stderr.strip().splitlines()[-1:] if done.returncode else []})
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def table(report: dict) -> str:
     lines = ["| check | ok | seconds | last loss | peak GPU MiB |", "|---|---|---|---|---|"]
     for row in report["stages"] + report["two_processes"]:
         lines.append(f"| {row['check']} | {row.get('ok')} | {row.get('seconds')} | {row.get('last_loss')} | "
                      f"{row.get('peak_gpu_mib')} |")
+    lines += ["", "| classic algorithm, device | ok | seconds | steps/s |", "|---|---|---|---|"]
+    lines += [f"| {row['check']} | {row['ok']} | {row['seconds']} | {row['steps_per_s']} |"
+              for row in report.get("classic", [])]
     lines += ["", "| workload | side | run | ok | figure (grpo: median s/step; dpo: pairs/s) | peak GPU MiB |",
               "|---|---|---|---|---|---|"]
     for row in report["speed"]:
@@ -239,6 +273,7 @@ def main() -> None:
     print(json.dumps(report), flush=True)
     report["stages"] = check_stages(args, out)
     report["two_processes"] = check_two_processes(args, out)
+    report["classic"] = classic_devices(args, out)
     report["speed"] = [] if args.skip_speed else speed(args, out)
     (out / "results.json").write_text(json.dumps(report, indent=1))
     print(table(report))

@@ -74,7 +74,8 @@ def train(config: A2CConfig, run_dir: str | Path, resume: bool = False) -> Run:
     env, space = make_env(config)
     torch.manual_seed(config.seed)
     policy = Policy(space, initial_log_std=config.initial_log_std, **config.networks())
-    critic = ValueFunction(space.observation_dim, **config.networks())
+    critic = ValueFunction(space.observation_dim, **config.networks()).to(session.device)
+    policy.to(session.device)
     modules: dict[str, nn.Module] = {"policy": policy, "critic": critic}
     flat = FlatParameters([policy, critic])
     if config.optimizer == "rmsprop":

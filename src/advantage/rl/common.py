@@ -50,6 +50,8 @@ class RLConfig:
     keep_checkpoints: int = param(2, "how many of the newest checkpoints to keep")
     max_nonfinite: int = param(5, "stop after this many consecutive updates with a non-finite loss")
     threads: int = param(1, "torch threads (1 is fastest for small networks)")
+    device: str = param("auto", "where the networks are updated: auto (the CPU, see the README's GPU section), cpu, "
+                                "cuda or cuda:N; rollouts are collected on the CPU either way")
     tensorboard: bool = param(True, "also write TensorBoard event files")
     progress: bool = param(True, "show progress (a live bar on a terminal, periodic lines otherwise)")
     label: str = param("", "the run's name in progress lines and reports (default: algorithm and environment)")
@@ -103,12 +105,17 @@ class Session(RunSession):
     """
 
     advice = "lower the learning rate, or enable observation/reward normalisation"
+    # `--device auto` is the CPU for the classic algorithms: their networks are a few 64-wide layers updated in
+    # minibatches of 64, where a GPU's kernel launches cost more than the arithmetic (README, "GPUs, several
+    # processes or machines").
+    auto_device = "cpu"
 
     def __init__(self, algorithm: str, config: RLConfig, run_dir: str | Path, resume: bool, iterations: int,
                  steps_per_iteration: int, unit: str = ""):
         super().__init__(algorithm, config, run_dir, resume)
         if self.processes.world_size > 1:
             raise UsageError("the classic algorithms train in one process; start them without torchrun")
+        self.device = self.processes.device
         self.iterations = iterations
         self.steps_per_iteration = steps_per_iteration
         self.checkpoint_every = interval(config.checkpoint_every, iterations)
@@ -209,7 +216,8 @@ class Session(RunSession):
 
 
 def torch_generator(seed: int) -> torch.Generator:
-    """A CPU generator for action sampling and minibatch shuffles (its state goes into checkpoints)."""
+    """A CPU generator for action sampling and minibatch shuffles (its state goes into checkpoints). It stays on
+    the CPU whatever `--device` says, so the random stream, and a checkpoint, are the same on every device."""
     return torch.Generator().manual_seed(seed)
 
 

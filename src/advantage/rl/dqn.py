@@ -132,6 +132,8 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
     q_network = QNetwork(space.observation_dim, space.action_dim, **config.networks())
     target_network = QNetwork(space.observation_dim, space.action_dim, **config.networks())
     target_network.load_state_dict(q_network.state_dict())
+    q_network.to(session.device)
+    target_network.to(session.device)
     modules: dict[str, nn.Module] = {"q": q_network, "q_target": target_network}
     online_flat, target_flat = FlatParameters([q_network]), FlatParameters([target_network])
     optimizer = torch.optim.Adam([online_flat.flat], lr=config.learning_rate, fused=True)
@@ -161,7 +163,7 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
             epsilon = linear_schedule(config.start_epsilon, config.end_epsilon, exploration_steps, step)
             observation = collector.observation
             with torch.inference_mode():
-                greedy = q_network(torch.from_numpy(observation)).argmax(-1)
+                greedy = q_network(torch.from_numpy(observation).to(session.device)).argmax(-1).cpu()
             explore = torch.rand(config.num_envs, generator=generator) < epsilon
             random_actions = torch.randint(0, space.action_dim, (config.num_envs,), generator=generator)
             actions = torch.where(explore, random_actions, greedy).numpy()
@@ -180,8 +182,9 @@ def train(config: DQNConfig, run_dir: str | Path, resume: bool = False) -> Run:
         # 2. Regress Q(s, a) on the Bellman targets (docs/math.md §3: Q = r + gamma V(s'), with V(s') = max Q).
         if step >= config.learning_starts and buffer.size >= config.batch_size:
             for _ in range(config.gradient_steps):
-                observations, actions, rewards, next_observations, terminated = buffer.sample(config.batch_size,
-                                                                                              generator)
+                # The buffer stays on the CPU (checkpoints hold it); each minibatch goes to the networks' device.
+                observations, actions, rewards, next_observations, terminated = (
+                    sampled.to(session.device) for sampled in buffer.sample(config.batch_size, generator))
                 with torch.no_grad():
                     next_q_target = target_network(next_observations)
                     next_q_online = q_network(next_observations) if config.double_dqn else None

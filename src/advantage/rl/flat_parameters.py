@@ -26,7 +26,7 @@ class FlatParameters:
     def __init__(self, modules: list[nn.Module]):
         parameters = [p for module in modules for p in module.parameters()]
         total = sum(p.numel() for p in parameters)
-        self.flat = nn.Parameter(torch.empty(total, dtype=parameters[0].dtype))
+        self.flat = nn.Parameter(torch.empty(total, dtype=parameters[0].dtype, device=parameters[0].device))
         self.flat.grad = torch.zeros_like(self.flat)
         offset = 0
         for p in parameters:

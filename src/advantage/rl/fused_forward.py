@@ -23,23 +23,25 @@ def fused_forward(policy: Policy, critic: ValueFunction | None):
     overhead dominates (about 4x the arithmetic for two 64x64 MLPs). Concatenating the first layers and
     block-diagonalising the others runs both networks as 3 matrix products instead of 6 module calls. Built from
     the current weights (rebuild after every update); exact up to float summation order (tests compare it).
-    Without a critic the last column is 0.
+    Without a critic the last column is 0. The weights are copied to the CPU, where collection runs whatever
+    device the networks are updated on: one environment step's few rows gain nothing from a GPU, and stepping
+    there would cost two transfers and a synchronisation per step.
     """
     actor_layers = _linear_layers(policy.body)
     if critic is None:
-        weights = [layer.weight.detach().t().contiguous() for layer in actor_layers]
-        biases = [layer.bias.detach() for layer in actor_layers]
+        weights = [layer.weight.detach().cpu().t().contiguous() for layer in actor_layers]
+        biases = [layer.bias.detach().cpu() for layer in actor_layers]
         weights[-1] = torch.cat([weights[-1], torch.zeros(weights[-1].shape[0], 1)], dim=1)
         biases[-1] = torch.cat([biases[-1], torch.zeros(1)])
     else:
         critic_layers = _linear_layers(critic.body)
         if len(critic_layers) != len(actor_layers):
             raise ValueError("fused_forward needs policy and critic of the same depth")
-        weights = [torch.cat([actor_layers[0].weight, critic_layers[0].weight]).detach().t().contiguous()]
-        biases = [torch.cat([actor_layers[0].bias, critic_layers[0].bias]).detach()]
+        weights = [torch.cat([actor_layers[0].weight, critic_layers[0].weight]).detach().cpu().t().contiguous()]
+        biases = [torch.cat([actor_layers[0].bias, critic_layers[0].bias]).detach().cpu()]
         for a, c in zip(actor_layers[1:], critic_layers[1:]):
-            weights.append(torch.block_diag(a.weight, c.weight).detach().t().contiguous())
-            biases.append(torch.cat([a.bias, c.bias]).detach())
+            weights.append(torch.block_diag(a.weight, c.weight).detach().cpu().t().contiguous())
+            biases.append(torch.cat([a.bias, c.bias]).detach().cpu())
     activation = _activation(policy.body)
     last = len(weights) - 1
 

@@ -108,7 +108,8 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     env, space = make_env(config)
     torch.manual_seed(config.seed)
     policy = Policy(space, initial_log_std=config.initial_log_std, **config.networks())
-    critic = ValueFunction(space.observation_dim, **config.networks())
+    critic = ValueFunction(space.observation_dim, **config.networks()).to(session.device)
+    policy.to(session.device)
     modules: dict[str, nn.Module] = {"policy": policy, "critic": critic}
     flat = FlatParameters([policy, critic])
     optimizer = torch.optim.Adam([flat.flat], lr=config.learning_rate, eps=1e-5, fused=True)
@@ -160,7 +161,7 @@ def train(config: PPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
         seen_log_probs = old_log_probs.clone()
         seen_advantages = flat_advantages.clone()
         for _epoch in range(config.update_epochs):
-            order = torch.randperm(samples, generator=generator)
+            order = torch.randperm(samples, generator=generator).to(session.device)
             used = order[:samples - samples % minibatch_size]
             for start in range(0, samples - minibatch_size + 1, minibatch_size):
                 index = order[start:start + minibatch_size]

@@ -80,8 +80,9 @@ def train(config: ReinforceConfig, run_dir: str | Path, resume: bool = False) ->
                       steps_per_iteration=config.num_envs)
     session.checkpoint_every = 10  # iterations here are single batches of episodes: checkpoint every 10 of them
     torch.manual_seed(config.seed)
-    policy = Policy(space, **config.networks())
-    critic = ValueFunction(space.observation_dim, **config.networks()) if config.baseline == "value" else None
+    policy = Policy(space, **config.networks()).to(session.device)
+    critic = ValueFunction(space.observation_dim, **config.networks()).to(session.device) \
+        if config.baseline == "value" else None
     modules: dict[str, nn.Module] = {"policy": policy, **({"critic": critic} if critic is not None else {})}
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.value_learning_rate) if critic else None

@@ -129,6 +129,8 @@ class Collector:
         Monte Carlo REINFORCE needs. Call `reset` before each such rollout.
         Actions are drawn from pre-sampled noise (Gumbel-max for categoricals, mean + std * N(0, 1) for
         Gaussians): exactly pi's distribution, and one generator call per rollout instead of one per step.
+        The steps run on the CPU (`fused_forward` copies the weights there); the returned Rollout lives on the
+        networks' device, where the update runs, so a GPU sees one transfer per rollout.
         """
         assert self.observation is not None, "call reset() first"
         n, steps = self.num_envs, num_steps
@@ -148,7 +150,8 @@ class Collector:
                 uniform = torch.rand(steps, n, outputs_dim, generator=self.generator).clamp_(1e-12, 1.0 - 1e-7)
                 noise = -torch.log(-torch.log(uniform))  # Gumbel(0, 1): argmax(logits + noise) ~ softmax(logits)
             else:
-                noise = torch.randn(steps, n, outputs_dim, generator=self.generator) * policy.log_std.exp()
+                std = policy.log_std.detach().cpu().exp()
+                noise = torch.randn(steps, n, outputs_dim, generator=self.generator) * std
             for t in range(steps):
                 observations[t] = self.observation
                 out = forward(torch.from_numpy(self.observation))  # (n, P + 1)
@@ -167,11 +170,16 @@ class Collector:
                         steps = t + 1
                         break
             outputs[steps] = forward(torch.from_numpy(self.observation))
-            actions = actions[:steps]
+            device = policy.body[0].weight.device
+            outputs = outputs[:steps + 1].to(device)
+            actions = actions[:steps].to(device)
             log_probs = policy.log_prob(outputs[:steps, :, :outputs_dim], actions)
-        values = outputs[:steps + 1, :, outputs_dim]
-        valid_mask = torch.from_numpy(valid[:steps]).to(torch.float32)
-        return Rollout(torch.from_numpy(observations[:steps]), actions, log_probs.clone(), values[:-1].clone(),
-                       values[1:].clone(), fill_padding(torch.from_numpy(rewards[:steps]), valid_mask),
-                       torch.from_numpy(terminated[:steps]) & valid_mask.bool(),
-                       torch.from_numpy(truncated[:steps]) & valid_mask.bool(), valid_mask)
+        values = outputs[:, :, outputs_dim]
+        valid_mask = torch.from_numpy(valid[:steps]).to(device=device, dtype=torch.float32)
+
+        def on_device(array: np.ndarray) -> Tensor:
+            return torch.from_numpy(array[:steps]).to(device)
+
+        return Rollout(on_device(observations), actions, log_probs.clone(), values[:-1].clone(), values[1:].clone(),
+                       fill_padding(on_device(rewards), valid_mask), on_device(terminated) & valid_mask.bool(),
+                       on_device(truncated) & valid_mask.bool(), valid_mask)

@@ -84,7 +84,8 @@ def train(config: TRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     env, space = make_env(config)
     torch.manual_seed(config.seed)
     policy = Policy(space, initial_log_std=config.initial_log_std, **config.networks())
-    critic = ValueFunction(space.observation_dim, **config.networks())
+    critic = ValueFunction(space.observation_dim, **config.networks()).to(session.device)
+    policy.to(session.device)
     modules: dict[str, nn.Module] = {"policy": policy, "critic": critic}
     policy_parameters = list(policy.parameters())
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.value_learning_rate)
@@ -145,7 +146,7 @@ def train(config: TRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
         samples = observations.shape[0]
         minibatch = max(1, samples // config.value_minibatches)
         for _ in range(config.value_epochs):
-            order = torch.randperm(samples, generator=generator)
+            order = torch.randperm(samples, generator=generator).to(session.device)
             for start in range(0, samples - minibatch + 1, minibatch):
                 index = order[start:start + minibatch]
                 critic_loss = value_loss(critic(observations[index]), flat_returns[index])

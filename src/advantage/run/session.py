@@ -60,6 +60,7 @@ class RunSession:
 
     unit = "updates"  # what a non-finite loss skips, in the error that stops the run
     advice = "lower the learning rate"
+    auto_device: str | None = None  # what `--device auto` means; None: CUDA when present, else the CPU
 
     def __init__(self, algorithm: str, config: Any, run_dir: str | Path, resume: bool):
         self.algorithm, self.config, self.run_dir, self.resume = algorithm, config, Path(run_dir), resume
@@ -74,7 +75,10 @@ class RunSession:
                              f"to continue it, or choose another --out")
         else:
             check_run_directory(self.run_dir)
-        self.processes = Processes(getattr(config, "device", "cpu"))
+        requested = str(getattr(config, "device", "cpu"))
+        if requested.strip().lower() == "auto" and self.auto_device is not None:
+            requested = self.auto_device
+        self.processes = Processes(requested)
         self.start_step = 0
         self.elapsed_before = 0.0
         self.consecutive_nonfinite = 0
