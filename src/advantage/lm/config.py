@@ -90,7 +90,8 @@ class LMConfig:
     device: str = param("auto", f"where the models and batches live: {DEVICES_HELP}")
     sharding: Literal["none", "fsdp"] = param(
         "none", "under torchrun: none keeps a whole copy of the model, its gradients and optimizer state on every "
-                "process (data parallel); fsdp shards the three over the processes with torch FSDP2 (sft, dpo)")
+                "process (data parallel); fsdp shards the three over the processes with torch FSDP2 (rlhf: with "
+                "value_model separate)")
     threads: int = param(0, "torch threads; 0 leaves torch's default")
     tensorboard: bool = param(True, "also write TensorBoard event files")
     progress: bool = param(True, "show progress (a live bar on a terminal, periodic lines otherwise)")

@@ -22,7 +22,10 @@ them) make each row see exactly what it would see alone:
 A row that has finished (it emitted an end token, or its completion ends with a stop sequence) is fed the pad token with
 attention 0 while it stays in the batch, and its later log-probabilities are 0; once a quarter of the batch has
 finished, the finished rows leave it (and the cache), so they stop costing compute. The loop ends when every row has
-finished or after max_new_tokens steps.
+finished or after max_new_tokens steps. A model sharded over the processes (FSDP2, `lm/sharding.py`) gathers its
+weights from every process at each forward pass, so there the loop ends when every row *of every process* has
+finished: a process whose rows are done keeps stepping (on its finished rows, which change nothing) until the others
+are.
 
 Speed. Nothing in a step loops over rows in Python: each step is a few tensor operations on the whole batch, and one
 host sync (are all rows finished?). The prompt runs once for its G samples (transformers' `generate` with
@@ -332,6 +335,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, greedy=greedy)
     stops = StopSequences(stop_sequences, device)
     extra = _model_inputs(model)
+    synced = _sharded_over_processes(model)
     with _eval_mode(model), adapters_folded(model):
         prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (B, P)
         width = prompt_ids.shape[1]
@@ -363,9 +367,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
             stopped = stops.ended(tokens, batch.rows, steps)
             batch.alive &= ~finished if stopped is None else ~(finished | stopped)
             alive = int(batch.alive.sum())  # one host sync per step: cheap next to a forward pass
-            if alive == 0:
+            if (alive if not synced else _most_over_processes(alive, device)) == 0:
                 break
-            if alive <= COMPACT_BELOW * len(batch.rows) and steps < max_new_tokens:
+            if 0 < alive <= COMPACT_BELOW * len(batch.rows) and steps < max_new_tokens:
                 kept = batch.alive.nonzero().squeeze(1)
                 cache.batch_select_indices(kept)
                 batch = batch.select(kept)
@@ -373,6 +377,24 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
     completions = [row[:length] for row, length in zip(tokens[:, :steps].tolist(), lengths)]
     return Generated(prompts=[[int(token) for token in prompt] for prompt in prompts], completions=completions,
                      sampled_log_probs=log_probs, samples_per_prompt=samples_per_prompt)
+
+
+def _sharded_over_processes(model: nn.Module) -> bool:
+    """True when `model`'s forward passes are collective: sharded with FSDP2 over more than one process."""
+    import torch.distributed as dist
+
+    from advantage.lm.sharding import is_sharded
+
+    return is_sharded(model) and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _most_over_processes(count: int, device: torch.device) -> int:
+    """The largest `count` over the processes (a collective: every process calls it at the same step)."""
+    import torch.distributed as dist
+
+    most = torch.tensor([count], dtype=torch.long, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most)
 
 
 def greedy_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int | Sequence[int],

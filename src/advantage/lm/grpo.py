@@ -61,6 +61,7 @@ from advantage.lm.online import (
 )
 from advantage.lm.schedule import make_optimizer, set_learning_rate
 from advantage.lm.session import LMSession, StepWindow
+from advantage.lm.sharding import is_sharded, memory_figures, shard
 from advantage.objectives.grpo import answer_kl_penalty, group_normalized_advantages, grpo_loss
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate
 from advantage.objectives.masking import AGGREGATIONS
@@ -97,8 +98,6 @@ CONFIG = GRPOConfig
 def validate(config: GRPOConfig) -> None:
     """Reject invalid hyperparameters with a one-line error naming the field."""
     validate_online(config)
-    require(config.sharding == "none", "sharding", "fsdp is implemented for sft and dpo only so far; grpo runs "
-            "data parallel (none)", config.sharding)
     require(config.group_size >= 2, "group_size", "must be >= 2 (the group is the baseline)", config.group_size)
     require(config.num_iterations >= 1, "num_iterations", "must be >= 1", config.num_iterations)
     require(config.clip_range > 0, "clip_range", "must be > 0", config.clip_range)
@@ -248,6 +247,10 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
                                                                     processes.device)
     if config.lora_r:
         models.policy = add_lora(models.policy, config)
+    if config.sharding == "fsdp":  # the policy and the frozen reference, each over the processes (lm/sharding.py)
+        models.policy = shard(models.policy, processes.world_size)
+        if models.reference is not None:
+            models.reference = shard(models.reference, processes.world_size)
     model = models.policy.train()
     torch.manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
@@ -256,7 +259,8 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     steps = rounds * config.num_iterations
     order = DataOrder(len(train_prompts), config.batch_size, config.seed, processes.rank, processes.world_size)
     session.start(model, optimizer, steps, fingerprint([prompt.ids for prompt in train_prompts]))
-    evaluating = bool(eval_prompts) and processes.is_main
+    # Rank 0 alone evaluates, unless the model is sharded: then every process takes part in each forward pass.
+    evaluating = bool(eval_prompts) and (processes.is_main or is_sharded(model))
     max_norm = config.max_grad_norm or math.inf
     step = session.start_step
     last: dict = {}
@@ -293,6 +297,7 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 logged = {**window.figures("losses/grpo"), **logs,
                           "time/generation_s": generation_s, "time/training_s": training_s,
                           "charts/learning_rate": learning_rate, "charts/skipped_updates": session.skipped_updates,
+                          **memory_figures(model, optimizer, processes.device),
                           **(held_out() if evaluation_due else {})}
                 last = session.metrics.log(step, session.elapsed(), logged)
                 session.show(step, {"reward": logged["rewards/mean"], "kl": logged["kl/per_token"]})

@@ -69,6 +69,7 @@ from advantage.lm.preferences import (
 )
 from advantage.lm.schedule import make_optimizer
 from advantage.lm.session import LMSession
+from advantage.lm.sharding import is_sharded, shard
 from advantage.objectives.preference import bradley_terry_loss, kwise_pairwise_loss, plackett_luce_loss
 from advantage.run.config import param, require
 from advantage.run.processes import to_device
@@ -88,8 +89,6 @@ CONFIG = RewardConfig
 def validate(config: RewardConfig) -> None:
     """Reject invalid hyperparameters with a one-line error naming the field."""
     validate_preference_data(config, config.loss, config.loss in LISTWISE)
-    require(config.sharding == "none", "sharding", "fsdp is implemented for sft and dpo only so far; reward runs "
-            "data parallel (none)", config.sharding)
     require(not config.lora_r or config.lora_merge, "lora_merge",
             "must be true for a reward model (final/ is read by ScalarHeadModel.from_pretrained, which needs "
             "merged weights)", config.lora_merge)
@@ -201,14 +200,17 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> Ru
     # Every loss depends on reward differences only, so the head's bias has a gradient of exactly 0 up to rounding,
     # which Adam (g / (|g| + eps)) would turn into a random walk of about lr per step: it stays at 0.
     model.head.bias.requires_grad_(False)
+    processes = session.processes
+    if config.sharding == "fsdp":  # every decoder layer, then the whole model (lm/sharding.py)
+        model = shard(model, processes.world_size, forward_methods=("score_answers",))
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
     optimizer = make_optimizer(model, config)
     steps = total_steps(config, len(train_examples))
-    processes = session.processes
     order = DataOrder(len(train_examples), config.batch_size, config.seed, processes.rank, processes.world_size)
     session.start(model, optimizer, steps, data_fingerprint(train_examples))
     micro_size = config.batch_size // (processes.world_size * config.gradient_accumulation_steps)
-    evaluating = bool(eval_examples) and processes.is_main  # rank 0 alone evaluates
+    # Rank 0 alone evaluates, unless the model is sharded: then every process takes part in each forward pass.
+    evaluating = bool(eval_examples) and (processes.is_main or is_sharded(model))
 
     def held_out() -> dict[str, float]:
         with mixed_precision(config):
@@ -224,7 +226,9 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> Ru
     step, last = train_offline(session, model, optimizer, order, steps, config, "losses/reward", accumulate,
                                held_out if evaluating else None, lambda step: {"data_order": order.state(step)})
 
-    if lora_model is not None:
-        lora_model.merge_and_unload()  # folds the adapters into the shared body in place: final/ is plain weights
+    if lora_model is not None and not is_sharded(model):
+        # Folds the adapters into the shared body in place: final/ is plain weights. A sharded model's are folded
+        # into the gathered copy that `finish` writes.
+        lora_model.merge_and_unload()
     model = session.finish(model, tokenizer, step)
     return Run(session.run_dir, "reward", config, last, step, model, tokenizer)

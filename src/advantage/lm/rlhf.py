@@ -48,7 +48,7 @@ from advantage.lm.data import load_rows, sft_pairs
 from advantage.lm.data_order import DataOrder, fingerprint, minibatch_order
 from advantage.lm.examples import TokenBatch, cycled_batch, tokenize_pairs
 from advantage.lm.generation import Generated
-from advantage.lm.loading import add_lora
+from advantage.lm.loading import add_lora, load_policy
 from advantage.lm.logprobs import answer_log_probs, collate_shared_prompt, masked_log_probs
 from advantage.lm.models import ScalarHeadModel, evaluation_mode
 from advantage.lm.online import (
@@ -62,6 +62,14 @@ from advantage.lm.online import (
 )
 from advantage.lm.schedule import make_optimizer, set_learning_rate
 from advantage.lm.session import LMSession, StepWindow
+from advantage.lm.sharding import (
+    checkpoint_state,
+    gathered_full_state,
+    is_sharded,
+    memory_figures,
+    restore_checkpoint_state,
+    shard,
+)
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate
 from advantage.objectives.masking import fill_padding
 from advantage.objectives.policy_gradient import clipped_value_loss, explained_variance
@@ -113,8 +121,9 @@ CONFIG = RLHFConfig
 def validate(config: RLHFConfig) -> None:
     """Reject invalid hyperparameters with a one-line error naming the field."""
     validate_online(config)
-    require(config.sharding == "none", "sharding", "fsdp is implemented for sft and dpo only so far; rlhf runs "
-            "data parallel (none)", config.sharding)
+    require(config.sharding == "none" or config.value_model == "separate", "value_model",
+            "must be separate with --sharding fsdp (a shared value head reads the policy's sharded body outside the "
+            "policy's forward)", config.value_model)
     require(config.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", config.samples_per_prompt)
     require(config.update_epochs >= 1, "update_epochs", "must be >= 1", config.update_epochs)
     require(config.num_minibatches >= 1, "num_minibatches", "must be >= 1", config.num_minibatches)
@@ -293,6 +302,11 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> Run:
     # The policy and its frozen reference (the SFT model: a copy, or the base model with LoRA's adapters off), the
     # reward (a frozen reward model or functions) and the value model (from the reward model, else the policy).
     models, tokenizer, ptx_examples, train_prompts, eval_prompts = _load(config, session.run_dir, processes.device)
+    if config.sharding == "fsdp":  # the policy, its frozen reference and the value model (lm/sharding.py)
+        models.policy = shard(models.policy, processes.world_size)
+        if models.reference is not None:
+            models.reference = shard(models.reference, processes.world_size)
+        models.value_model = shard(models.value_model, processes.world_size, forward_methods=("answer_values",))
     model, value_model = models.policy, models.value_model
     # The value optimizer steps a separate model whole, a shared body's head only (the policy's optimizer the rest).
     value_parameters = list(value_model.head.parameters() if config.value_model == "shared" else
@@ -309,10 +323,11 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> Run:
     state = session.start(model, optimizer, steps, fingerprint([prompt.ids for prompt in train_prompts]))
     beta = config.beta
     if state is not None:
-        value_model.load_state_dict(state["value_model"])
-        value_optimizer.load_state_dict(state["value_optimizer"])
+        restore_checkpoint_state(value_model, value_optimizer, state["value_model"], state["value_optimizer"],
+                                 state.get("value_optimizer_keys") == "names")
         beta = float(state["kl_coef"])
-    evaluating = bool(eval_prompts) and processes.is_main
+    # Rank 0 alone evaluates, unless the model is sharded: then every process takes part in each forward pass.
+    evaluating = bool(eval_prompts) and (processes.is_main or is_sharded(model))
     max_norm = config.max_grad_norm or math.inf
     step = session.start_step
     last: dict = {}
@@ -361,6 +376,7 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> Run:
                 logged = {**window.figures("losses/total"), **figures, **rollout.logs,
                           "time/generation_s": generation_s, "time/training_s": training_s,
                           "charts/learning_rate": learning_rate, "charts/skipped_updates": session.skipped_updates,
+                          **memory_figures(model, optimizer, processes.device),
                           **(held_out() if evaluation_due else {})}
                 last = session.metrics.log(step, session.elapsed(), logged)
                 session.show(step, {"score": logged["rewards/score"], "kl": rollout.sequence_kl})
@@ -368,16 +384,33 @@ def train(config: RLHFConfig, run_dir: str | Path, resume: bool = False) -> Run:
             # A checkpoint waits for the end of the rollout: a resumed run starts with a fresh rollout.
             checkpoint_pending = checkpoint_pending or session.checkpoint_due(step)
             if checkpoint_pending and (step % per_rollout == 0 or step == steps):
-                session.save(step, {"data_order": order.state(round_index + 1), "value_model": value_model.state_dict(),
-                                    "value_optimizer": value_optimizer.state_dict(), "kl_coef": next_beta})
+                values, value_state, by_name = checkpoint_state(value_model, value_optimizer)  # sharded: collective
+                session.save(step, {"data_order": order.state(round_index + 1), "value_model": values,
+                                    "value_optimizer": value_state, "kl_coef": next_beta,
+                                    **({"value_optimizer_keys": "names"} if by_name else {})})
                 checkpoint_pending = False
             generation_s, training_s = 0.0, 0.0
         beta = next_beta
 
+    if is_sharded(value_model):  # rank 0 writes the gathered weights from an unsharded copy
+        full = gathered_full_state(value_model)
+        value_model = _unsharded_value_model(models, config, full) if processes.is_main else value_model
     model = session.finish(model, tokenizer, step)
     if processes.is_main:
         value_model.save_pretrained(session.run_dir / "final" / "value_model")
     return Run(session.run_dir, "rlhf", config, last, step, model, tokenizer)
+
+
+def _unsharded_value_model(models: OnlineModels, config: RLHFConfig, full: dict[str, Tensor]) -> ScalarHeadModel:
+    """A plain value model on the CPU holding the `full` weights of a sharded one, built as `_load` built it (from the
+    reward model, else from the starting policy)."""
+    if models.scorer.model is not None:
+        value_model = copy.deepcopy(models.scorer.model).to("cpu")
+    else:
+        value_model = ScalarHeadModel.from_causal_lm(load_policy(config, torch.device("cpu"))[0], seed=config.seed,
+                                                     share_body=True)
+    value_model.load_state_dict(full)
+    return value_model
 
 
 def _load(config: RLHFConfig, run_dir: Path, device: torch.device) -> tuple[OnlineModels, object, list, list, list]:

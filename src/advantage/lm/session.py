@@ -26,15 +26,7 @@ from advantage.errors import UsageError
 from advantage.lm.config import BUILTIN_PREFIX, LMConfig
 from advantage.lm.loading import load_policy
 from advantage.lm.models import quiet_transformers
-from advantage.lm.sharding import (
-    gathered_full_state,
-    gathered_optimizer_state,
-    gathered_trainable_state,
-    is_sharded,
-    load_optimizer_state,
-    load_trainable_state,
-    optimizer_state_by_name,
-)
+from advantage.lm.sharding import checkpoint_state, gathered_full_state, is_sharded, restore_checkpoint_state
 from advantage.run.checkpoint import (
     interval,
     read_checkpoint,
@@ -51,8 +43,8 @@ STAGES = ("sft", "reward", "dpo", "grpo", "rlhf")
 
 
 class _Tensors:
-    """Tensors already gathered (a sharded model's full trainable weights), looking like a module to
-    `save_checkpoint`."""
+    """Tensors already taken from a model (a sharded model's gathered full weights, or the trainable ones of an
+    unsharded model), looking like a module to `save_checkpoint`."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
@@ -185,14 +177,8 @@ class LMSession(RunSession):
             weights = {key.removeprefix("model."): value for key, value in tensors.items()}
             # A checkpoint holds whole tensors and, written by a sharded run, the optimizer state keyed by parameter
             # name: it resumes sharded or not, on any number of processes (lm/sharding.py).
-            by_name = state.get("optimizer_keys") == "names"
-            if is_sharded(model) or by_name:
-                load_trainable_state(model, weights)
-                saved = state["optimizer"] if by_name else optimizer_state_by_name(model, optimizer, state["optimizer"])
-                load_optimizer_state(model, optimizer, saved)
-            else:
-                self._trainable.load_state_dict(weights)
-                optimizer.load_state_dict(state["optimizer"])
+            restore_checkpoint_state(model, optimizer, weights, state["optimizer"],
+                                     state.get("optimizer_keys") == "names", plain=self._trainable)
             self.restore_common(state)
             torch.set_rng_state(state["torch_rng"])
             if "cuda_rng" in state and self.processes.device.type == "cuda":  # dropout on a GPU draws from it
@@ -211,37 +197,41 @@ class LMSession(RunSession):
     def save(self, step: int, extra: dict[str, Any] | None = None) -> None:
         """Flush the logs; checkpoint the trainable parameters, optimizer, RNG and counters after `step` steps."""
         assert self.metrics is not None
-        sharded = is_sharded(self._model)
-        if sharded:  # every process gives its slices; rank 0 receives the whole tensors and writes them
-            weights = _Tensors(gathered_trainable_state(self._model))
-            optimizer_state = gathered_optimizer_state(self._model, self._optimizer)
+        # Sharded, every process gives its slices and rank 0 receives the whole tensors.
+        weights, optimizer_state, by_name = checkpoint_state(self._model, self._optimizer, plain=self._trainable)
         if not self.processes.is_main:  # the other processes hold the same weights and state (or their slices)
             return
         self.metrics.flush()
-        state = {**self.common_state(step),
-                 **({"optimizer": optimizer_state, "optimizer_keys": "names"} if sharded
-                    else {"optimizer": self._optimizer.state_dict()}),
+        state = {**self.common_state(step), "optimizer": optimizer_state,
+                 **({"optimizer_keys": "names"} if by_name else {}),
                  "torch_rng": torch.get_rng_state(),
                  **({"cuda_rng": torch.cuda.get_rng_state(self.processes.device)}
                     if self.processes.device.type == "cuda" else {}),
                  "data_fingerprint": self._fingerprint, **(extra or {})}
-        save_checkpoint(self.run_dir, step, {"model": weights if sharded else self._trainable}, state,
+        save_checkpoint(self.run_dir, step, {"model": _Tensors(weights)}, state,
                         keep=self.config.keep_checkpoints)
 
-    def _unsharded_copy(self, full: dict[str, torch.Tensor]) -> nn.Module:
+    def _unsharded_copy(self, full: dict[str, torch.Tensor], scalar_head: bool) -> nn.Module:
         """A plain model on the CPU, built as the stage built its own (LoRA included), holding the `full` weights of a
-        sharded one."""
+        sharded one; `scalar_head`: a reward model (a scalar head on the policy's body), its adapters merged as the
+        reward stage merges its own."""
         from advantage.lm.loading import add_lora
+        from advantage.lm.models import ScalarHeadModel
 
-        model = load_policy(self.config, torch.device("cpu"))[0]
-        if self.config.lora_r:
-            model = add_lora(model, self.config)
+        policy = load_policy(self.config, torch.device("cpu"))[0]
+        lora_model = add_lora(policy, self.config) if self.config.lora_r else None
+        model = lora_model or policy
+        if scalar_head:
+            model = ScalarHeadModel.from_causal_lm(lora_model.get_base_model() if lora_model else policy,
+                                                   share_body=True)
         missing, unexpected = model.load_state_dict(full, strict=False)
         # Tied weights (the language-model head sharing the embeddings) may appear under one of their names only.
         tied = {name for name in missing if name.endswith("lm_head.weight")}
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"gathered weights do not fit the model: missing {missing[:3]}, unexpected "
                                f"{unexpected[:3]}")
+        if scalar_head and lora_model is not None:
+            lora_model.merge_and_unload()  # into the shared body, in place
         return model
 
     def show(self, step: int, figures: dict[str, float]) -> None:
@@ -264,7 +254,7 @@ class LMSession(RunSession):
         if is_sharded(model):  # rank 0 puts the gathered weights into an unsharded copy on the CPU and saves that
             full = gathered_full_state(model)
             if self.processes.is_main:
-                model = self._unsharded_copy(full)
+                model = self._unsharded_copy(full, isinstance(model, ScalarHeadModel))
         if not self.processes.is_main:  # rank 0 writes final/; the weights are the same everywhere
             self.processes.barrier()
             return model

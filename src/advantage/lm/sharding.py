@@ -17,7 +17,8 @@ What changes for the stages, all of it here or asked of here:
 - Every process runs every forward pass in step, since each one all-gathers from all: evaluations run on every
   process (rank 0 still alone writes), and work that data parallelism splits unevenly runs whole everywhere.
 - Forward passes go through the model's own forward (FSDP2 unshards on it), so the log-probabilities take the
-  model's full logits (`logprobs.head_parts` is None for a sharded model) instead of the chunked head.
+  model's full logits (`logprobs.head_parts` is None for a sharded model) instead of the chunked head. A method that
+  runs the body by itself (the reward model's `score_answers`) is registered with FSDP2 as a forward method.
 - Checkpoints hold the gathered (unsharded) trainable weights and optimizer state keyed by parameter name, so a run
   resumes with the same or another number of processes, sharded or not; final/ is written from the gathered
   weights as without sharding.
@@ -49,12 +50,16 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len))
 
 
-def shard(model: nn.Module, world_size: int) -> nn.Module:
+def shard(model: nn.Module, world_size: int, forward_methods: tuple[str, ...] = ()) -> nn.Module:
     """`model` sharded in place with FSDP2 over the process group (each decoder layer, then the whole model), its
-    gradients summed over the processes. With one process nothing is sharded and `model` comes back as it is."""
+    gradients summed over the processes. With one process nothing is sharded and `model` comes back as it is.
+
+    `forward_methods`: methods of the model that run its body without its `forward` (the reward model's
+    `score_answers`); FSDP2 gathers the whole-model unit's weights around them as around `forward`.
+    """
     if world_size == 1:
         return model
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     for layer in decoder_layers(model):
         fully_shard(layer)
@@ -62,6 +67,8 @@ def shard(model: nn.Module, world_size: int) -> nn.Module:
     # backward): after a forward without gradients (the DPO reference, an evaluation) the model's parameters must be
     # the sharded ones again, which the optimizer holds and the checkpoints gather.
     fully_shard(model, reshard_after_forward=True)
+    for name in forward_methods:
+        register_fsdp_forward_method(model, name)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # a sum over the processes, as `Processes.sum_gradients`
@@ -130,6 +137,32 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+
+
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, plain: nn.Module | None = None) \
+        -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+    """(weights, optimizer state, keyed by name?) of a model and its optimizer, for a checkpoint.
+
+    Sharded: the gathered trainable weights and the optimizer state keyed by parameter name, on rank 0 ({} on the
+    others; a collective). Not sharded: `plain`'s state_dict (default the model's: a stage may pass a module that
+    holds only the trainable parameters) and the optimizer's own, keyed by index. `restore_checkpoint_state` reads
+    either into a sharded or unsharded model."""
+    if is_sharded(model):
+        return gathered_trainable_state(model), gathered_optimizer_state(model, optimizer), True
+    return (plain or model).state_dict(), optimizer.state_dict(), False
+
+
+def restore_checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+                             optimizer_state: dict[str, Any], by_name: bool, plain: nn.Module | None = None) -> None:
+    """Load what `checkpoint_state` gave (whole tensors; the optimizer state keyed by name if `by_name`, else by
+    index) into a sharded or unsharded model and its optimizer: a run resumes on any number of processes."""
+    if is_sharded(model) or by_name:
+        load_trainable_state(model, weights)
+        saved = optimizer_state if by_name else optimizer_state_by_name(model, optimizer, optimizer_state)
+        load_optimizer_state(model, optimizer, saved)
+    else:
+        (plain or model).load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
 
 
 def local_mib(tensors) -> float:
