@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--peer-python", required=True, help="python of the peers' environment (SB3, MuJoCo)")
     parser.add_argument("--envs", default=",".join(BUDGETS))
     parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--sides", default="ours,sb3", help="ours, sb3 or both (comma separated)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -94,7 +95,7 @@ def main() -> None:
     done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
     have = {(r["side"], r["env_id"], r["seed"]) for r in done}
     jobs = [(side, env_id, int(seed)) for env_id in args.envs.split(",") for seed in args.seeds.split(",")
-            for side in ("ours", "sb3") if (side, env_id, int(seed)) not in have]
+            for side in args.sides.split(",") if (side, env_id, int(seed)) not in have]
 
     def work(job: tuple[str, str, int]) -> dict:
         side, env_id, seed = job
