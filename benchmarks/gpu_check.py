@@ -141,8 +141,8 @@ def check_stages(args, out: Path) -> list[dict]:
 
 
 def check_two_processes(args, out: Path) -> list[dict]:
-    """sft (data parallel, then sharded with FSDP2) and grpo under torchrun on two GPUs (each process on
-    cuda:LOCAL_RANK, NCCL)."""
+    """sft and grpo under torchrun on two GPUs (each process on cuda:LOCAL_RANK, NCCL), each data parallel and then
+    sharded with FSDP2."""
     import torch
 
     if args.device == "cpu" or torch.cuda.device_count() < 2:
@@ -150,7 +150,7 @@ def check_two_processes(args, out: Path) -> list[dict]:
     data = write_data(out / "data")
     results = []
     for label, stage, extra in (("sft", "sft", []), ("sft-fsdp", "sft", ["--sharding", "fsdp"]),
-                                ("grpo", "grpo", [])):
+                                ("grpo", "grpo", []), ("grpo-fsdp", "grpo", ["--sharding", "fsdp"])):
         run_dir = out / "two_gpus" / label
         command = [*stage_commands(args.model, data, out / "two_gpus", args.steps, "cuda")[stage], *extra,
                    "--out", str(run_dir)]  # the last --out wins
