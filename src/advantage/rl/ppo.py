@@ -45,8 +45,9 @@ class PPOConfig(RLConfig):
     # Adam at a constant 3e-4, no entropy bonus (a Gaussian's entropy term only widens it), observation and reward
     # normalisation (MuJoCo's observations and rewards span orders of magnitude). Constant, as in the paper's MuJoCo
     # table (it annealed only on Atari), not annealed to 0 as CleanRL does: a first run's total_steps is a guess, and
-    # annealing ties the step size to it. Measured at 200k steps, six seeds: Swimmer 58.2 constant against 42.9
-    # annealed (benchmarks/README.md, "Defaults where no preset exists").
+    # annealing ties the step size to it. Measured at 200k steps: Swimmer 58.2 constant against 42.9 annealed and
+    # Reacher -6.5 against -8.1 (six seeds each); InvertedDoublePendulum 5,581 against 6,711 (three noisy seeds)
+    # (benchmarks/README.md, "Defaults where no preset exists, second sitting").
     BOX_DEFAULTS: ClassVar[dict[str, object]] = {
         "num_envs": 1, "num_steps": 2048, "num_minibatches": 32, "update_epochs": 10, "learning_rate": 3e-4,
         "anneal_lr": False, "ent_coef": 0.0, "normalize_observation": True, "normalize_reward": True}
