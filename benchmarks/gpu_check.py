@@ -5,6 +5,10 @@ Prepared on the CPU machines, meant to be run as one script on a lent GPU machin
 the wheels it lacks, and the peers' scripts, in ignored folders). From the repository root:
 
     python benchmarks/gpu_check.py --out gpu_check --bench-dir shared/bench [--model DIR] [--steps 3] [--runs 2]
+        [--only stages,two,classic,speed]
+
+benchmarks/gpu_prepare.sh makes everything it needs there (wheels, the peers' scripts, the real model in two
+halves) and says which calls to make; benchmarks/gpu_device.sh is what those calls run.
 
 --model defaults to SmolLM2-135M-Instruct in ~/.cache/advantage when it is there (`advantage fetch-model`), else
 builtin:tiny. The TRL side runs ../shared/bench/trl_grpo.py and trl_dpo.py (their workloads, one run per child)
@@ -117,13 +121,16 @@ def stage_commands(model: str, data: dict[str, Path], out: Path, steps: int, dev
 
 
 def last_loss(run_dir: Path) -> float | None:
+    """The stage's loss at its last logged step: `losses/total` where a stage sums several, else its first loss."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    losses = [value for row in rows for key, value in row.items() if key.startswith("losses/") and
-              key != "losses/grad_norm" and isinstance(value, (int, float))]
-    return losses[-1] if losses else None
+    for row in reversed([json.loads(line) for line in path.read_text().splitlines()]):
+        losses = {key: value for key, value in row.items() if key.startswith("losses/") and
+                  key != "losses/grad_norm" and isinstance(value, (int, float))}
+        if losses:
+            return losses.get("losses/total", next(iter(losses.values())))
+    return None
 
 
 def check_stages(args, out: Path) -> list[dict]:
@@ -205,7 +212,9 @@ def speed(args, out: Path) -> list[dict]:
 
 # The classic algorithms on both devices (`--device auto` is the CPU for them: this measures whether it should be).
 CLASSIC = {"ppo CartPole-v1": ["ppo", "--env-id", "CartPole-v1", "--total-steps", "16384"],
-           "ppo HalfCheetah-v5": ["ppo", "--env-id", "HalfCheetah-v5", "--no-preset", "--total-steps", "8192"],
+           # PPO's Box defaults (2,048-step rollouts, 10 epochs of minibatches of 64), the MuJoCo workload's shape,
+           # on an environment that needs no MuJoCo on the GPU machine.
+           "ppo Pendulum-v1": ["ppo", "--env-id", "Pendulum-v1", "--no-preset", "--total-steps", "8192"],
            "a2c CartPole-v1": ["a2c", "--env-id", "CartPole-v1", "--total-steps", "8000"],
            "trpo Pendulum-v1": ["trpo", "--env-id", "Pendulum-v1", "--total-steps", "8192"],
            "reinforce CartPole-v1": ["reinforce", "--env-id", "CartPole-v1", "--total-steps", "8000"],
@@ -261,7 +270,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--timeout", type=int, default=600)
-    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--only", default="stages,two,classic,speed",
+                        help="the parts to run, comma-separated: stages (each LM stage on one device), two (two "
+                             "processes, when two GPUs exist), classic (classic algorithms, CPU against GPU), speed "
+                             "(against TRL)")
     args = parser.parse_args()
     import torch
 
@@ -271,10 +283,14 @@ def main() -> None:
               "torch": torch.__version__, "cuda": torch.version.cuda,
               "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     print(json.dumps(report), flush=True)
-    report["stages"] = check_stages(args, out)
-    report["two_processes"] = check_two_processes(args, out)
-    report["classic"] = classic_devices(args, out)
-    report["speed"] = [] if args.skip_speed else speed(args, out)
+    parts = set(args.only.split(","))
+    unknown = parts - {"stages", "two", "classic", "speed"}
+    if unknown:
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
+    report["stages"] = check_stages(args, out) if "stages" in parts else []
+    report["two_processes"] = check_two_processes(args, out) if "two" in parts else []
+    report["classic"] = classic_devices(args, out) if "classic" in parts else []
+    report["speed"] = speed(args, out) if "speed" in parts else []
     (out / "results.json").write_text(json.dumps(report, indent=1))
     print(table(report))
 
