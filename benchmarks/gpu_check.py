@@ -275,6 +275,10 @@ def main() -> None:
                              "processes, when two GPUs exist), classic (classic algorithms, CPU against GPU), speed "
                              "(against TRL)")
     args = parser.parse_args()
+    parts = set(args.only.split(","))
+    unknown = parts - {"stages", "two", "classic", "speed"}
+    if unknown:
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
     import torch
 
     out = Path(args.out)
@@ -283,10 +287,6 @@ def main() -> None:
               "torch": torch.__version__, "cuda": torch.version.cuda,
               "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     print(json.dumps(report), flush=True)
-    parts = set(args.only.split(","))
-    unknown = parts - {"stages", "two", "classic", "speed"}
-    if unknown:
-        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
     report["stages"] = check_stages(args, out) if "stages" in parts else []
     report["two_processes"] = check_two_processes(args, out) if "two" in parts else []
     report["classic"] = classic_devices(args, out) if "classic" in parts else []
