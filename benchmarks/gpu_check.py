@@ -44,11 +44,16 @@ print(json.dumps({"exit": code, "seconds": round(time.perf_counter() - began, 2)
 """
 
 # A peer's benchmark child with TRL's `use_cpu` switched off (their scripts pin the CPU).
+# On a GPU, float32 products on TF32 tensor cores as in our processes (`run.processes.Processes`), so that the two
+# sides are compared at the same precision.
 PEER_CHILD = """
 import json, runpy, sys, torch
 sys.path.insert(0, sys.argv[1])
 import trl_common
 trl_common.COMMON_ARGS["use_cpu"] = sys.argv[2] == "cpu"
+if sys.argv[2] != "cpu":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 sys.argv = [sys.argv[3], "--child", *sys.argv[4:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
@@ -68,9 +73,41 @@ def _json_lines(done: subprocess.CompletedProcess) -> list[dict]:
 
 
 def _run(command: list[str], timeout: int, environment: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                               **(environment or {})})
+    """The child's completed process; one that outlives `timeout` is killed and comes back with exit code 124 and
+    the reason as its last line of stderr, so that one hung child costs its row, not the whole check."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                   **(environment or {})})
+    except subprocess.TimeoutExpired as expired:
+        def text(value) -> str:
+            return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
+        return subprocess.CompletedProcess(command, 124, text(expired.stdout),
+                                           text(expired.stderr) + f"\nkilled: still running after {timeout} s")
+
+
+def _error(done: subprocess.CompletedProcess) -> list[str]:
+    """The last line of a failed child's stderr (its error, or why it was killed); [] when it succeeded."""
+    return done.stderr.strip().splitlines()[-1:] if done.returncode else []
+
+
+class Report:
+    """results.json, rewritten (to a temporary file, then renamed) after every row: a call cut short by the
+    machine's time limit still brings back every row finished before."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.data = path, {**header, "stages": [], "two_processes": [], "classic": [], "speed": []}
+        self.save()
+
+    def add(self, part: str, row: dict) -> None:
+        self.data[part].append(row)
+        print(json.dumps(row), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        partial = self.path.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(self.data, indent=1))
+        partial.replace(self.path)
 
 
 def write_data(directory: Path) -> dict[str, Path]:
@@ -133,29 +170,26 @@ def last_loss(run_dir: Path) -> float | None:
     return None
 
 
-def check_stages(args, out: Path) -> list[dict]:
+def check_stages(args, out: Path, report: Report) -> None:
     data = write_data(out / "data")
-    results = []
     for stage, command in stage_commands(args.model, data, out / "one_gpu", args.steps, args.device).items():
         done = _run([sys.executable, "-c", STAGE_CHILD, *command], timeout=args.timeout)
         figures = (_json_lines(done) or [{}])[-1]
-        results.append({"check": f"{stage}, one device", "ok": done.returncode == 0 and figures.get("exit") == 0,
-                        "seconds": figures.get("seconds"), "peak_gpu_mib": figures.get("peak_gpu_mib"),
-                        "last_loss": last_loss(out / "one_gpu" / stage),
-                        "error": done.stderr.strip().splitlines()[-1:] if done.returncode else []})
-        print(json.dumps(results[-1]), flush=True)
-    return results
+        report.add("stages", {"check": f"{stage}, one device", "ok": done.returncode == 0 and figures.get("exit") == 0,
+                              "seconds": figures.get("seconds"), "peak_gpu_mib": figures.get("peak_gpu_mib"),
+                              "last_loss": last_loss(out / "one_gpu" / stage),
+                              "error": _error(done)})
 
 
-def check_two_processes(args, out: Path) -> list[dict]:
+def check_two_processes(args, out: Path, report: Report) -> None:
     """sft and grpo under torchrun on two GPUs (each process on cuda:LOCAL_RANK, NCCL), each data parallel and then
     sharded with FSDP2."""
     import torch
 
     if args.device == "cpu" or torch.cuda.device_count() < 2:
-        return [{"check": "two processes", "ok": None, "note": "fewer than two GPUs: not run"}]
+        report.add("two_processes", {"check": "two processes", "ok": None, "note": "fewer than two GPUs: not run"})
+        return
     data = write_data(out / "data")
-    results = []
     for label, stage, extra in (("sft", "sft", []), ("sft-fsdp", "sft", ["--sharding", "fsdp"]),
                                 ("grpo", "grpo", []), ("grpo-fsdp", "grpo", ["--sharding", "fsdp"])):
         run_dir = out / "two_gpus" / label
@@ -164,15 +198,13 @@ def check_two_processes(args, out: Path) -> list[dict]:
         began = time.perf_counter()
         done = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "advantage.cli",
                      *command], timeout=args.timeout)
-        results.append({"check": f"{label}, two processes", "ok": done.returncode == 0,
-                        "seconds": round(time.perf_counter() - began, 2),
-                        "last_loss": last_loss(run_dir),
-                        "error": done.stderr.strip().splitlines()[-1:] if done.returncode else []})
-        print(json.dumps(results[-1]), flush=True)
-    return results
+        report.add("two_processes", {"check": f"{label}, two processes", "ok": done.returncode == 0,
+                                     "seconds": round(time.perf_counter() - began, 2),
+                                     "last_loss": last_loss(run_dir),
+                                     "error": _error(done)})
 
 
-def speed(args, out: Path) -> list[dict]:
+def speed(args, out: Path, report: Report) -> None:
     """GRPO s/step and DPO pairs/s, ours and TRL's alternating, `--runs` each, on the peers' workloads."""
     try:
         import trl  # noqa: F401
@@ -181,7 +213,6 @@ def speed(args, out: Path) -> list[dict]:
         peers = False
     model_dir = "" if args.model.startswith("builtin:") else args.model
     lora = ["--model-dir", model_dir, "--lora-r", str(args.lora_r)] if model_dir else []
-    results = []
     workloads = {
         "grpo": ([sys.executable, str(ROOT / "benchmarks" / "lm_grpo.py"), "--child", "--bench-dir", args.bench_dir,
                   "--threads", "4", "--steps", "8", *lora], "trl_grpo.py", ["--threads", "4", "--steps", "8", *lora]),
@@ -193,21 +224,19 @@ def speed(args, out: Path) -> list[dict]:
         for run in range(args.runs):
             done = _run(ours, timeout=args.timeout, environment={"ADVANTAGE_BENCH_DEVICE": args.device})
             figures = (_json_lines(done) or [{}])[-1]
-            results.append({"workload": name, "side": "advantage", "run": run, "ok": done.returncode == 0,
-                            **figures, "error": done.stderr.strip().splitlines()[-1:] if done.returncode else []})
-            print(json.dumps(results[-1]), flush=True)
+            report.add("speed", {"workload": name, "side": "advantage", "run": run, "ok": done.returncode == 0,
+                                 **figures, "error": _error(done)})
             if not peers:
                 continue
             done = _run([sys.executable, "-c", PEER_CHILD, args.bench_dir, args.device,
                          str(Path(args.bench_dir) / peer_script), *peer_arguments], timeout=args.timeout)
             lines = _json_lines(done)
             figures = {**(lines[-2] if len(lines) >= 2 else {}), **(lines[-1] if lines else {})}
-            results.append({"workload": name, "side": "TRL", "run": run, "ok": done.returncode == 0, **figures,
-                            "error": done.stderr.strip().splitlines()[-1:] if done.returncode else []})
-            print(json.dumps(results[-1]), flush=True)
+            report.add("speed", {"workload": name, "side": "TRL", "run": run, "ok": done.returncode == 0, **figures,
+                                 "error": _error(done)})
     if not peers:
-        results.append({"workload": "TRL", "ok": None, "note": "trl does not import here: the peers' side not run"})
-    return results
+        report.add("speed", {"workload": "TRL", "ok": None,
+                             "note": "trl does not import here: the peers' side not run"})
 
 
 # The classic algorithms on both devices (`--device auto` is the CPU for them: this measures whether it should be).
@@ -221,11 +250,10 @@ CLASSIC = {"ppo CartPole-v1": ["ppo", "--env-id", "CartPole-v1", "--total-steps"
            "dqn CartPole-v1": ["dqn", "--env-id", "CartPole-v1", "--total-steps", "8000"]}
 
 
-def classic_devices(args, out: Path) -> list[dict]:
+def classic_devices(args, out: Path, report: Report) -> None:
     """Each classic algorithm for a few thousand steps on the CPU and on the GPU, one thread: seconds and steps/s
     (the update's device; collection is on the CPU either way)."""
     devices = ["cpu"] if args.device == "cpu" else ["cpu", "cuda"]
-    results = []
     for name, command in CLASSIC.items():
         for device in devices:
             run_dir = out / "classic" / f"{name.replace(' ', '-')}-{device}"
@@ -234,12 +262,11 @@ def classic_devices(args, out: Path) -> list[dict]:
                         timeout=args.timeout)
             metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
                 if (run_dir / "metrics.jsonl").exists() else []
-            results.append({"check": f"{name}, {device}", "ok": done.returncode == 0,
-                            "seconds": metrics[-1]["time_s"] if metrics else None,
-                            "steps_per_s": round(metrics[-1]["step"] / metrics[-1]["time_s"]) if metrics else None,
-                            "error": done.stderr.strip().splitlines()[-1:] if done.returncode else []})
-            print(json.dumps(results[-1]), flush=True)
-    return results
+            last = metrics[-1] if metrics else {}
+            report.add("classic", {"check": f"{name}, {device}", "ok": done.returncode == 0,
+                                   "seconds": last.get("time_s"),
+                                   "steps_per_s": round(last["step"] / last["time_s"]) if last else None,
+                                   "error": _error(done)})
 
 
 def table(report: dict) -> str:
@@ -269,7 +296,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument("--timeout", type=int, default=240, help="seconds a child may run before it is killed "
+                        "(its row then says so); a lent machine's call lasts at most 600 s")
     parser.add_argument("--only", default="stages,two,classic,speed",
                         help="the parts to run, comma-separated: stages (each LM stage on one device), two (two "
                              "processes, when two GPUs exist), classic (classic algorithms, CPU against GPU), speed "
@@ -283,16 +311,16 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "device": args.device,
+    header = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "device": args.device,
               "torch": torch.__version__, "cuda": torch.version.cuda,
               "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
-    print(json.dumps(report), flush=True)
-    report["stages"] = check_stages(args, out) if "stages" in parts else []
-    report["two_processes"] = check_two_processes(args, out) if "two" in parts else []
-    report["classic"] = classic_devices(args, out) if "classic" in parts else []
-    report["speed"] = speed(args, out) if "speed" in parts else []
-    (out / "results.json").write_text(json.dumps(report, indent=1))
-    print(table(report))
+    print(json.dumps(header), flush=True)
+    report = Report(out / "results.json", header)
+    for part, check in (("classic", classic_devices), ("stages", check_stages), ("two", check_two_processes),
+                        ("speed", speed)):
+        if part in parts:
+            check(args, out, report)
+    print(table(report.data))
 
 
 if __name__ == "__main__":

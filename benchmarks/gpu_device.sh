@@ -2,14 +2,16 @@
 # What the calls on a lent GPU machine run (issue 15; benchmarks/gpu_prepare.sh makes what they carry and says how
 # to call them). From the repository root there:
 #
-#     bash benchmarks/gpu_device.sh part                      # keeps the real model's first half (carry .gpu/part1)
+#     bash benchmarks/gpu_device.sh part [gpu_check flags]    # keeps the real model's first half (carry .gpu/part1),
+#                                                             # then, given flags, runs `check` with them
 #     bash benchmarks/gpu_device.sh check [gpu_check flags]   # carry .gpu/part2, .gpu/whl, .gpu/bench
 #
 # `check` installs the carried wheels beside the image's packages, joins the two halves of the GGUF file (checked
 # against its SHA-256), converts it once into a Hugging Face directory and runs benchmarks/gpu_check.py on it (on
 # builtin:tiny, said in the output, when the first half is not there). Its results.json and log come back in $OUT.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+script="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$script")/.."
 # Outside the checkout, so that it outlasts the call while the machine stays warm.
 keep=/tmp/advantage-gpu
 mkdir -p "$keep"
@@ -17,6 +19,9 @@ mkdir -p "$keep"
 case "${1:-}" in
 part)
     cp .gpu/part1/model.gguf.1 "$keep/" && echo "the model's first half is in $keep ($(du -h "$keep/model.gguf.1" | cut -f1))"
+    shift
+    # The rest of the call is not wasted: a part of the check that needs no model (--only classic) runs now.
+    if [ $# -gt 0 ]; then exec bash "$script" check "$@"; fi
     ;;
 check)
     shift
@@ -51,9 +56,11 @@ print(", ".join(versions), flush=True)
 PY
     out="${OUT:-/tmp/gpu_check_out}"
     mkdir -p "$out"
-    # The run directories stay on the machine (only a few files come back): results.json and the log do.
-    python3 benchmarks/gpu_check.py --out "$keep/check" --bench-dir .gpu/bench --model "$model_flag" "$@" \
-        2>&1 | tee "$out/log.txt"
+    # The run directories stay on the machine (only a few files come back): results.json and the log do. The check
+    # stops before the call's 600 s do, so that what it finished (results.json is rewritten after every row) is
+    # copied back.
+    timeout "${GPU_CHECK_SECONDS:-540}" python3 benchmarks/gpu_check.py --out "$keep/check" --bench-dir .gpu/bench \
+        --model "$model_flag" "$@" 2>&1 | tee "$out/log.txt"
     status=${PIPESTATUS[0]}
     cp "$keep/check/results.json" "$out/" 2>/dev/null
     exit "$status"

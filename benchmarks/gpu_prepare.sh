@@ -11,10 +11,10 @@
 #   part1/, part2/  the real model (SmolLM2-135M-Instruct, the 98 MB GGUF file the demo converts) cut in two halves,
 #            each small enough for one call.
 # and prints the calls to make there, back to back (a machine stays warm about 30 s between calls; one call runs
-# at most 10 minutes, so the check is cut in two):
-#   1. carry .gpu/part1:                         bash benchmarks/gpu_device.sh part
-#   2. carry .gpu/part2, .gpu/whl, .gpu/bench:   bash benchmarks/gpu_device.sh check --only stages,two,classic
-#   3. the same carry:                           bash benchmarks/gpu_device.sh check --only speed
+# at most 10 minutes, so the check is cut in two, and the first call also runs the part that needs no model):
+#   1. carry .gpu/part1, .gpu/whl:               bash benchmarks/gpu_device.sh part --only classic
+#   2. carry .gpu/part2, .gpu/whl, .gpu/bench:   bash benchmarks/gpu_device.sh check --only stages,two,speed --runs 1
+#   3. if device time is left, the same carry:   bash benchmarks/gpu_device.sh check --only speed --runs 1
 # When a later call finds the first half gone (the machine was given back between the calls), the check runs on
 # the built-in tiny model instead and says so.
 set -euo pipefail
@@ -47,9 +47,10 @@ rm -rf "$stage"
 mv "$stage.partial" "$stage"
 du -sh "$stage"/* | sed 's/^/  /'
 cat <<TXT
-Ready. On the lent machine, three calls back to back (the tool's run; each sends the checkout and what it carries):
-  1. carry [".gpu/part1"]                           bash benchmarks/gpu_device.sh part
-  2. carry [".gpu/part2", ".gpu/whl", ".gpu/bench"]  bash benchmarks/gpu_device.sh check --only stages,two,classic
-  3. carry [".gpu/part2", ".gpu/whl", ".gpu/bench"]  bash benchmarks/gpu_device.sh check --only speed --runs 2
+Ready. On the lent machine, calls back to back (the tool's run with timeout_s 600; each sends the checkout and
+what it carries; each check stops itself after 540 s and brings back results.json and log.txt):
+  1. carry [".gpu/part1", ".gpu/whl"]               bash benchmarks/gpu_device.sh part --only classic
+  2. carry [".gpu/part2", ".gpu/whl", ".gpu/bench"]  bash benchmarks/gpu_device.sh check --only stages,two,speed --runs 1
+  3. if device time is left, the same carry          bash benchmarks/gpu_device.sh check --only speed --runs 1
 Then copy the tables they print into benchmarks/README.md with the date and the GPU.
 TXT

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from advantage.lm.generation import Generated, generate, greedy_decode, sample_tokens
+from advantage.lm.generation import Generated, _cache_keyword, generate, greedy_decode, sample_tokens
 from advantage.lm.kv_cache import key_value_cache
 from advantage.lm.logprobs import collate, completion_log_probs
 from advantage.lm.models import build_model
@@ -109,10 +109,10 @@ def test_the_cache_grows_beyond_its_capacity(models):
     prefix = PROMPTS[2] + [30, 31, 32]
     cache = key_value_cache(model, capacity=2)  # smaller than the prompt: the buffers have to grow
     with torch.no_grad():
-        model(input_ids=torch.tensor([PROMPTS[2]]), cache=cache, use_cache=True)
+        keyword = {_cache_keyword(model): cache}  # `cache` since transformers 5.24, `past_key_values` before
+        model(input_ids=torch.tensor([PROMPTS[2]]), **keyword, use_cache=True)
         for length in range(len(PROMPTS[2]), len(prefix)):
-            logits = model(input_ids=torch.tensor([[prefix[length]]]), cache=cache,
-                           use_cache=True).logits[0, -1]
+            logits = model(input_ids=torch.tensor([[prefix[length]]]), **keyword, use_cache=True).logits[0, -1]
             assert torch.allclose(logits, slow_next_token_logits(model, prefix[:length + 1]), atol=1e-5)
     assert cache.get_seq_length() == len(prefix)
 
@@ -315,6 +315,22 @@ def test_a_peft_lora_model_generates(models):
     fresh = fresh_log_probs(lora, sampled, 0.8)
     for row, completion in enumerate(sampled.completions):
         assert torch.allclose(sampled.sampled_log_probs[row, :len(completion)], fresh[row], atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft vs transformers 5
+def test_a_lora_model_on_bfloat16_weights_generates_with_its_float32_adapters_folded_in():
+    from peft import LoraConfig, get_peft_model
+
+    base = build_model("nano", "qwen2", seed=1).to(torch.bfloat16)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+    lora = get_peft_model(base, config)
+    adapter = next(parameter for name, parameter in lora.named_parameters() if "lora_A" in name)
+    assert adapter.dtype == torch.float32  # PEFT keeps adapters in float32: the fold has to cast their delta
+    weights = {name: parameter.detach().clone() for name, parameter in lora.named_parameters()}
+    generated = generate(lora, PROMPTS, max_new_tokens=6, eos_id=-1, pad_id=PAD, greedy=True)
+    assert all(len(completion) == 6 for completion in generated.completions)
+    assert all(parameter.dtype == weights[name].dtype and torch.equal(parameter, weights[name])
+               for name, parameter in lora.named_parameters())
 
 
 # ----------------------------------------------------------------------------------------------- invalid arguments

@@ -70,3 +70,42 @@ def test_a_batch_moves_whole_nested_batches_included():
     tensors = [value for value in vars(moved.answers).values() if isinstance(value, torch.Tensor)]
     assert tensors and all(tensor.device.type == "meta" for tensor in tensors)
     assert moved.mask.device.type == "meta"
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # the autocast is built, not entered
+def test_bf16_autocast_acts_on_the_device_the_run_computes_on(monkeypatch):
+    """An autocast context covers one device type: on a GPU run a CPU autocast would leave every product float32."""
+    from types import SimpleNamespace
+
+    from advantage.lm.config import mixed_precision
+
+    assert mixed_precision(SimpleNamespace(mixed_precision="bf16", device="cpu")).device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    for device in ("cuda", "auto", "cuda:0"):
+        context = mixed_precision(SimpleNamespace(mixed_precision="bf16", device=device))
+        assert context.device == "cuda" and context.fast_dtype == torch.bfloat16, device
+    assert not isinstance(mixed_precision(SimpleNamespace(mixed_precision="no", device="cuda")), torch.autocast)
+
+
+def test_summed_gradients_keep_each_parameters_dtype(monkeypatch, tmp_path):
+    """Float32 adapters beside a bfloat16 head go through one float32 all-reduce; each gradient comes back in its
+    parameter's dtype (a float32 gradient on a bfloat16 parameter is refused). A one-process gloo group stands in
+    for several: the all-reduce is the identity, the flattening and the dtypes are what is checked."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    processes = Processes("cpu")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        processes.world_size = 2  # take the all-reduce path
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1).to(torch.bfloat16))
+        for parameter in model.parameters():
+            parameter.grad = torch.randn_like(parameter)
+        expected = [parameter.grad.clone() for parameter in model.parameters()]
+        processes.sum_gradients(model)
+        for parameter, grad in zip(model.parameters(), expected):
+            assert parameter.grad.dtype == parameter.dtype and torch.equal(parameter.grad, grad)
+    finally:
+        dist.destroy_process_group()

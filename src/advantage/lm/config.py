@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from advantage.run.config import param, require
-from advantage.run.processes import DEVICES_HELP
+from advantage.run.processes import DEVICES_HELP, resolve_device
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -136,7 +137,9 @@ def validate_lm(config: LMConfig) -> None:
 
 
 def mixed_precision(config: LMConfig) -> contextlib.AbstractContextManager:
-    """The autocast context of `config.mixed_precision` ("bf16": matrix products in bfloat16), or a no-op."""
+    """The autocast context of `config.mixed_precision` ("bf16": matrix products in bfloat16) on the device of
+    `config.device` (an autocast context acts on one device type only), or a no-op."""
     if config.mixed_precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

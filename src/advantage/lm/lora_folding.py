@@ -51,7 +51,9 @@ def adapters_folded(model: nn.Module) -> Iterator[None]:
                 weight = layer.get_base_layer().weight
                 delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters if name in layer.lora_A)
                 originals.append((weight, weight.data))
-                weight.data = weight.data + delta
+                # PEFT keeps adapters in float32 under bf16 / fp16 base weights: the folded weight keeps the base's
+                # dtype, else the next product mixes dtypes and fails
+                weight.data = weight.data + delta.to(weight.dtype)
         with model.disable_adapter():
             yield
     finally:

@@ -240,11 +240,14 @@ class ScalarHeadModel(nn.Module):
         self.body = body
         hidden = body.config.hidden_size
         parameter = next(body.parameters())
+        # Drawn on the CPU, then moved: the same seed gives the same head whatever device the body is on (a draw on
+        # a GPU would use, and re-seed, that device's generator).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.head = nn.Linear(hidden, 1, dtype=parameter.dtype, device=parameter.device)
-            nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
-            nn.init.zeros_(self.head.bias)
+            head = nn.Linear(hidden, 1, dtype=parameter.dtype)
+            nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            nn.init.zeros_(head.bias)
+        self.head = head.to(parameter.device)
 
     @classmethod
     def from_causal_lm(cls, causal_lm, seed: int = 0, share_body: bool = False) -> ScalarHeadModel:

@@ -74,7 +74,9 @@ class Processes:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             # float32 matrix products on TF32 tensor cores (10-bit mantissa inputs, float32 accumulation): what the
-            # peers' GPU recipes run, several times faster than full float32 on recent GPUs.
+            # peers' GPU recipes run, several times faster than full float32 on recent GPUs. The CUDA switches only:
+            # `torch.set_float32_matmul_precision` would also let oneDNN use TF32 for the CPU's products, and setting
+            # torch's newer `fp32_precision` switches makes any later read of these (by a library) raise.
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.world_size > 1 and not dist.is_initialized():
@@ -111,7 +113,8 @@ class Processes:
         dist.all_reduce(flat)
         offset = 0
         for parameter, grad in zip([p for p in model.parameters() if p.requires_grad], grads):
-            parameter.grad = flat[offset:offset + grad.numel()].view_as(grad).clone()
+            # the concatenation is in the widest dtype (float32 adapters beside a bfloat16 head): back to each one's
+            parameter.grad = flat[offset:offset + grad.numel()].view_as(grad).to(grad.dtype, copy=True)
             offset += grad.numel()
 
     def gather_rows(self, local: Tensor, total: int) -> Tensor:
