@@ -91,6 +91,11 @@ def _error(done: subprocess.CompletedProcess) -> list[str]:
     return done.stderr.strip().splitlines()[-1:] if done.returncode else []
 
 
+def _graph_fallback(done: subprocess.CompletedProcess) -> list[str]:
+    """generate's warning, if the child printed it, that the decoding step could not be captured as a CUDA graph."""
+    return [line for line in done.stderr.splitlines() if "captured as a CUDA graph" in line][:1]
+
+
 class Report:
     """results.json, rewritten (to a temporary file, then renamed) after every row: a call cut short by the
     machine's time limit still brings back every row finished before."""
@@ -178,6 +183,7 @@ def check_stages(args, out: Path, report: Report) -> None:
         report.add("stages", {"check": f"{stage}, one device", "ok": done.returncode == 0 and figures.get("exit") == 0,
                               "seconds": figures.get("seconds"), "peak_gpu_mib": figures.get("peak_gpu_mib"),
                               "last_loss": last_loss(out / "one_gpu" / stage),
+                              "graph_fallback": _graph_fallback(done),
                               "error": _error(done)})
 
 
@@ -225,7 +231,13 @@ def speed(args, out: Path, report: Report) -> None:
             done = _run(ours, timeout=args.timeout, environment={"ADVANTAGE_BENCH_DEVICE": args.device})
             figures = (_json_lines(done) or [{}])[-1]
             report.add("speed", {"workload": name, "side": "advantage", "run": run, "ok": done.returncode == 0,
-                                 **figures, "error": _error(done)})
+                                 **figures, "graph_fallback": _graph_fallback(done), "error": _error(done)})
+            if name == "grpo" and run == 0 and args.device != "cpu":  # what the CUDA graph of the decoding step buys
+                done = _run(ours, timeout=args.timeout, environment={"ADVANTAGE_BENCH_DEVICE": args.device,
+                                                                     "ADVANTAGE_BENCH_CUDA_GRAPHS": "0"})
+                figures = (_json_lines(done) or [{}])[-1]
+                report.add("speed", {"workload": name, "side": "advantage, --cuda-graphs false", "run": run,
+                                     "ok": done.returncode == 0, **figures, "error": _error(done)})
             if not peers:
                 continue
             done = _run([sys.executable, "-c", PEER_CHILD, args.bench_dir, args.device,

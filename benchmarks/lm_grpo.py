@@ -65,7 +65,8 @@ def child(bench_dir: str, threads: int, beta: float, model_dir: str = "", lora_r
                          lr_schedule="linear", clip_range=0.2, num_iterations=1, aggregation="token", beta=beta,
                          temperature=1.0, reward_functions=f"{os.path.abspath(__file__)}:count_a",
                          max_length=128, threads=threads, progress=False, tensorboard=False,
-                         checkpoint_every=10**9, seed=0, device=os.environ.get("ADVANTAGE_BENCH_DEVICE", "auto"))
+                         checkpoint_every=10**9, seed=0, device=os.environ.get("ADVANTAGE_BENCH_DEVICE", "auto"),
+                         cuda_graphs=os.environ.get("ADVANTAGE_BENCH_CUDA_GRAPHS", "1") != "0")
     began = time.perf_counter()
     run = grpo.train(config, work / "run")
     wall = time.perf_counter() - began

@@ -333,6 +333,124 @@ def test_a_lora_model_on_bfloat16_weights_generates_with_its_float32_adapters_fo
                for name, parameter in lora.named_parameters())
 
 
+# ----------------------------------------------------------------------------- the fixed-shape step (CUDA graphs)
+
+
+def decoded_with(monkeypatch, mode, model, **arguments):
+    """`generate` with its decoding mode forced: "fixed" is the fixed-shape step of a CUDA graph run without the
+    graph, "graph" asks for the capture (which fails on a CPU)."""
+    from advantage.lm import generation
+
+    with monkeypatch.context() as patched:
+        patched.setattr(generation, "_decoding_mode", lambda *_: mode)
+        return generate(model, PROMPTS, **arguments)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_fixed_shape_step_samples_what_the_loop_samples(models, architecture, monkeypatch):
+    """Same tokens, same log-probabilities: the step of a CUDA graph (fixed shapes, a mask over the whole cache,
+    keys written at a position held in a tensor, finished rows kept) against the ordinary loop. Finished rows stay in
+    the fixed batch, so the loop keeps them too here: the random numbers drawn per step then match row for row."""
+    from advantage.lm import generation
+
+    model = models[architecture]
+    monkeypatch.setattr(generation, "COMPACT_BELOW", 0.0)
+    sampling = dict(samples_per_prompt=3, max_new_tokens=9, pad_id=PAD, temperature=0.8)
+    first = generate(model, PROMPTS, eos_id=-1, generator=torch.Generator().manual_seed(1), **sampling)
+    # The same draws until a row meets a common token as EOS, or the stop sequence that ends the first row at 5.
+    ends = dict(eos_id=most_common_token(first.completions), stop_sequences=[first.completions[0][3:5]])
+    loop = generate(model, PROMPTS, generator=torch.Generator().manual_seed(1), **ends, **sampling)
+    fixed = decoded_with(monkeypatch, "fixed", model, generator=torch.Generator().manual_seed(1), **ends, **sampling)
+    assert fixed.completions == loop.completions
+    assert len(loop.completions[0]) <= 5 and any(len(completion) == 9 for completion in loop.completions)
+    assert torch.allclose(fixed.sampled_log_probs, loop.sampled_log_probs, atol=1e-5)
+    greedy = decoded_with(monkeypatch, "fixed", model, max_new_tokens=6, eos_id=-1, pad_id=PAD, greedy=True)
+    assert greedy.completions == [slow_greedy(model, prompt, 6) for prompt in PROMPTS]
+
+
+def test_the_warm_up_step_leaves_every_position_after_the_prompts_zero(models):
+    """The warm-up before a capture writes real keys after the prompts; a position never attended must still hold
+    zeros afterwards (attention weighs it by 0, and 0 x NaN is NaN)."""
+    from advantage.lm import generation
+
+    model = models["llama"]
+    extra = generation._model_inputs(model)
+    prompt_ids, prompt_mask = generation.left_pad(PROMPTS, PAD, torch.device("cpu"))
+    width = prompt_ids.shape[1]
+    cache = key_value_cache(model, width + 6)
+    with torch.no_grad():
+        _, batch = generation._prefill(model, prompt_ids, prompt_mask, cache, 2, 6, extra)
+        generation.FixedShapeStep(model, cache, batch, width + 6, {**extra, generation._cache_keyword(model): cache},
+                                  capture=False)
+    for layer in cache.layers:
+        assert layer.key_buffer.shape[2] == width + 6 and layer.key_buffer[:, :, :width].abs().sum() > 0
+        assert not layer.key_buffer[:, :, width:].any() and not layer.value_buffer[:, :, width:].any()
+
+
+class HostReads:
+    """Records every operation that reads a tensor's values back to the host (`.item()`, `bool(t)`, `nonzero`, ...):
+    inside a CUDA graph capture each one is an error. A CPU run of the step shows whether the GPU's capture can work."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        reads = self.reads = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if any(name in str(func) for name in ("_local_scalar_dense", "nonzero", "masked_select", "unique")):
+                    reads.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft vs transformers 5
+@pytest.mark.parametrize("architecture", [*ARCHITECTURES, "qwen2 with LoRA"])
+def test_the_fixed_shape_step_never_reads_a_value_back_to_the_host(models, architecture):
+    from advantage.lm import generation
+    from advantage.lm.lora_folding import adapters_folded
+
+    model = models[architecture.split()[0]]
+    if "LoRA" in architecture:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    extra = generation._model_inputs(model)
+    prompt_ids, prompt_mask = generation.left_pad(PROMPTS, PAD, torch.device("cpu"))
+    width = prompt_ids.shape[1]
+    cache = key_value_cache(model, width + 4)
+    probe = HostReads()
+    with torch.no_grad(), adapters_folded(model):
+        _, batch = generation._prefill(model, prompt_ids, prompt_mask, cache, 2, 4, extra)
+        step = generation.FixedShapeStep(model, cache, batch, width + 4,
+                                         {**extra, generation._cache_keyword(model): cache}, capture=False)
+        with probe.mode:
+            step(batch.last_tokens, batch.positions + 1, batch.attention_mask, width + 1)
+        assert probe.reads == []
+        with probe.mode:  # the probe sees them: transformers' own mask of a padded batch reads values back
+            model(input_ids=prompt_ids, attention_mask=prompt_mask)
+        assert probe.reads
+
+
+def test_a_failed_capture_warns_and_decodes_without_a_graph(models, monkeypatch):
+    """On a CPU the capture fails (no CUDA stream): generate says so and gives what the ordinary loop gives."""
+    model = models["qwen2"]
+    expected = [slow_greedy(model, prompt, 5) for prompt in PROMPTS]
+    with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph"):
+        generated = decoded_with(monkeypatch, "graph", model, max_new_tokens=5, eos_id=-1, pad_id=PAD, greedy=True)
+    assert generated.completions == expected
+
+
+def test_only_a_gpu_run_asks_for_a_graph(models):
+    from advantage.lm.generation import _decoding_mode
+
+    model = models["llama"]
+    assert _decoding_mode(model, torch.device("cpu"), True) == "dynamic"
+    assert _decoding_mode(model, torch.device("cuda", 0), True) == "graph"
+    assert _decoding_mode(model, torch.device("cuda", 0), False) == "dynamic"
+
+
 # ----------------------------------------------------------------------------------------------- invalid arguments
 
 
@@ -360,6 +478,20 @@ def test_min_new_tokens_forbids_eos_until_then():
                     min_new_tokens=3)
     for completion in held.completions:
         assert eos not in completion[:3] and len(completion) >= 3
+
+
+def test_no_end_token_holds_back_no_token():
+    """eos_id=-1 (no end token, as the benchmarks use) forbids nothing under min_new_tokens: not the last token of the
+    vocabulary either (index -1)."""
+    model = build_model("nano", "qwen2", seed=1).eval()
+    last = model.config.vocab_size - 1
+    prompt = [5, 6, 7]
+    with torch.no_grad():  # the last token's head row along the prompt's final hidden state: its logit becomes 100
+        hidden = model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0, -1]
+        model.lm_head.weight[last] = 100 * hidden / hidden.square().sum()
+    plain = generate(model, [prompt], max_new_tokens=1, eos_id=-1, pad_id=0, greedy=True)
+    held = generate(model, [prompt], max_new_tokens=1, eos_id=-1, pad_id=0, greedy=True, min_new_tokens=1)
+    assert plain.completions == [[last]] and held.completions == [[last]]
 
 
 def test_sample_tokens_draws_each_token_with_its_probability():

@@ -87,7 +87,7 @@ def evaluate_model(config: OnlineConfig, shown: int = 3) -> dict[str, Any]:
     scorer = Scorer(config, tokenizer, ends, model_device(model))
     with mixed_precision(config):
         generated = greedy_decode(model, [prompt.ids for prompt in prompts], max_new_tokens=config.max_new_tokens,
-                                  eos_id=ends, pad_id=pad)
+                                  eos_id=ends, pad_id=pad, cuda_graph=config.cuda_graphs)
     scores, _ = scorer(prompts, generated)
     lengths = [len(completion) for completion in generated.completions]
     examples = [[prompt.text, text, score] for prompt, text, score in

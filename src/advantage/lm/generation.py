@@ -31,20 +31,22 @@ Speed. Nothing in a step loops over rows in Python: each step is a few tensor op
 host sync (are all rows finished?). The prompt runs once for its G samples (transformers' `generate` with
 `num_return_sequences` runs it G times). The cache's layers write each step's keys and values into preallocated
 buffers (`kv_cache.key_value_cache`) where transformers' `DynamicLayer` concatenates them to all earlier ones at
-every step.
+every step. On a GPU the decoding step is captured once as a CUDA graph and replayed (`FixedShapeStep`): the same
+loop, with finished rows kept in the batch, since a graph's shapes are fixed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from advantage.lm.kv_cache import key_value_cache
+from advantage.lm.kv_cache import fix_cache_shapes, key_value_cache, release_cache_shapes
 from advantage.lm.logprobs import _forward_parameters, position_ids_from_attention_mask
 from advantage.lm.lora_folding import adapters_folded
 
@@ -295,11 +297,111 @@ def _prefill(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache, s
                                   last_tokens=torch.zeros((rows, 1), dtype=torch.long, device=logits.device))
 
 
+class FixedShapeStep:
+    """One decoding step on buffers of fixed shapes, captured once as a CUDA graph and replayed at every step.
+
+    On a GPU a small model's decoding step is hundreds of small kernels, each launched from Python (transformers'
+    modules, then PyTorch's dispatcher): the launches, not the arithmetic, set its time. A CUDA graph records the
+    step's kernels once and replays them with one launch. A graph replays the same kernels on the same memory, so
+    everything the step reads or writes has a fixed shape and address: the N rows' last tokens and position ids,
+    an attention mask over the whole cache (N, 1, 1, P + max_new_tokens) instead of the prefix seen so far, the
+    cache's layers writing at a position held in a tensor (`kv_cache.PreallocatedLayer.fix_shapes`) and returning
+    their whole buffers, and the logits. Finished rows therefore stay in the batch (they are fed the pad token with
+    attention 0, as before, and change nothing).
+
+    `capture=False` runs the same step on the same buffers without a graph: what the CPU tests check against the
+    ordinary loop, so that only the capture itself is left to a GPU.
+    """
+
+    def __init__(self, model: nn.Module, cache, batch: _DecodingBatch, capacity: int, extra: dict, capture: bool):
+        rows, device = len(batch.rows), batch.attention_mask.device
+        self.model = model
+        self.input_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.position_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.attention = torch.zeros((rows, 1, 1, capacity), dtype=torch.bool, device=device)  # True: attended
+        self.write_position = torch.zeros(1, dtype=torch.long, device=device)
+        if not fix_cache_shapes(cache, self.write_position):
+            raise RuntimeError("the model's key-value cache cannot take fixed shapes")
+        # A 4-D mask goes to the attention as it is: transformers builds no mask of its own (no host sync).
+        self.inputs = {**extra, "input_ids": self.input_ids, "position_ids": self.position_ids,
+                       "attention_mask": self.attention}
+        # A warm-up step before the capture, as CUDA graphs ask (lazy initialisations), run without a graph too so
+        # that the CPU tests cover it. It runs for real: on the prompts (a row attending to nothing would give NaN),
+        # writing its keys at the last position, which no step writes (a step at length L writes at L - 1 <=
+        # capacity - 2) and which is zeroed again afterwards (0 x NaN or 0 x inf would still reach the outputs).
+        prompt_width = cache.layers[0].keys.shape[2]
+        self.attention[:, 0, 0, :prompt_width].copy_(batch.attention_mask[:, :prompt_width] != 0)
+        self.position_ids.copy_(batch.positions)
+        self.write_position.fill_(capacity - 1)
+        self.graph = None
+        if capture:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                self._forward()
+            torch.cuda.current_stream(device).wait_stream(side)
+        else:
+            self._forward()
+        fix_cache_shapes(cache, self.write_position)  # zeroes every position after the prompts again
+        if capture:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the kernels; nothing runs
+                self.logits = self._forward()
+
+    def _forward(self) -> Tensor:
+        return self.model(**self.inputs).logits[:, -1]
+
+    def __call__(self, last_tokens: Tensor, positions: Tensor, attention_mask: Tensor, length: int) -> Tensor:
+        """The next-token logits (N, V) of every row after feeding `last_tokens` (N, 1) at `positions` (N, 1), with
+        `attention_mask[:, :length]` (N, >= length) over the cache; the new keys go to position length - 1. The
+        returned tensor is overwritten by the next call."""
+        self.input_ids.copy_(last_tokens)
+        self.position_ids.copy_(positions)
+        self.attention[:, 0, 0, :length].copy_(attention_mask[:, :length] != 0)
+        self.write_position.fill_(length - 1)
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits
+
+
+def _decoding_mode(model: nn.Module, device: torch.device, cuda_graph: bool) -> str:
+    """How `generate` runs its decoding steps: "graph" (`FixedShapeStep` captured as a CUDA graph) on a GPU when
+    asked and possible, else "dynamic" (one forward call per step, finished rows dropped from the batch). Neither
+    a model sharded over processes (every forward gathers weights: collectives) nor one under an enabled CUDA
+    autocast (its cast weights are cached outside the graph's memory) is captured. The CPU tests replace this
+    function to run "fixed" (the fixed-shape step without a graph)."""
+    if not cuda_graph or device.type != "cuda" or _sharded_over_processes(model):
+        return "dynamic"
+    if torch.is_autocast_enabled("cuda"):
+        return "dynamic"
+    return "graph"
+
+
+def _fixed_shape_step(model: nn.Module, cache, batch: _DecodingBatch, capacity: int, extra: dict,
+                      mode: str) -> FixedShapeStep | None:
+    """The `FixedShapeStep` of `mode` ("graph": captured, "fixed": not), or None for the ordinary loop ("dynamic",
+    or a capture that failed: the warning says why)."""
+    if mode == "dynamic":
+        return None
+    try:
+        return FixedShapeStep(model, cache, batch, capacity, extra, capture=mode == "graph")
+    except Exception as error:  # any failure to capture falls back to the loop that needs no graph
+        if mode != "graph":
+            raise
+        # Nothing was written within the cache's filled positions (the warm-up writes after them; a capture only
+        # records), so the ordinary loop goes on from the same cache.
+        release_cache_shapes(cache)
+        warnings.warn(f"generate: the decoding step could not be captured as a CUDA graph ({type(error).__name__}: "
+                      f"{error}); decoding one call at a time", RuntimeWarning, stacklevel=3)
+        return None
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int = 1, max_new_tokens: int,
              eos_id: int | Sequence[int], pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_sequences: Sequence[Sequence[int]] = (), generator: torch.Generator | None = None,
-             greedy: bool = False, min_new_tokens: int = 0) -> Generated:
+             greedy: bool = False, min_new_tokens: int = 0, cuda_graph: bool = True) -> Generated:
     """Sample `samples_per_prompt` completions of every prompt, with the log-probability of every sampled token.
 
     Args:
@@ -321,6 +423,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
         greedy: take the most likely token at every step instead of sampling.
         min_new_tokens: no end token can be sampled before this many tokens (probability 0 there, and the other
             tokens' log-probabilities are those of that renormalised distribution); for fixed-length benchmarks.
+        cuda_graph: on a GPU, capture the decoding step once as a CUDA graph and replay it (`FixedShapeStep`);
+            where the capture fails, a warning says why and the steps run one call at a time. Ignored on a CPU.
 
     Returns:
         A `Generated`: completions (B * G lists, row b * G + g is sample g of prompt b) and sampled_log_probs
@@ -342,6 +446,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
         cache = key_value_cache(model, width + max_new_tokens)
         logits, batch = _prefill(model, prompt_ids, prompt_mask, cache, samples_per_prompt, max_new_tokens, extra)
         extra[_cache_keyword(model)] = cache
+        fixed = _fixed_shape_step(model, cache, batch, width + max_new_tokens, extra,
+                                  _decoding_mode(model, device, cuda_graph))
         rows = len(batch.rows)  # N = B * G
         tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
         log_probs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
@@ -350,11 +456,14 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
         for step in range(max_new_tokens):
             if step > 0:  # feed the tokens sampled last (pad, with attention 0, in finished rows)
                 batch.positions = batch.positions + 1
-                logits = model(input_ids=batch.last_tokens, position_ids=batch.positions,
-                               attention_mask=batch.attention_mask[:, :width + step], **extra).logits[:, -1]
+                if fixed is not None:
+                    logits = fixed(batch.last_tokens, batch.positions, batch.attention_mask, width + step)
+                else:
+                    logits = model(input_ids=batch.last_tokens, position_ids=batch.positions,
+                                   attention_mask=batch.attention_mask[:, :width + step], **extra).logits[:, -1]
             if step < min_new_tokens:
                 logits = logits.clone()
-                logits[:, end_ids[end_ids < logits.shape[-1]]] = -math.inf
+                logits[:, end_ids[(end_ids >= 0) & (end_ids < logits.shape[-1])]] = -math.inf  # -1: no end token
             sampled, sampled_log_probs = sample_tokens(logits, **sampling)
             sampled = torch.where(batch.alive, sampled, pad_id)
             tokens[batch.rows, step] = sampled
@@ -369,7 +478,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
             alive = int(batch.alive.sum())  # one host sync per step: cheap next to a forward pass
             if (alive if not synced else _most_over_processes(alive, device)) == 0:
                 break
-            if 0 < alive <= COMPACT_BELOW * len(batch.rows) and steps < max_new_tokens:
+            if fixed is None and 0 < alive <= COMPACT_BELOW * len(batch.rows) and steps < max_new_tokens:
                 kept = batch.alive.nonzero().squeeze(1)
                 cache.batch_select_indices(kept)
                 batch = batch.select(kept)
@@ -398,7 +507,7 @@ def _most_over_processes(count: int, device: torch.device) -> int:
 
 
 def greedy_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int | Sequence[int],
-                  pad_id: int, batch_size: int = 64) -> Generated:
+                  pad_id: int, batch_size: int = 64, cuda_graph: bool = True) -> Generated:
     """The most likely completion of every prompt, `batch_size` prompts at a time: the one decoder of every
     evaluation (sft's and the online stages' held-out figures, `advantage eval`, the demo's comparison).
 
@@ -406,7 +515,8 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
         A `Generated` with one completion per prompt (each ending with the end token that stopped it, if any).
     """
     parts = [generate(model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens, eos_id=eos_id,
-                      pad_id=pad_id, greedy=True) for start in range(0, len(prompts), batch_size)]
+                      pad_id=pad_id, greedy=True, cuda_graph=cuda_graph)
+             for start in range(0, len(prompts), batch_size)]
     return Generated(prompts=[prompt for part in parts for prompt in part.prompts],
                      completions=[completion for part in parts for completion in part.completions],
                      sampled_log_probs=torch.cat([part.sampled_log_probs for part in parts]), samples_per_prompt=1)

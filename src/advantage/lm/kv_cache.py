@@ -4,6 +4,8 @@ transformers' `DynamicLayer` concatenates every decoding step's keys and values 
 whole cache at each step (quadratic in the length, and most of the time of a small model's decode step on a CPU).
 The layers here copy only the step's own keys into buffers sized for the longest sequence, and keep the interface
 `DynamicCache` promises, so the model's forward pass does not know the difference. `generate` is its one caller.
+For a CUDA graph of the decoding step the layers can switch to fixed shapes (`fix_cache_shapes`): each step's keys
+are written at a position held in a tensor and the whole buffers are returned.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ def _preallocated_layer_class():
         def __init__(self, capacity: int):
             super().__init__()
             self.capacity = capacity
+            self.write_position: Tensor | None = None  # set by `fix_shapes`
+
+        def fix_shapes(self, write_position: Tensor) -> None:
+            """From now on, write each step's keys at the position held in `write_position` ((1,) long, on the
+            buffers' device, set before each step) and return the whole buffers (fixed shapes, no host
+            synchronisation: what a CUDA graph of the step needs). Positions not yet written are zeros, and the
+            attention mask has to leave them out. The buffers are never reallocated afterwards."""
+            length = self.keys.shape[2]
+            self.key_buffer[:, :, length:].zero_()  # masked out, but 0 x NaN would still be NaN
+            self.value_buffer[:, :, length:].zero_()
+            self.write_position = write_position
 
         def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
             super().lazy_initialization(key_states, value_states)
@@ -44,6 +57,10 @@ def _preallocated_layer_class():
             self.values = self.value_buffer[:, :, :length]
 
         def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            if self.write_position is not None:
+                self.key_buffer.index_copy_(2, self.write_position, key_states)
+                self.value_buffer.index_copy_(2, self.write_position, value_states)
+                return self.key_buffer, self.value_buffer
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             start = self.keys.shape[2]
@@ -66,6 +83,8 @@ def _preallocated_layer_class():
                 self._expose(max(0, self.keys.shape[2] + tokens_to_remove))
 
         def _select_rows(self, index: Tensor) -> None:
+            if self.write_position is not None:
+                raise RuntimeError("a cache with fixed shapes keeps its rows (a CUDA graph reads these buffers)")
             if self.is_initialized:  # copies the filled positions only
                 index = index.to(self.key_buffer.device)
                 self.key_buffer = self._selected(self.key_buffer, self.keys, index)
@@ -96,6 +115,25 @@ def _preallocated_layer_class():
             self.key_buffer = self.value_buffer = None
 
     return PreallocatedLayer
+
+
+def fix_cache_shapes(cache, write_position: Tensor) -> bool:
+    """Switch every layer of a `key_value_cache` to fixed shapes (`PreallocatedLayer.fix_shapes`); False, leaving
+    the cache as it is, when some layer is not a `PreallocatedLayer` (the model's own cache: no fixed shapes)."""
+    layer_class = _preallocated_layer_class()
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(type(layer) is layer_class and layer.is_initialized for layer in layers):
+        return False
+    for layer in layers:
+        layer.fix_shapes(write_position)
+    return True
+
+
+def release_cache_shapes(cache) -> None:
+    """Undo `fix_cache_shapes`: the layers write and expose the filled positions again, as before."""
+    for layer in getattr(cache, "layers", []):
+        if getattr(layer, "write_position", None) is not None:
+            layer.write_position = None
 
 
 def key_value_cache(model: nn.Module, capacity: int):

@@ -233,7 +233,7 @@ class OnlineModels:
         return generate(self.policy, [prompt.ids for prompt in prompts], samples_per_prompt=per_prompt,
                         max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
                         eos_id=self.ends, pad_id=self.pad, temperature=config.temperature, top_k=config.top_k,
-                        top_p=config.top_p, generator=generator)
+                        top_p=config.top_p, generator=generator, cuda_graph=config.cuda_graphs)
 
     @torch.no_grad()
     def policy_log_probs(self, batch: SharedPromptBatch, temperature: float) -> Tensor:
@@ -278,7 +278,7 @@ def evaluate(model: nn.Module, prompts: Sequence[PromptExample], scorer: Scorer,
     """eval/reward and eval/mean_length of greedy completions of the held-out prompts (and eval/exact_match with a
     built-in task scored by another reward)."""
     generated = greedy_decode(model, [prompt.ids for prompt in prompts], max_new_tokens=config.max_new_tokens,
-                              eos_id=scorer.end_ids, pad_id=pad)
+                              eos_id=scorer.end_ids, pad_id=pad, cuda_graph=config.cuda_graphs)
     scores, logs = scorer(prompts, generated)
     lengths = [len(completion) for completion in generated.completions]
     figures = {"eval/reward": sum(scores.tolist()) / len(prompts), "eval/mean_length": sum(lengths) / len(lengths)}

@@ -91,7 +91,7 @@ def sample_pairs(config: PairsConfig) -> dict[str, float]:
             generated = generate(model, [prompt.ids for prompt in chunk], samples_per_prompt=config.samples_per_prompt,
                                  max_new_tokens=config.max_new_tokens, eos_id=ends, pad_id=pad,
                                  temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                                 generator=generator)
+                                 generator=generator, cuda_graph=config.cuda_graphs)
         scores, _ = scorer(chunk, generated)
         texts = scorer.texts(generated.completions)
         group = config.samples_per_prompt

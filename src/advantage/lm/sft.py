@@ -144,7 +144,8 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[SFTExample], micro
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, examples: Sequence[SFTExample], batch_size: int, pad: int,
-             max_new_tokens: int = 0, end_ids: Sequence[int] | None = None) -> dict[str, float]:
+             max_new_tokens: int = 0, end_ids: Sequence[int] | None = None, cuda_graph: bool = True
+             ) -> dict[str, float]:
     """eval/nll (token-mean NLL of the held-out completions) and eval/exact_match (greedy decoding).
 
     A completion matches when the decoded text of the greedy tokens before their end token equals the decoded
@@ -158,7 +159,7 @@ def evaluate(model: nn.Module, tokenizer, examples: Sequence[SFTExample], batch_
         ends = tuple(end_ids) if end_ids else end_token_ids(tokenizer)
         budget = max_new_tokens or max(len(example.completion_ids) for example in examples)
         generated = greedy_decode(model, [example.prompt_ids for example in examples], max_new_tokens=budget,
-                                  eos_id=ends, pad_id=pad, batch_size=batch_size)
+                                  eos_id=ends, pad_id=pad, batch_size=batch_size, cuda_graph=cuda_graph)
         outputs = [strip_end_tokens(completion, ends) for completion in generated.completions]
         references = [strip_end_tokens(example.completion_ids, ends) for example in examples]
         matches = [tokenizer.decode(output, skip_special_tokens=True).strip()
@@ -222,7 +223,8 @@ def train(config: SFTConfig, run_dir: str | Path, resume: bool = False) -> Run:
 
     def held_out() -> dict[str, float]:
         with mixed_precision(config):
-            return evaluate(model, tokenizer, eval_examples, micro_size, pad, config.max_new_tokens, ends)
+            return evaluate(model, tokenizer, eval_examples, micro_size, pad, config.max_new_tokens, ends,
+                            config.cuda_graphs)
 
     def accumulate(indices: Sequence[int]) -> BatchGradient:
         # Collate the batch's micro-batches, compute each one's share of L, accumulate the gradients.
