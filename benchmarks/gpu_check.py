@@ -43,6 +43,45 @@ peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() el
 print(json.dumps({"exit": code, "seconds": round(time.perf_counter() - began, 2), "peak_gpu_mib": peak}))
 """
 
+# Sampling with the decoding step captured as a CUDA graph against the ordinary loop, on the same model and prompts:
+# the same greedy completions and log-probabilities (TF32 off for the comparison), the seconds of each (median of
+# three after a warm-up), generate's warnings, and whether the default stream is current again afterwards.
+GRAPH_CHILD = """
+import json, statistics, sys, time, warnings, torch
+from advantage.lm.generation import generate
+name, device = sys.argv[1], torch.device(sys.argv[2])
+if name.startswith("builtin:"):
+    from advantage.lm.models import build_model
+    model = build_model(name.split(":")[1].split("-")[0], seed=0)
+else:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(name)
+model = model.to(device).eval()
+torch.backends.cuda.matmul.allow_tf32 = False
+prompts = [[10 + (7 * row + 3 * column) % 50 for column in range(4 + 5 * row)] for row in range(8)]
+def run(graph):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    out = generate(model, prompts, samples_per_prompt=8, max_new_tokens=32, eos_id=-1, pad_id=0, greedy=True,
+                   cuda_graph=graph)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - began
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    graphed, _ = run(True)
+    seconds_graph = statistics.median(run(True)[1] for _ in range(3))
+plain, _ = run(False)
+seconds_plain = statistics.median(run(False)[1] for _ in range(3))
+same = sum(a == b for a, b in zip(graphed.completions, plain.completions))
+stream_ok = device.type != "cuda" or torch.cuda.current_stream() == torch.cuda.default_stream()
+print(json.dumps({"rows_equal": f"{same}/{len(plain.completions)}",
+                  "max_log_prob_difference": float((graphed.sampled_log_probs - plain.sampled_log_probs).abs().max()),
+                  "seconds_graph": round(seconds_graph, 4), "seconds_plain": round(seconds_plain, 4),
+                  "default_stream_after": stream_ok, "warnings": [str(w.message)[:300] for w in caught][:3]}))
+"""
+
 # A peer's benchmark child with TRL's `use_cpu` switched off (their scripts pin the CPU).
 # On a GPU, float32 products on TF32 tensor cores as in our processes (`run.processes.Processes`), so that the two
 # sides are compared at the same precision.
@@ -176,6 +215,10 @@ def last_loss(run_dir: Path) -> float | None:
 
 
 def check_stages(args, out: Path, report: Report) -> None:
+    done = _run([sys.executable, "-c", GRAPH_CHILD, args.model, args.device], timeout=args.timeout)
+    figures = (_json_lines(done) or [{}])[-1]
+    report.add("stages", {"check": "sampling, CUDA graph against the loop", "ok": done.returncode == 0, **figures,
+                          "error": _error(done)})
     data = write_data(out / "data")
     for stage, command in stage_commands(args.model, data, out / "one_gpu", args.steps, args.device).items():
         done = _run([sys.executable, "-c", STAGE_CHILD, *command], timeout=args.timeout)

@@ -346,14 +346,16 @@ def decoded_with(monkeypatch, mode, model, **arguments):
         return generate(model, PROMPTS, **arguments)
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", [*ARCHITECTURES, "llama, eager attention"])
 def test_the_fixed_shape_step_samples_what_the_loop_samples(models, architecture, monkeypatch):
     """Same tokens, same log-probabilities: the step of a CUDA graph (fixed shapes, a mask over the whole cache,
     keys written at a position held in a tensor, finished rows kept) against the ordinary loop. Finished rows stay in
     the fixed batch, so the loop keeps them too here: the random numbers drawn per step then match row for row."""
     from advantage.lm import generation
 
-    model = models[architecture]
+    # eager attention adds the mask to the scores: the additive mask is what both implementations take as it is
+    model = build_model("nano", "llama", seed=1, attn_implementation="eager").eval() if "eager" in architecture \
+        else models[architecture]
     monkeypatch.setattr(generation, "COMPACT_BELOW", 0.0)
     sampling = dict(samples_per_prompt=3, max_new_tokens=9, pad_id=PAD, temperature=0.8)
     first = generate(model, PROMPTS, eos_id=-1, generator=torch.Generator().manual_seed(1), **sampling)
@@ -433,22 +435,36 @@ def test_the_fixed_shape_step_never_reads_a_value_back_to_the_host(models, archi
         assert probe.reads
 
 
-def test_a_failed_capture_warns_and_decodes_without_a_graph(models, monkeypatch):
-    """On a CPU the capture fails (no CUDA stream): generate says so and gives what the ordinary loop gives."""
+def test_a_failed_capture_warns_once_and_decodes_without_a_graph(models, monkeypatch):
+    """On a CPU the capture fails (no CUDA stream): generate says so, gives what the ordinary loop gives, and later
+    calls in the process do not try again."""
+    from advantage.lm import generation
+
+    monkeypatch.setattr(generation, "_capture_failed", False)
     model = models["qwen2"]
     expected = [slow_greedy(model, prompt, 5) for prompt in PROMPTS]
     with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph"):
         generated = decoded_with(monkeypatch, "graph", model, max_new_tokens=5, eos_id=-1, pad_id=PAD, greedy=True)
     assert generated.completions == expected
+    assert generation._capture_failed
+    assert generation._decoding_mode(model, torch.device("cuda", 0), True, key_value_cache(model, 20), 10) == "dynamic"
 
 
-def test_only_a_gpu_run_asks_for_a_graph(models):
-    from advantage.lm.generation import _decoding_mode
+def test_only_a_gpu_run_that_can_use_a_graph_asks_for_one(models, monkeypatch):
+    from advantage.lm import generation
 
-    model = models["llama"]
-    assert _decoding_mode(model, torch.device("cpu"), True) == "dynamic"
-    assert _decoding_mode(model, torch.device("cuda", 0), True) == "graph"
-    assert _decoding_mode(model, torch.device("cuda", 0), False) == "dynamic"
+    monkeypatch.setattr(generation, "_capture_failed", False)
+    model, gpu, cpu = models["llama"], torch.device("cuda", 0), torch.device("cpu")
+
+    def mode(device=gpu, cuda_graph=True, steps=10, on=model):
+        return generation._decoding_mode(on, device, cuda_graph, key_value_cache(on, 20), steps)
+
+    assert mode() == "graph"
+    assert mode(device=cpu) == "dynamic" and mode(cuda_graph=False) == "dynamic"
+    assert mode(steps=generation.MIN_GRAPH_STEPS - 1) == "dynamic"  # too few steps to repay a capture
+    flex = copy.deepcopy(model)
+    flex.config._attn_implementation = "flex_attention"  # would not take the additive mask as it is
+    assert mode(on=flex) == "dynamic"
 
 
 # ----------------------------------------------------------------------------------------------- invalid arguments

@@ -117,14 +117,20 @@ def _preallocated_layer_class():
     return PreallocatedLayer
 
 
-def fix_cache_shapes(cache, write_position: Tensor) -> bool:
-    """Switch every layer of a `key_value_cache` to fixed shapes (`PreallocatedLayer.fix_shapes`); False, leaving
-    the cache as it is, when some layer is not a `PreallocatedLayer` (the model's own cache: no fixed shapes)."""
+def can_fix_shapes(cache) -> bool:
+    """True when every layer of `cache` is a `PreallocatedLayer` (not the model's own cache, kept for sliding-window
+    or linear-attention layers), so that `fix_cache_shapes` can switch them to fixed shapes."""
     layer_class = _preallocated_layer_class()
     layers = getattr(cache, "layers", None)
-    if not layers or not all(type(layer) is layer_class and layer.is_initialized for layer in layers):
+    return bool(layers) and all(type(layer) is layer_class for layer in layers)
+
+
+def fix_cache_shapes(cache, write_position: Tensor) -> bool:
+    """Switch every layer of a filled `key_value_cache` to fixed shapes (`PreallocatedLayer.fix_shapes`); False,
+    leaving the cache as it is, when `can_fix_shapes` says no or a layer holds nothing yet."""
+    if not can_fix_shapes(cache) or not all(layer.is_initialized for layer in cache.layers):
         return False
-    for layer in layers:
+    for layer in cache.layers:
         layer.fix_shapes(write_position)
     return True
 
