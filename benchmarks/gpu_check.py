@@ -220,7 +220,11 @@ def check_stages(args, out: Path, report: Report) -> None:
     report.add("stages", {"check": "sampling, CUDA graph against the loop", "ok": done.returncode == 0, **figures,
                           "error": _error(done)})
     data = write_data(out / "data")
-    for stage, command in stage_commands(args.model, data, out / "one_gpu", args.steps, args.device).items():
+    commands = stage_commands(args.model, data, out / "one_gpu", args.steps, args.device)
+    # bfloat16 weights with float32 LoRA adapters, folded into the weights while sampling (a mix that once failed)
+    commands["grpo-bf16-lora"] = [*commands["grpo"], "--dtype", "bfloat16", "--lora-r", "8",
+                                  "--out", str(out / "one_gpu" / "grpo-bf16-lora")]  # the last --out wins
+    for stage, command in commands.items():
         done = _run([sys.executable, "-c", STAGE_CHILD, *command], timeout=args.timeout)
         figures = (_json_lines(done) or [{}])[-1]
         report.add("stages", {"check": f"{stage}, one device", "ok": done.returncode == 0 and figures.get("exit") == 0,
