@@ -342,7 +342,7 @@ def decoded_with(monkeypatch, mode, model, **arguments):
     from advantage.lm import generation
 
     with monkeypatch.context() as patched:
-        patched.setattr(generation, "_decoding_mode", lambda *_: mode)
+        patched.setattr(generation, "decoding_mode", lambda *_: mode)
         return generate(model, PROMPTS, **arguments)
 
 
@@ -373,7 +373,7 @@ def test_the_fixed_shape_step_samples_what_the_loop_samples(models, architecture
 def test_the_warm_up_step_leaves_every_position_after_the_prompts_zero(models):
     """The warm-up before a capture writes real keys after the prompts; a position never attended must still hold
     zeros afterwards (attention weighs it by 0, and 0 x NaN is NaN)."""
-    from advantage.lm import generation
+    from advantage.lm import cuda_graphs, generation
 
     model = models["llama"]
     extra = generation._model_inputs(model)
@@ -382,7 +382,7 @@ def test_the_warm_up_step_leaves_every_position_after_the_prompts_zero(models):
     cache = key_value_cache(model, width + 6)
     with torch.no_grad():
         _, batch = generation._prefill(model, prompt_ids, prompt_mask, cache, 2, 6, extra)
-        generation.FixedShapeStep(model, cache, batch, width + 6, {**extra, generation._cache_keyword(model): cache},
+        cuda_graphs.FixedShapeStep(model, cache, batch, width + 6, {**extra, generation._cache_keyword(model): cache},
                                   capture=False)
     for layer in cache.layers:
         assert layer.key_buffer.shape[2] == width + 6 and layer.key_buffer[:, :, :width].abs().sum() > 0
@@ -410,7 +410,7 @@ class HostReads:
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft vs transformers 5
 @pytest.mark.parametrize("architecture", [*ARCHITECTURES, "qwen2 with LoRA"])
 def test_the_fixed_shape_step_never_reads_a_value_back_to_the_host(models, architecture):
-    from advantage.lm import generation
+    from advantage.lm import cuda_graphs, generation
     from advantage.lm.lora_folding import adapters_folded
 
     model = models[architecture.split()[0]]
@@ -425,7 +425,7 @@ def test_the_fixed_shape_step_never_reads_a_value_back_to_the_host(models, archi
     probe = HostReads()
     with torch.no_grad(), adapters_folded(model):
         _, batch = generation._prefill(model, prompt_ids, prompt_mask, cache, 2, 4, extra)
-        step = generation.FixedShapeStep(model, cache, batch, width + 4,
+        step = cuda_graphs.FixedShapeStep(model, cache, batch, width + 4,
                                          {**extra, generation._cache_keyword(model): cache}, capture=False)
         with probe.mode:
             step(batch.last_tokens, batch.positions + 1, batch.attention_mask, width + 1)
@@ -438,30 +438,32 @@ def test_the_fixed_shape_step_never_reads_a_value_back_to_the_host(models, archi
 def test_a_failed_capture_warns_once_and_decodes_without_a_graph(models, monkeypatch):
     """On a CPU the capture fails (no CUDA stream): generate says so, gives what the ordinary loop gives, and later
     calls in the process do not try again."""
-    from advantage.lm import generation
+    from advantage.lm import cuda_graphs
 
-    monkeypatch.setattr(generation, "_capture_failed", False)
+    monkeypatch.setattr(cuda_graphs, "_capture_failed", False)
     model = models["qwen2"]
     expected = [slow_greedy(model, prompt, 5) for prompt in PROMPTS]
     with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph"):
         generated = decoded_with(monkeypatch, "graph", model, max_new_tokens=5, eos_id=-1, pad_id=PAD, greedy=True)
     assert generated.completions == expected
-    assert generation._capture_failed
-    assert generation._decoding_mode(model, torch.device("cuda", 0), True, key_value_cache(model, 20), 10) == "dynamic"
+    assert cuda_graphs._capture_failed
+    assert cuda_graphs.decoding_mode(model, torch.device("cuda", 0), True, key_value_cache(model, 20), 10,
+                                     False) == "dynamic"
 
 
 def test_only_a_gpu_run_that_can_use_a_graph_asks_for_one(models, monkeypatch):
-    from advantage.lm import generation
+    from advantage.lm import cuda_graphs
 
-    monkeypatch.setattr(generation, "_capture_failed", False)
+    monkeypatch.setattr(cuda_graphs, "_capture_failed", False)
     model, gpu, cpu = models["llama"], torch.device("cuda", 0), torch.device("cpu")
 
-    def mode(device=gpu, cuda_graph=True, steps=10, on=model):
-        return generation._decoding_mode(on, device, cuda_graph, key_value_cache(on, 20), steps)
+    def mode(device=gpu, cuda_graph=True, steps=10, on=model, sharded=False):
+        return cuda_graphs.decoding_mode(on, device, cuda_graph, key_value_cache(on, 20), steps, sharded)
 
     assert mode() == "graph"
     assert mode(device=cpu) == "dynamic" and mode(cuda_graph=False) == "dynamic"
-    assert mode(steps=generation.MIN_GRAPH_STEPS - 1) == "dynamic"  # too few steps to repay a capture
+    assert mode(sharded=True) == "dynamic"  # every forward pass of a sharded model is a collective
+    assert mode(steps=cuda_graphs.MIN_GRAPH_STEPS - 1) == "dynamic"  # too few steps to repay a capture
     flex = copy.deepcopy(model)
     flex.config._attn_implementation = "flex_attention"  # would not take the additive mask as it is
     assert mode(on=flex) == "dynamic"

@@ -31,22 +31,22 @@ Speed. Nothing in a step loops over rows in Python: each step is a few tensor op
 host sync (are all rows finished?). The prompt runs once for its G samples (transformers' `generate` with
 `num_return_sequences` runs it G times). The cache's layers write each step's keys and values into preallocated
 buffers (`kv_cache.key_value_cache`) where transformers' `DynamicLayer` concatenates them to all earlier ones at
-every step. On a GPU the decoding step is captured once as a CUDA graph and replayed (`FixedShapeStep`): the same
-loop, with finished rows kept in the batch, since a graph's shapes are fixed.
+every step. On a GPU the decoding step is captured once as a CUDA graph and replayed (`cuda_graphs.FixedShapeStep`):
+the same loop, with finished rows kept in the batch, since a graph's shapes are fixed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from advantage.lm.kv_cache import can_fix_shapes, fix_cache_shapes, key_value_cache, release_cache_shapes
+from advantage.lm.cuda_graphs import decoding_mode, fixed_shape_step
+from advantage.lm.kv_cache import key_value_cache
 from advantage.lm.logprobs import _forward_parameters, position_ids_from_attention_mask
 from advantage.lm.lora_folding import adapters_folded
 
@@ -297,141 +297,6 @@ def _prefill(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache, s
                                   last_tokens=torch.zeros((rows, 1), dtype=torch.long, device=logits.device))
 
 
-class FixedShapeStep:
-    """One decoding step on buffers of fixed shapes, captured once as a CUDA graph and replayed at every step.
-
-    On a GPU a small model's decoding step is hundreds of small kernels, each launched from Python (transformers'
-    modules, then PyTorch's dispatcher): the launches, not the arithmetic, set its time. A CUDA graph records the
-    step's kernels once and replays them with one launch. A graph replays the same kernels on the same memory, so
-    everything the step reads or writes has a fixed shape and address: the N rows' last tokens and position ids,
-    an additive attention mask over the whole cache (N, 1, 1, P + max_new_tokens; 0 where attended, the dtype's
-    lowest value elsewhere) instead of the prefix seen so far, the cache's layers writing at a position held in a
-    tensor (`kv_cache.PreallocatedLayer.fix_shapes`) and returning their whole buffers, and the logits. Finished
-    rows therefore stay in the batch (they are fed the pad token with attention 0, as before, and change nothing).
-
-    `capture=False` runs the same step on the same buffers without a graph: what the CPU tests check against the
-    ordinary loop, so that only the capture itself is left to a GPU.
-    """
-
-    def __init__(self, model: nn.Module, cache, batch: _DecodingBatch, capacity: int, extra: dict, capture: bool):
-        rows, device = len(batch.rows), batch.attention_mask.device
-        self.model = model
-        dtype = model.get_input_embeddings().weight.dtype  # the attention's dtype, which an additive mask must have
-        self.masked = torch.finfo(dtype).min
-        self.input_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
-        self.position_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
-        self.attention = torch.full((rows, 1, 1, capacity), self.masked, dtype=dtype, device=device)
-        self.write_position = torch.zeros(1, dtype=torch.long, device=device)
-        if not fix_cache_shapes(cache, self.write_position):
-            raise RuntimeError("the model's key-value cache cannot take fixed shapes")
-        # A 4-D mask goes to the attention as it is: transformers builds no mask of its own (no host sync).
-        self.inputs = {**extra, "input_ids": self.input_ids, "position_ids": self.position_ids,
-                       "attention_mask": self.attention}
-        # A warm-up step before the capture, as CUDA graphs ask (lazy initialisations), run without a graph too so
-        # that the CPU tests cover it. It runs for real: on the prompts (a row attending to nothing would give NaN),
-        # writing its keys at the last position, which no step writes (a step at length L writes at L - 1 <=
-        # capacity - 2) and which is zeroed again afterwards (0 x NaN or 0 x inf would still reach the outputs).
-        prompt_width = cache.layers[0].keys.shape[2]
-        self._set_mask(batch.attention_mask, prompt_width)
-        self.position_ids.copy_(batch.positions)
-        self.write_position.fill_(capacity - 1)
-        self.graph = None
-        if not capture:
-            self._forward()
-            fix_cache_shapes(cache, self.write_position)
-            return
-        current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(current)
-        with torch.cuda.device(device), torch.cuda.stream(side):
-            self._forward()
-        current.wait_stream(side)
-        fix_cache_shapes(cache, self.write_position)  # zeroes every position after the prompts again
-        torch.cuda.synchronize(device)
-        # Captured by hand rather than with `torch.cuda.graph`, which empties the allocator's cache first (the
-        # training step after sampling would allocate it all again) and, when a capture fails, leaves its capture
-        # stream as the current one: here the stream is restored whatever happens.
-        graph = torch.cuda.CUDAGraph()
-        capture_stream = torch.cuda.Stream(device)
-        capture_stream.wait_stream(current)
-        with torch.cuda.device(device), torch.cuda.stream(capture_stream):
-            graph.capture_begin()
-            try:
-                self.logits = self._forward()  # records the kernels; nothing runs
-            finally:
-                graph.capture_end()
-        current.wait_stream(capture_stream)
-        self.graph = graph
-
-    def _forward(self) -> Tensor:
-        return self.model(**self.inputs).logits[:, -1]
-
-    def _set_mask(self, attention_mask: Tensor, length: int) -> None:
-        self.attention[:, 0, 0, :length] = torch.where(attention_mask[:, :length] != 0, 0.0, self.masked)
-
-    def __call__(self, last_tokens: Tensor, positions: Tensor, attention_mask: Tensor, length: int) -> Tensor:
-        """The next-token logits (N, V) of every row after feeding `last_tokens` (N, 1) at `positions` (N, 1), with
-        `attention_mask[:, :length]` (N, >= length) over the cache; the new keys go to position length - 1. The
-        returned tensor is overwritten by the next call."""
-        self.input_ids.copy_(last_tokens)
-        self.position_ids.copy_(positions)
-        self._set_mask(attention_mask, length)
-        self.write_position.fill_(length - 1)
-        if self.graph is None:
-            return self._forward()
-        self.graph.replay()
-        return self.logits
-
-
-# Attention implementations that take an additive 4-D mask as it is (flash-attention and flex attention do not).
-MASKED_ATTENTION = ("sdpa", "eager")
-# Fewer decoding steps than this do not repay a capture (a warm-up step, a capture, a synchronisation).
-MIN_GRAPH_STEPS = 8
-# Set after a capture fails in this process: later calls decode without trying again (the warning said why once).
-_capture_failed = False
-
-
-def _decoding_mode(model: nn.Module, device: torch.device, cuda_graph: bool, cache, max_new_tokens: int) -> str:
-    """How `generate` runs its decoding steps: "graph" (`FixedShapeStep` captured as a CUDA graph) on a GPU when
-    asked and possible, else "dynamic" (one forward call per step, finished rows dropped from the batch).
-
-    Not captured: a model sharded over processes (every forward gathers weights: collectives), one under an enabled
-    CUDA autocast (its cast weights are cached outside the graph's memory), an attention implementation that would
-    not take the additive mask as it is, a cache whose layers cannot take fixed shapes (sliding-window layers),
-    fewer than `MIN_GRAPH_STEPS` steps, and any call after a capture failed in this process. The CPU tests replace
-    this function to run "fixed" (the fixed-shape step without a graph)."""
-    if not cuda_graph or device.type != "cuda" or _capture_failed or max_new_tokens < MIN_GRAPH_STEPS:
-        return "dynamic"
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if attention not in MASKED_ATTENTION or not can_fix_shapes(cache):
-        return "dynamic"
-    if _sharded_over_processes(model) or torch.is_autocast_enabled("cuda"):
-        return "dynamic"
-    return "graph"
-
-
-def _fixed_shape_step(model: nn.Module, cache, batch: _DecodingBatch, capacity: int, extra: dict,
-                      mode: str) -> FixedShapeStep | None:
-    """The `FixedShapeStep` of `mode` ("graph": captured, "fixed": not), or None for the ordinary loop ("dynamic",
-    or a capture that failed: the warning says why, once)."""
-    global _capture_failed
-    if mode == "dynamic":
-        return None
-    try:
-        return FixedShapeStep(model, cache, batch, capacity, extra, capture=mode == "graph")
-    except Exception as error:  # any failure to capture falls back to the loop that needs no graph
-        if mode != "graph":
-            raise
-        # Nothing was written within the cache's filled positions (the warm-up writes after them; a capture only
-        # records), so the ordinary loop goes on from the same cache.
-        release_cache_shapes(cache)
-        _capture_failed = True
-        cause = f"; first {type(error.__context__).__name__}: {error.__context__}" if error.__context__ else ""
-        warnings.warn(f"generate: the decoding step could not be captured as a CUDA graph ({type(error).__name__}: "
-                      f"{error}{cause}); decoding one call at a time from now on", RuntimeWarning, stacklevel=3)
-        return None
-
-
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int = 1, max_new_tokens: int,
              eos_id: int | Sequence[int], pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -458,7 +323,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
         greedy: take the most likely token at every step instead of sampling.
         min_new_tokens: no end token can be sampled before this many tokens (probability 0 there, and the other
             tokens' log-probabilities are those of that renormalised distribution); for fixed-length benchmarks.
-        cuda_graph: on a GPU, capture the decoding step once as a CUDA graph and replay it (`FixedShapeStep`);
+        cuda_graph: on a GPU, capture the decoding step once as a CUDA graph and replay it (`cuda_graphs`);
             where the capture fails, a warning says why and the steps run one call at a time. Ignored on a CPU.
 
     Returns:
@@ -481,8 +346,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
         cache = key_value_cache(model, width + max_new_tokens)
         logits, batch = _prefill(model, prompt_ids, prompt_mask, cache, samples_per_prompt, max_new_tokens, extra)
         extra[_cache_keyword(model)] = cache
-        fixed = _fixed_shape_step(model, cache, batch, width + max_new_tokens, extra,
-                                  _decoding_mode(model, device, cuda_graph, cache, max_new_tokens))
+        mode = decoding_mode(model, device, cuda_graph, cache, max_new_tokens, _sharded_over_processes(model))
+        fixed = fixed_shape_step(model, cache, batch, width + max_new_tokens, extra, mode)  # None: the loop below
         rows = len(batch.rows)  # N = B * G
         tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
         log_probs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
