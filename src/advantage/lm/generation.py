@@ -346,7 +346,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
         cache = key_value_cache(model, width + max_new_tokens)
         logits, batch = _prefill(model, prompt_ids, prompt_mask, cache, samples_per_prompt, max_new_tokens, extra)
         extra[_cache_keyword(model)] = cache
-        mode = decoding_mode(model, device, cuda_graph, cache, max_new_tokens, _sharded_over_processes(model))
+        mode = decoding_mode(model, device, cuda_graph, cache, max_new_tokens, synced)
         fixed = fixed_shape_step(model, cache, batch, width + max_new_tokens, extra, mode)  # None: the loop below
         rows = len(batch.rows)  # N = B * G
         tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
