@@ -504,33 +504,40 @@ def collate_shared_prompt(prompts: Sequence[Sequence[int]], answers: Sequence[Se
                 default=1)
     answer_width = max([1] + [len(answer) for group in answers for answer in group])
     count = len(prompts)
-    input_ids = torch.full((count, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((count, width), dtype=torch.long)
-    segment = torch.full((count, width), -1, dtype=torch.long)  # 0 the prompt, k + 1 answer k, -1 padding
-    answer_ids = torch.full((count * repeats, answer_width), pad_id, dtype=torch.long)
-    answer_mask = torch.zeros((count * repeats, answer_width), dtype=torch.bool)
-    answer_columns = torch.zeros((count * repeats, answer_width), dtype=torch.long)
-    predictor_columns = torch.zeros((count * repeats, answer_width), dtype=torch.long)
+    # Built as Python lists and turned into tensors once per field: per-answer tensor writes cost ~16 operations an
+    # answer, which on a GPU host are launch-bound time next to the forward pass (benchmarks/lm_launches.py).
+    input_ids = [[pad_id] * width for _ in range(count)]
+    position_ids = [[0] * width for _ in range(count)]
+    segment = [[-1] * width for _ in range(count)]  # 0 the prompt, k + 1 answer k, -1 padding
+    answer_ids = [[pad_id] * answer_width for _ in range(count * repeats)]
+    answer_mask = [[False] * answer_width for _ in range(count * repeats)]
+    answer_columns = [[0] * answer_width for _ in range(count * repeats)]
+    predictor_columns = [[0] * answer_width for _ in range(count * repeats)]
     for b, (prompt, group) in enumerate(zip(prompts, answers)):
         length = len(prompt)
-        input_ids[b, :length] = torch.as_tensor(prompt, dtype=torch.long)
-        position_ids[b, :length] = torch.arange(length)
-        segment[b, :length] = 0
+        input_ids[b][:length] = [int(token) for token in prompt]
+        position_ids[b][:length] = range(length)
+        segment[b][:length] = [0] * length
         start = length
         for k, answer in enumerate(group):
             size, row = len(answer), b * repeats + k
             if size == 0:
                 continue
-            columns = torch.arange(start, start + size)
-            input_ids[b, columns] = torch.as_tensor(answer, dtype=torch.long)
-            position_ids[b, columns] = torch.arange(length, length + size)
-            segment[b, columns] = k + 1
-            answer_ids[row, :size] = input_ids[b, columns]
-            answer_mask[row, :size] = True
-            answer_columns[row, :size] = columns
-            predictor_columns[row, :size] = torch.cat([torch.tensor([length - 1]), columns[:-1]])
+            tokens = [int(token) for token in answer]
+            input_ids[b][start:start + size] = tokens
+            position_ids[b][start:start + size] = range(length, length + size)
+            segment[b][start:start + size] = [k + 1] * size
+            answer_ids[row][:size] = tokens
+            answer_mask[row][:size] = [True] * size
+            answer_columns[row][:size] = range(start, start + size)
+            predictor_columns[row][:size] = [length - 1, *range(start, start + size - 1)]
             start += size
-        position_ids[b, start:] = torch.arange(width - start)  # padding: harmless positions, attended by nothing
+        position_ids[b][start:] = range(width - start)  # padding: harmless positions, attended by nothing
+    input_ids, position_ids, segment = (torch.tensor(field, dtype=torch.long)
+                                        for field in (input_ids, position_ids, segment))
+    answer_ids, answer_columns, predictor_columns = (torch.tensor(field, dtype=torch.long)
+                                                     for field in (answer_ids, answer_columns, predictor_columns))
+    answer_mask = torch.tensor(answer_mask, dtype=torch.bool)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     same_segment = segment[:, :, None] == segment[:, None, :]  # (B, W, W)
     sees_prompt = (segment[:, None, :] == 0) & (segment[:, :, None] >= 0)  # answers and prompt see the prompt

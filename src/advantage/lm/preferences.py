@@ -149,9 +149,7 @@ class RankingBatch:
 def collate_rankings(examples: Sequence[RankedExample], pad: int) -> RankingBatch:
     """The rankings as one SharedPromptBatch (`logprobs.collate_shared_prompt`); shorter rankings are masked."""
     k = max(len(example.completion_ids) for example in examples)
-    mask = torch.zeros((len(examples), k), dtype=torch.bool)
-    for b, example in enumerate(examples):
-        mask[b, :len(example.completion_ids)] = True
+    mask = torch.tensor([[rank < len(example.completion_ids) for rank in range(k)] for example in examples])
     answers = collate_shared_prompt([example.prompt_ids for example in examples],
                                     [example.completion_ids for example in examples], pad)
     return RankingBatch(answers, mask)
