@@ -279,7 +279,7 @@ def speed(args, out: Path, report: Report) -> None:
             figures = (_json_lines(done) or [{}])[-1]
             report.add("speed", {"workload": name, "side": "advantage", "run": run, "ok": done.returncode == 0,
                                  **figures, "graph_fallback": _graph_fallback(done), "error": _error(done)})
-            if name == "grpo" and run == 0 and args.device != "cpu":  # what the CUDA graph of the decoding step buys
+            if run == 0 and args.device != "cpu":  # what the CUDA graphs (decoding step, training pass) buy
                 done = _run(ours, timeout=args.timeout, environment={"ADVANTAGE_BENCH_DEVICE": args.device,
                                                                      "ADVANTAGE_BENCH_CUDA_GRAPHS": "0"})
                 figures = (_json_lines(done) or [{}])[-1]

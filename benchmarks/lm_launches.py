@@ -16,11 +16,12 @@ is not a view (`OpOverload.is_view`, `detach`), by phase:
 Loading the model and writing the final model are not counted (ours: `load_policy`, `LMSession.finish`; TRL's region is
 `trainer.train()`). Figures are per optimizer step. With CUDA graphs (ours, `--cuda-graphs`, on a GPU) a whole
 decoding step is one replay: the side "advantage+graphs" runs our sampler's fixed-shape step (what the graph
-captures) and counts each of its calls as one launch.
+captures) and DPO's training passes on the input buffers of `cuda_graphs.GraphedPasses`, and counts each call
+that a GPU would replay as one launch (a shape's first pass runs eagerly there too, and is counted in full).
 
 Usage (each side in its own process; ours with PYTHONPATH=src, TRL's with trl importable):
     python benchmarks/lm_launches.py --bench-dir ../shared/bench [--peers-python /tmp/peers/bin/python]
-        [--stages dpo,reward,grpo] [--model-dir DIR --lora-r 16]
+        [--stages dpo,reward,grpo] [--pairs 64] [--model-dir DIR --lora-r 16]
 Prints one JSON line per side and stage, then a markdown table.
 """
 
@@ -108,6 +109,26 @@ def ours(stage: str, bench_dir: str, model_dir: str, lora_r: int, counter: Opera
 
         cuda_graphs.FixedShapeStep._forward = replayed
         within(cuda_graphs.FixedShapeStep, "__init__", counter, counting=True)  # warm-up: eager on a GPU too
+
+        class CountedPasses(cuda_graphs.GraphedPasses):
+            """A shape's first training pass runs eagerly (as on a GPU); each later one counts as one replay."""
+
+            def __call__(self, inputs, compute):
+                if self.shape_key(inputs) not in self.graphs:
+                    return super().__call__(inputs, compute)
+
+                def replay(tensors):
+                    counting, counter.counting = counter.counting, False
+                    try:
+                        return compute(tensors)
+                    finally:
+                        counter.counting = counting
+                        counter.counts[counter.phase] += 1
+                        counter.replays += 1
+
+                return super().__call__(inputs, replay)
+
+        dpo.training_graphs = lambda model, *args, **kwargs: CountedPasses(model.parameters(), capture=False)
     counter.counting = True
     if stage == "grpo":
         import lm_grpo
@@ -116,7 +137,8 @@ def ours(stage: str, bench_dir: str, model_dir: str, lora_r: int, counter: Opera
         return {"steps": result["steps"]}
     import lm_speed
 
-    result = lm_speed.child(stage, bench_dir, 2, 64, False, model_dir, lora_r)
+    result = lm_speed.child(stage, bench_dir, 2, int(os.environ.get("LAUNCHES_PAIRS", "64")), False, model_dir,
+                            lora_r)
     return {"steps": result["steps"]}
 
 
@@ -143,7 +165,8 @@ def trl_side(stage: str, bench_dir: str, model_dir: str, lora_r: int, counter: O
         import trl_reward
 
         script = trl_dpo if stage == "dpo" else trl_reward
-        result = script.child(argparse.Namespace(pairs=64, batch=8, prompt_len=32, completion_len=32, **arguments))
+        pairs = int(os.environ.get("LAUNCHES_PAIRS", "64"))
+        result = script.child(argparse.Namespace(pairs=pairs, batch=8, prompt_len=32, completion_len=32, **arguments))
     return {"steps": result["steps"]}
 
 
@@ -169,6 +192,7 @@ def main() -> None:
     parser.add_argument("--stages", default="dpo,reward,grpo")
     parser.add_argument("--model-dir", default="", help="a Hugging Face model directory (default: tiny_lm's model)")
     parser.add_argument("--lora-r", type=int, default=0)
+    parser.add_argument("--pairs", type=int, default=64, help="preference pairs of the DPO and reward runs (8 a step)")
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "STAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     bench_dir = os.path.abspath(args.bench_dir)
@@ -177,12 +201,13 @@ def main() -> None:
         return
     rows = []
     for stage in args.stages.split(","):
-        sides = [("advantage", sys.executable)] + ([("advantage+graphs", sys.executable)] if stage == "grpo" else [])
+        sides = [("advantage", sys.executable)] + ([("advantage+graphs", sys.executable)] if stage != "reward" else [])
         sides += [("trl", args.peers_python)] if args.peers_python else []
         for side, python in sides:
             command = [python, os.path.abspath(__file__), "--child", side, stage, "--bench-dir", bench_dir,
                        "--model-dir", args.model_dir, "--lora-r", str(args.lora_r)]
-            env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+            env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                       LAUNCHES_PAIRS=str(args.pairs))
             with tempfile.TemporaryDirectory() as scratch:
                 done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=scratch)
             if done.returncode != 0:

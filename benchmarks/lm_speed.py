@@ -102,7 +102,7 @@ def child(stage: str, bench_dir: str, threads: int, pairs: int, bf16: bool, mode
                            learning_rate=learning_rate, lr_schedule="linear", max_length=128, threads=threads,
                            mixed_precision="bf16" if bf16 else "no", progress=False, tensorboard=False,
                            checkpoint_every=10**9, seed=0, device=os.environ.get("ADVANTAGE_BENCH_DEVICE", "auto"),
-                           **extra, **extra_lora)
+                           cuda_graphs=os.environ.get("ADVANTAGE_BENCH_CUDA_GRAPHS", "1") != "0", **extra, **extra_lora)
     began = time.perf_counter()
     run = module.train(config, work / "run")
     wall = time.perf_counter() - began

@@ -374,3 +374,33 @@ def test_prompt_once_has_the_gradient_of_the_prompt_repeated(models):
     for ours, theirs in zip(shared, repeated):
         assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
     assert any(bool(g.abs().sum() > 0) for g in shared)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama", "gpt2", "qwen2 whole forward"])
+def test_fixed_shape_scoring_of_padded_widths_equals_the_ordinary_one(models, architecture):
+    """What a CUDA graph replays (`fixed_shape=True`: every answer slot scored, then masked; rows and answers padded
+    to recurring widths) gives the ordinary log-probabilities and gradients."""
+    model = models[architecture.split()[0]]
+    model = WithoutLogitsToKeep(model) if "whole" in architecture else model
+    plain = collate_shared_prompt(SHARED_PROMPTS, SHARED_ANSWERS, pad_id=PAD)
+    padded = collate_shared_prompt(SHARED_PROMPTS, SHARED_ANSWERS, pad_id=PAD, width_multiple=32,
+                                   answer_width_multiple=8)
+    assert padded.input_ids.shape == (3, 32) and padded.answer_ids.shape == (9, 8)
+    assert plain.input_ids.shape[1] < 32 and plain.answer_ids.shape[1] < 8  # the padding is real
+    weights = torch.linspace(-1.0, 2.0, plain.answer_ids.shape[0])
+
+    def scored(batch, fixed_shape):
+        model.zero_grad(set_to_none=True)
+        tokens = answer_log_probs(model, batch, temperature=0.7, fixed_shape=fixed_shape)
+        (tokens.sum(dim=-1) * weights).sum().backward()
+        gradients = [parameter.grad.clone() for parameter in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return tokens.detach(), gradients
+
+    ordinary, ordinary_gradients = scored(plain, False)
+    fixed, fixed_gradients = scored(padded, True)
+    assert bool((fixed[:, ordinary.shape[1]:] == 0).all()) and bool((fixed[~padded.answer_mask] == 0).all())
+    torch.testing.assert_close(fixed[:, :ordinary.shape[1]], ordinary, atol=1e-5, rtol=0)
+    for ours, theirs in zip(fixed_gradients, ordinary_gradients):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    assert any(bool(g.abs().sum() > 0) for g in fixed_gradients)

@@ -1,16 +1,21 @@
-"""The decoding step captured once as a CUDA graph and replayed: speed machinery of `generation.generate` on a GPU.
+"""Work captured once as a CUDA graph and replayed: speed machinery of sampling and of training passes on a GPU.
 
-A small model's decoding step on a GPU is hundreds of small kernels launched one by one from Python, and the
-launches, not the arithmetic, set its time. A CUDA graph replays them with one launch, provided that everything the
-step reads and writes keeps its shape and address: `FixedShapeStep` runs the step on such buffers (with the cache's
-layers switched to fixed shapes by `kv_cache.fix_cache_shapes`), `decoding_mode` says when a graph is asked for and
-possible, and `fixed_shape_step` builds the step or, when the capture fails, warns once and lets `generate` run its
-ordinary loop.
+A small model's decoding step, or its forward and backward pass over a batch of a few hundred tokens, is hundreds
+or thousands of small kernels launched one by one from Python, and on a GPU the launches, not the arithmetic, set
+its time (benchmarks/lm_launches.py counts them). A CUDA graph replays them with one launch, provided that
+everything the work reads and writes keeps its shape and address.
+
+- Sampling: `FixedShapeStep` runs the decoding step on such buffers (with the cache's layers switched to fixed
+  shapes by `kv_cache.fix_cache_shapes`), `decoding_mode` says when a graph is asked for and possible, and
+  `fixed_shape_step` builds the step or, when the capture fails, warns once and lets `generate` run its ordinary loop.
+- Training: `GraphedPasses` keeps one graph per shape of micro-batch (the batches padded to a few recurring widths)
+  for a pass that computes a loss and its gradients, and replays it with the batch copied into its inputs.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -161,3 +166,148 @@ def fixed_shape_step(model: nn.Module, cache, batch, capacity: int, extra: dict,
         warnings.warn(f"generate: the decoding step could not be captured as a CUDA graph ({type(error).__name__}: "
                       f"{error}{cause}); decoding one call at a time from now on", RuntimeWarning, stacklevel=3)
         return None
+
+
+class GraphedPasses:
+    """Passes of recurring shapes (forward, loss, backward: `compute(inputs)`), each shape captured once as a CUDA
+    graph and replayed.
+
+    A training step of a small model on a GPU is thousands of kernel launches for a few milliseconds of arithmetic.
+    Replayed as a graph it is one. A graph replays the same kernels on the same memory, so each shape of input gets
+    its own graph with its own input buffers (the callers pad their batches to a few recurring widths), and the
+    gradients a replay computes land in the buffers the capture allocated: they become the parameters' `.grad`
+    after each replay, which is why the parameters' gradients must be None before each pass (one micro-batch an
+    optimizer step, gradients zeroed with `set_to_none=True`, as `LMSession` does).
+
+    The first pass of a shape runs for real (on a side stream, the warm-up CUDA graphs ask for) and gives that
+    micro-batch's results; it is then captured (a capture records, nothing runs) for the next passes of that shape.
+    `capture=False` runs every pass on the same input buffers without a graph: what the CPU tests check against the
+    ordinary pass, so that only the capture itself is left to a GPU. When a capture fails, a warning says why (once)
+    and every later pass runs as an ordinary one.
+
+    Args:
+        parameters: the model's parameters; those that require a gradient get one from each pass.
+        capture: capture graphs (on a GPU) or run the passes as they are.
+    """
+
+    def __init__(self, parameters, capture: bool):
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.capture = capture
+        self.graphs: dict[tuple, _GraphedPass] = {}
+        self.failed = False
+        # One memory pool for every shape's graph: they never run at once, and what one graph's replay overwrites
+        # of another's memory (its temporaries, or buffers a later capture placed there) is written again by that
+        # graph's own replay before anything reads it. Input buffers are allocated outside the pool.
+        self.pool = None
+
+    def __call__(self, inputs: dict[str, Tensor], compute: Callable[[dict[str, Tensor]], tuple[Tensor, ...]]
+                 ) -> tuple[Tensor, ...]:
+        """`compute(inputs)`'s detached outputs and its gradients in `.grad`, from the graph of these shapes.
+
+        `compute` takes tensors of the shapes of `inputs`, calls `backward()` on its loss, reads no value back to
+        the host and returns its outputs (a tuple of tensors)."""
+        key = self.shape_key(inputs)
+        graphed = self.graphs.get(key)
+        ordinary = self.failed or any(p.grad is not None for p in self.parameters)
+        if ordinary or (graphed is None and len(self.graphs) >= MAX_TRAINING_GRAPHS):
+            return tuple(output.detach() for output in compute(inputs))
+        if graphed is None:
+            graphed = self.graphs[key] = _GraphedPass({name: tensor.clone() for name, tensor in inputs.items()})
+            outputs = self._first_pass(graphed, compute)
+            if self.capture:
+                self._capture(graphed, compute)
+            return outputs
+        for name, tensor in inputs.items():
+            graphed.inputs[name].copy_(tensor, non_blocking=True)
+        if graphed.graph is None:
+            return tuple(output.detach() for output in compute(graphed.inputs))
+        graphed.graph.replay()
+        for parameter, gradient in zip(self.parameters, graphed.gradients):
+            parameter.grad = gradient
+        return tuple(output.clone() for output in graphed.outputs)  # the next replay overwrites them
+
+    @staticmethod
+    def shape_key(inputs: dict[str, Tensor]) -> tuple:
+        """What tells one graph from another: the inputs' names, shapes, dtypes and devices."""
+        return tuple((name, tuple(tensor.shape), tensor.dtype, tensor.device) for name, tensor in inputs.items())
+
+    def _first_pass(self, graphed: _GraphedPass, compute) -> tuple[Tensor, ...]:
+        """The shape's first pass, for real: on a side stream when a capture follows (its lazy initialisations)."""
+        if not self.capture:
+            return tuple(output.detach() for output in compute(graphed.inputs))
+        device = next(iter(graphed.inputs.values())).device
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.device(device), torch.cuda.stream(side):
+            outputs = tuple(output.detach() for output in compute(graphed.inputs))
+        current.wait_stream(side)
+        return outputs
+
+    def _capture(self, graphed: _GraphedPass, compute) -> None:
+        """Record `compute` on the shape's input buffers; the first pass's gradients stay this step's."""
+        device = next(iter(graphed.inputs.values())).device
+        first = [p.grad for p in self.parameters]
+        for parameter in self.parameters:
+            parameter.grad = None  # so that the captured backward allocates gradient buffers of its own
+        try:
+            current = torch.cuda.current_stream(device)
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(current)
+            # By hand rather than `torch.cuda.graph`, for the reasons `FixedShapeStep` gives.
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                graph.capture_begin(pool=self.pool) if self.pool is not None else graph.capture_begin()
+                try:
+                    outputs = tuple(output.detach() for output in compute(graphed.inputs))
+                finally:
+                    graph.capture_end()
+            current.wait_stream(stream)
+            graphed.graph, graphed.outputs = graph, outputs
+            graphed.gradients = [p.grad for p in self.parameters]
+            self.pool = graph.pool()
+        except Exception as error:  # any failure to capture: ordinary passes from now on
+            self.failed = True
+            self.graphs.clear()
+            warnings.warn(f"a training pass could not be captured as a CUDA graph ({type(error).__name__}: {error}); "
+                          "running the passes one kernel at a time from now on", RuntimeWarning, stacklevel=3)
+        finally:
+            for parameter, gradient in zip(self.parameters, first):
+                parameter.grad = gradient
+
+
+class _GraphedPass:
+    """One shape's input buffers, and once captured its graph, outputs and gradient buffers."""
+
+    def __init__(self, inputs: dict[str, Tensor]):
+        self.inputs = inputs
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[Tensor, ...] = ()
+        self.gradients: list[Tensor | None] = []
+
+
+def training_graphs(model: nn.Module, device: torch.device, cuda_graph: bool, *, sharded: bool, world_size: int,
+                    micro_batches: int, checkpointing: bool, autocast: bool) -> GraphedPasses | None:
+    """`GraphedPasses` for a stage's training passes on `model` when asked for and possible, else None.
+
+    Not graphed: a CPU, a model sharded or data parallel over processes (the gradients are exchanged between passes
+    and steps), several micro-batches an optimizer step (a replay writes its gradients, it does not add them),
+    activation checkpointing (its recomputation saves and restores random states), autocast (its cast weights are
+    cached outside the graph's memory), and an attention implementation that would not take the packed rows'
+    additive mask as it is."""
+    if not cuda_graph or device.type != "cuda" or sharded or world_size > 1 or micro_batches > 1 or checkpointing \
+            or autocast:
+        return None
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attention not in MASKED_ATTENTION:
+        return None
+    return GraphedPasses(model.parameters(), capture=True)
+
+
+# Shapes of micro-batch kept as graphs at most (each holds its own activation memory); others run as they are.
+MAX_TRAINING_GRAPHS = 8
+# Packed rows (and answers) are padded to a multiple of this many columns when their passes are graphed, so that a
+# data set's batches fall into a few shapes. Answers less: every answer slot goes through the model's head.
+GRAPH_WIDTH_MULTIPLE = 32
+GRAPH_ANSWER_WIDTH_MULTIPLE = 8

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from advantage.errors import UsageError
 from advantage.lm.config import mixed_precision
+from advantage.lm.cuda_graphs import GRAPH_ANSWER_WIDTH_MULTIPLE, GRAPH_WIDTH_MULTIPLE, GraphedPasses, training_graphs
 from advantage.lm.data_order import DataOrder, total_steps
 from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
 from advantage.lm.logprobs import answer_sequence_log_probs
@@ -97,13 +98,14 @@ def validate(config: DPOConfig) -> None:
 # ------------------------------------------------------------------------------------------------------- log-probs
 
 
-def ranking_log_probs(model: nn.Module, batch: RankingBatch) -> Tensor:
-    """log pi(y_k | x) of every answer of every ranking, each prompt run once (`logprobs.answer_sequence_log_probs`).
+def ranking_log_probs(model: nn.Module, batch: RankingBatch, fixed_shape: bool = False) -> Tensor:
+    """log pi(y_k | x) of every answer of every ranking, each prompt run once (`logprobs.answer_sequence_log_probs`;
+    `fixed_shape` as there).
 
     Returns:
         (B, K) float32; 0 where a ranking has no answer k.
     """
-    return answer_sequence_log_probs(model, batch.answers).view(batch.mask.shape)  # (B * K,) -> (B, K)
+    return answer_sequence_log_probs(model, batch.answers, fixed_shape=fixed_shape).view(batch.mask.shape)
 
 
 @torch.no_grad()
@@ -157,7 +159,8 @@ def preference_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, mask: Tenso
 
 
 def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], reference: Tensor, micro_batches: int,
-                         pad: int, loss: str, beta: float, world_size: int = 1) -> tuple[float, PairwiseTally, int]:
+                         pad: int, loss: str, beta: float, world_size: int = 1,
+                         graphs: GraphedPasses | None = None) -> tuple[float, PairwiseTally, int]:
     """Add the gradient of the batch's DPO loss to `.grad`, one micro-batch at a time.
 
     Args:
@@ -165,6 +168,8 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
         reference: (B / world_size, K_max) their reference log-probabilities.
         micro_batches: how many consecutive micro-batches to split the share into (must divide it).
         world_size: processes sharing the batch (their gradients are summed afterwards).
+        graphs: run each micro-batch's pass as a replayed CUDA graph (`cuda_graphs.training_graphs`); the batches
+            are then padded to recurring widths and scored over fixed shapes, with the same result.
     Returns:
         (loss, tally of the implicit rewards, real tokens): this share's part of the batch mean L, its pairwise
         diagnostics, the tokens.
@@ -173,13 +178,22 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
     loss_total, tally, real_tokens = 0.0, PairwiseTally(), 0
     for start in range(0, len(examples), size):
         micro = examples[start:start + size]
-        batch = to_device(collate_rankings(micro, pad), model_device(model))  # b prompts, b * K answers
-        policy = ranking_log_probs(model, batch)  # (b, K): log pi_theta(y_k | x)
-        value, rewards = preference_loss(policy, reference[start:start + size], batch.mask, loss, beta)
         # This micro-batch's share of the batch mean: every pair weighs 1 / B, whichever micro-batch (and process)
         # holds it.
-        share = value * (len(micro) / (len(examples) * world_size))
-        share.backward()  # accumulate: .grad sums the shares into the gradient of L
+        weight = len(micro) / (len(examples) * world_size)
+        widths = (GRAPH_WIDTH_MULTIPLE, GRAPH_ANSWER_WIDTH_MULTIPLE) if graphs is not None else (1, 1)
+        batch = to_device(collate_rankings(micro, pad, *widths), model_device(model))  # b prompts, b * K answers
+        inputs = {**batch.tensors(), "reference": reference[start:start + size]}
+
+        def backward_pass(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            ranked = batch.with_tensors(tensors)
+            policy = ranking_log_probs(model, ranked, fixed_shape=graphs is not None)  # (b, K): log pi_theta(y_k|x)
+            value, rewards = preference_loss(policy, tensors["reference"], ranked.mask, loss, beta)
+            share = value * weight
+            share.backward()  # accumulate: .grad sums the shares into the gradient of L
+            return share, rewards
+
+        share, rewards = graphs(inputs, backward_pass) if graphs is not None else backward_pass(inputs)
         loss_total += float(share.detach())
         tally.add(rewards, batch.mask)
         real_tokens += batch.real_tokens
@@ -254,6 +268,10 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     model.train()
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
     optimizer = make_optimizer(model, config)
+    # On a GPU each micro-batch's forward and backward pass replays as one CUDA graph (None: ordinary passes).
+    graphs = training_graphs(model, processes.device, config.cuda_graphs, sharded=is_sharded(model),
+                             world_size=processes.world_size, micro_batches=config.gradient_accumulation_steps,
+                             checkpointing=config.gradient_checkpointing, autocast=config.mixed_precision != "no")
     steps = total_steps(config, len(train_examples))
     order = DataOrder(len(train_examples), config.batch_size, config.seed, processes.rank, processes.world_size)
     # The checkpoint's reference log-probabilities cover the held-out set too, so a resume needs it unchanged as well.
@@ -272,7 +290,7 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
         # 4-5. Collate the batch's micro-batches, compute each one's share of the DPO loss, accumulate gradients.
         loss, tally, real_tokens = accumulate_gradients(
             model, [train_examples[index] for index in indices], reference[indices],
-            config.gradient_accumulation_steps, pad, config.loss, config.beta, processes.world_size)
+            config.gradient_accumulation_steps, pad, config.loss, config.beta, processes.world_size, graphs)
         return BatchGradient(loss, real_tokens, tally=tally)
 
     def checkpoint_extra(step: int) -> dict:

@@ -346,8 +346,9 @@ def head_log_probs(parts: HeadParts, hidden: Tensor, targets: Tensor, temperatur
     pieces = []
     for start in range(0, len(targets), rows):
         arguments = (hidden[start:start + rows], targets[start:start + rows], parts.head, parts.finish, temperature)
-        pieces.append(checkpoint(_chunk_log_probs, *arguments, use_reentrant=False) if tracking
-                      else _chunk_log_probs(*arguments))
+        # No random numbers in a chunk: nothing to save and restore for its recomputation (nor to read back).
+        pieces.append(checkpoint(_chunk_log_probs, *arguments, use_reentrant=False, preserve_rng_state=False)
+                      if tracking else _chunk_log_probs(*arguments))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -486,7 +487,7 @@ class SharedPromptBatch:
 
 
 def collate_shared_prompt(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]],
-                          pad_id: int) -> SharedPromptBatch:
+                          pad_id: int, width_multiple: int = 1, answer_width_multiple: int = 1) -> SharedPromptBatch:
     """Pack B prompts and their answers into a SharedPromptBatch, one prompt per row.
 
     Args:
@@ -494,6 +495,8 @@ def collate_shared_prompt(prompts: Sequence[Sequence[int]], answers: Sequence[Se
         answers: B lists of answers (token-id lists, possibly empty); K is the longest list, shorter ones get
             empty answers.
         pad_id: id written at padded positions.
+        width_multiple, answer_width_multiple: the packed rows' width W and the answers' width A are rounded up to
+            multiples of these (more padding), so that batches fall into a few shapes (`cuda_graphs.GraphedPasses`).
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
@@ -503,6 +506,8 @@ def collate_shared_prompt(prompts: Sequence[Sequence[int]], answers: Sequence[Se
     width = max((len(prompt) + sum(len(answer) for answer in group) for prompt, group in zip(prompts, answers)),
                 default=1)
     answer_width = max([1] + [len(answer) for group in answers for answer in group])
+    width, answer_width = -(-width // width_multiple) * width_multiple, \
+        -(-answer_width // answer_width_multiple) * answer_width_multiple
     count = len(prompts)
     # Built as Python lists and turned into tensors once per field: per-answer tensor writes cost ~16 operations an
     # answer, which on a GPU host are launch-bound time next to the forward pass (benchmarks/lm_launches.py).
@@ -567,19 +572,25 @@ def shared_prompt_forward(model: nn.Module, batch: SharedPromptBatch, **kwargs):
                  position_ids=batch.position_ids, **kwargs)
 
 
-def answer_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: float = 1.0) -> Tensor:
+def answer_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: float = 1.0,
+                     fixed_shape: bool = False) -> Tensor:
     """log pi(a_t | s_t) at every answer token, 0 elsewhere: `completion_log_probs` with each prompt run once.
 
     Args:
         model: a causal LM (or a PEFT model around one).
         batch: B prompts with K answers each (`collate_shared_prompt`).
         temperature: as in `completion_log_probs`.
+        fixed_shape: score every (answer, position) slot, padding included, and mask afterwards, so that every
+            tensor's shape follows the batch's shapes and nothing is read back to the host: what a CUDA graph can
+            replay (`cuda_graphs.GraphedPasses`). The same values; the head's work grows by the padding.
 
     Returns:
         (B * K, A) float32, aligned with `batch.answer_ids`, zero outside `batch.answer_mask`. The head runs on the
         answer tokens' predicting states only, in chunks (`head_log_probs`).
     """
     parts = head_parts(model)
+    if fixed_shape:
+        return _every_slot_log_probs(model, parts, batch, temperature)
     answers, positions = batch.answer_mask.nonzero(as_tuple=True)  # (N,) each: every real answer token
     if parts is None:  # the whole forward pass, its logits from the earliest column that scores an answer token on
         width = batch.input_ids.shape[1]
@@ -598,11 +609,26 @@ def answer_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: fl
     return picked.new_zeros(batch.answer_mask.shape).index_put((answers, positions), picked)
 
 
-def answer_sequence_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: float = 1.0) -> Tensor:
+def _every_slot_log_probs(model: nn.Module, parts: HeadParts | None, batch: SharedPromptBatch,
+                          temperature: float) -> Tensor:
+    """`answer_log_probs` over all B * K * A slots (padding scored, then masked): shapes fixed by the batch's."""
+    rows = batch.rows.unsqueeze(1).expand(batch.answer_ids.shape)  # (B * K, A): the packed row of each slot
+    columns, targets = batch.predictor_columns, batch.answer_ids  # (B * K, A): 0 and pad at padding, harmless
+    if parts is None:
+        logits = shared_prompt_forward(model, batch).logits[rows, columns]  # (B * K, A, V)
+        picked = picked_log_probs(logits / temperature if temperature != 1.0 else logits, targets)
+    else:
+        hidden = shared_prompt_forward(parts.body, batch).last_hidden_state  # (B, W, hidden)
+        picked = head_log_probs(parts, hidden[rows, columns].flatten(0, 1), targets.flatten(), temperature)
+    return torch.where(batch.answer_mask, picked.view(targets.shape), 0.0)
+
+
+def answer_sequence_log_probs(model: nn.Module, batch: SharedPromptBatch, temperature: float = 1.0,
+                              fixed_shape: bool = False) -> Tensor:
     """log pi(answer | prompt) of each of the B * K answers (docs/math.md §7b), each prompt run once; 0 for an
-    empty answer.
+    empty answer. `fixed_shape`: as in `answer_log_probs`.
 
     Returns:
         (B * K,) float32.
     """
-    return answer_log_probs(model, batch, temperature).sum(dim=-1)
+    return answer_log_probs(model, batch, temperature, fixed_shape).sum(dim=-1)

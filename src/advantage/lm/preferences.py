@@ -6,6 +6,7 @@ from data.py's preference or ranking formats, or from the files of a built-in ta
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
@@ -145,13 +146,27 @@ class RankingBatch:
         """Tokens the model runs on: each prompt once, every answer (padding excluded)."""
         return self.answers.real_tokens
 
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the batch by name (the inputs of a graphed pass, `cuda_graphs.GraphedPasses`)."""
+        answers = {name: value for name, value in vars(self.answers).items() if isinstance(value, Tensor)}
+        return {"mask": self.mask, **{f"answers.{name}": value for name, value in answers.items()}}
 
-def collate_rankings(examples: Sequence[RankedExample], pad: int) -> RankingBatch:
-    """The rankings as one SharedPromptBatch (`logprobs.collate_shared_prompt`); shorter rankings are masked."""
+    def with_tensors(self, tensors: dict[str, Tensor]) -> RankingBatch:
+        """This batch with the tensors of `tensors()`'s names replaced by those given."""
+        answers = {name.removeprefix("answers."): value for name, value in tensors.items()
+                   if name.startswith("answers.")}
+        return RankingBatch(dataclasses.replace(self.answers, **answers), tensors["mask"])
+
+
+def collate_rankings(examples: Sequence[RankedExample], pad: int, width_multiple: int = 1,
+                     answer_width_multiple: int = 1) -> RankingBatch:
+    """The rankings as one SharedPromptBatch (`logprobs.collate_shared_prompt`, whose widths are rounded up to the
+    multiples given); shorter rankings are masked."""
     k = max(len(example.completion_ids) for example in examples)
     mask = torch.tensor([[rank < len(example.completion_ids) for rank in range(k)] for example in examples])
     answers = collate_shared_prompt([example.prompt_ids for example in examples],
-                                    [example.completion_ids for example in examples], pad)
+                                    [example.completion_ids for example in examples], pad, width_multiple,
+                                    answer_width_multiple)
     return RankingBatch(answers, mask)
 
 

@@ -1,0 +1,141 @@
+"""Training passes replayed as CUDA graphs (`cuda_graphs.GraphedPasses`), checked where a CPU can check them.
+
+A CPU cannot capture a graph. What it can show: the passes a graph would replay (batches padded to recurring widths,
+copied into fixed input buffers, every answer slot scored) train exactly as the ordinary passes do, they read no
+value back to the host (inside a capture that is an error), the stages ask for graphs only where they can work, and
+a failed capture costs nothing but a warning.
+"""
+
+import copy
+
+import pytest
+import torch
+from lm_helpers import metrics, small_config
+from safetensors.torch import load_file
+from test_generation import HostReads
+
+from advantage.lm import dpo
+from advantage.lm.cuda_graphs import GRAPH_WIDTH_MULTIPLE, GraphedPasses, training_graphs
+from advantage.lm.data import write_jsonl
+from advantage.lm.dpo import DPOConfig, accumulate_gradients, reference_log_probs
+from advantage.lm.logprobs import head_parts
+from advantage.lm.models import build_model
+from advantage.lm.preferences import RankedExample
+from advantage.lm.tokenizer import build_char_tokenizer
+
+torch.set_num_threads(1)
+PAIRS = [("12+3=", "15\n", "16\n"), ("7+80=", "87\n", "88\n"), ("1=", "1\n", "a longer answer\n"),
+         ("what is 99+1? ", "100\n", "101\n"), ("x", "y", "z"), ("45+45=", "90\n", "91\n"),
+         ("long prompt " * 3, "ok\n", "no\n"), ("2+2=", "4\n", "5\n")]
+
+
+def examples():
+    tokenizer = build_char_tokenizer()
+    eos = tokenizer.eos_token_id
+    return [RankedExample(tokenizer.encode(prompt), [tokenizer.encode(chosen) + [eos], tokenizer.encode(rejected)
+                                                     + [eos]]) for prompt, chosen, rejected in PAIRS]
+
+
+def test_dpo_trains_the_same_through_the_passes_a_graph_replays(tmp_path, monkeypatch):
+    """Six steps of DPO (batches of 2 and 4 pairs: several shapes, and shapes met again) with every pass on the
+    fixed input buffers of `GraphedPasses` and the fixed-shape scoring give the losses and weights of ordinary
+    passes."""
+    data = tmp_path / "train.jsonl"
+    write_jsonl([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS], data)
+    made = []
+
+    def cpu_graphs(model, *args, **kwargs):
+        made.append(GraphedPasses(model.parameters(), capture=False))
+        return made[-1]
+
+    runs = {}
+    for name in ("ordinary", "graphed"):
+        if name == "graphed":
+            monkeypatch.setattr(dpo, "training_graphs", cpu_graphs)
+        config = small_config(DPOConfig, data=str(data), batch_size=2, max_steps=6, learning_rate=1e-3, beta=0.5,
+                              log_every=1)
+        runs[name] = dpo.train(config, tmp_path / name)
+    graphs = made[0].graphs
+    assert len(graphs) >= 2  # several shapes, each with its own buffers
+    widths = [shape[1] for key in graphs for name, shape, *_ in key if name == "answers.input_ids"]
+    assert widths and all(width % GRAPH_WIDTH_MULTIPLE == 0 for width in widths)
+    ordinary, graphed = (metrics(runs[name].run_dir) for name in ("ordinary", "graphed"))
+    assert [row["losses/dpo"] for row in graphed] == pytest.approx([row["losses/dpo"] for row in ordinary], abs=1e-5)
+    before, after = (load_file(str(runs[name].run_dir / "final" / "model.safetensors")) for name in runs)
+    start = build_model("nano", seed=1).state_dict()
+    for key, tensor in before.items():
+        assert not torch.equal(tensor, start[key]), key  # training moved every weight
+        torch.testing.assert_close(after[key], tensor, atol=1e-5, rtol=1e-4, msg=key)
+
+
+class ProbedPasses(GraphedPasses):
+    """GraphedPasses on a CPU, recording every value a pass reads back to the host."""
+
+    def __init__(self, parameters):
+        super().__init__(parameters, capture=False)
+        self.probe = HostReads()
+
+    def __call__(self, inputs, compute):
+        with self.probe.mode:
+            return super().__call__(inputs, compute)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft vs transformers 5
+@pytest.mark.parametrize("head", ["trained head", "LoRA (frozen head)"])
+def test_a_graphed_dpo_pass_reads_no_value_back_to_the_host(head):
+    model = build_model("nano", seed=3)
+    if "LoRA" in head:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pairs = examples()
+    reference = reference_log_probs(build_model("nano", seed=4), pairs, 8, pad=0)
+    head_parts(model)  # its one-time check of the head runs an ordinary forward pass (before training, in a stage)
+    probed = ProbedPasses(model.parameters())
+    accumulate_gradients(model, pairs, reference, 1, 0, "sigmoid", 0.5, graphs=probed)
+    assert probed.probe.reads == []
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    ordinary = ProbedPasses(model.parameters())  # the probe does see the ordinary pass's reads (its nonzero)
+    with ordinary.probe.mode:
+        accumulate_gradients(model, pairs, reference, 1, 0, "sigmoid", 0.5)
+    assert ordinary.probe.reads
+
+
+def test_training_graphs_are_asked_for_only_where_they_can_work():
+    model = build_model("nano", seed=1)
+    cuda = torch.device("cuda")
+    fine = dict(sharded=False, world_size=1, micro_batches=1, checkpointing=False, autocast=False)
+    assert isinstance(training_graphs(model, cuda, True, **fine), GraphedPasses)  # builds nothing on the device yet
+    assert training_graphs(model, torch.device("cpu"), True, **fine) is None
+    assert training_graphs(model, cuda, False, **fine) is None
+    for change in ({"sharded": True}, {"world_size": 2}, {"micro_batches": 2}, {"checkpointing": True},
+                   {"autocast": True}):
+        assert training_graphs(model, cuda, True, **{**fine, **change}) is None, change
+    flash = copy.deepcopy(model)
+    flash.config._attn_implementation = "flash_attention_2"  # takes no additive mask
+    assert training_graphs(flash, cuda, True, **fine) is None
+
+
+def test_a_failed_capture_warns_once_and_the_passes_go_on_without_a_graph(monkeypatch):
+    """On a CPU the capture fails (no CUDA): the first pass's gradients stay, a warning says why, and every later
+    pass runs as it is, with the ordinary result (up to rounding: the batches are still padded)."""
+    monkeypatch.setattr(GraphedPasses, "_first_pass",
+                        lambda self, graphed, compute: tuple(out.detach() for out in compute(graphed.inputs)))
+    model = build_model("nano", seed=3)
+    pairs = examples()
+    reference = reference_log_probs(build_model("nano", seed=4), pairs, 8, pad=0)
+    graphs = GraphedPasses(model.parameters(), capture=True)
+    with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph"):
+        first, _, _ = accumulate_gradients(model, pairs, reference, 1, 0, "sigmoid", 0.5, graphs=graphs)
+    assert graphs.failed and not graphs.graphs
+    first_gradients = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    second, _, _ = accumulate_gradients(model, pairs, reference, 1, 0, "sigmoid", 0.5, graphs=graphs)  # no warning
+    ordinary_gradients = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    plain, _, _ = accumulate_gradients(model, pairs, reference, 1, 0, "sigmoid", 0.5)
+    assert first == second and abs(second - plain) < 1e-6
+    for a, b, c in zip(first_gradients, ordinary_gradients, (p.grad for p in model.parameters())):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(b, c, atol=1e-6, rtol=1e-5)
