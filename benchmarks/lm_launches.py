@@ -129,6 +129,7 @@ def ours(stage: str, bench_dir: str, model_dir: str, lora_r: int, counter: Opera
                 return super().__call__(inputs, replay)
 
         dpo.training_graphs = lambda model, *args, **kwargs: CountedPasses(model.parameters(), capture=False)
+        dpo.GraphedPasses = CountedPasses  # the reference pass's
     counter.counting = True
     if stage == "grpo":
         import lm_grpo

@@ -37,9 +37,9 @@ def examples():
 
 
 def test_dpo_trains_the_same_through_the_passes_a_graph_replays(tmp_path, monkeypatch):
-    """Six steps of DPO (batches of 2 and 4 pairs: several shapes, and shapes met again) with every pass on the
-    fixed input buffers of `GraphedPasses` and the fixed-shape scoring give the losses and weights of ordinary
-    passes."""
+    """Six steps of DPO (batches of 2 pairs: several shapes, and shapes met again) with every pass, the reference
+    pass's included, on the fixed input buffers of `GraphedPasses` and the fixed-shape scoring give the losses and
+    weights of ordinary passes."""
     data = tmp_path / "train.jsonl"
     write_jsonl([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS], data)
     made = []
@@ -100,6 +100,11 @@ def test_a_graphed_dpo_pass_reads_no_value_back_to_the_host(head):
     with ordinary.probe.mode:
         accumulate_gradients(model, pairs, reference, 1, 0, "sigmoid", 0.5)
     assert ordinary.probe.reads
+    without_gradients = ProbedPasses(())  # the reference pass, replayed too
+    with torch.no_grad():
+        replayed = reference_log_probs(model, pairs, 2, 0, graphs=without_gradients)  # 4 chunks, fewer shapes
+    assert without_gradients.probe.reads == [] and len(without_gradients.graphs) < 4
+    torch.testing.assert_close(replayed, reference_log_probs(model, pairs, 2, 0), atol=1e-5, rtol=0)
 
 
 def test_training_graphs_are_asked_for_only_where_they_can_work():

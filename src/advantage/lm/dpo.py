@@ -110,7 +110,7 @@ def ranking_log_probs(model: nn.Module, batch: RankingBatch, fixed_shape: bool =
 
 @torch.no_grad()
 def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], batch_size: int, pad: int,
-                        processes: Processes | None = None) -> Tensor:
+                        processes: Processes | None = None, graphs: GraphedPasses | None = None) -> Tensor:
     """log pi_ref(y_k | x) of every answer of every example, with `model` as the reference, in eval mode.
 
     Args:
@@ -118,6 +118,8 @@ def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], bat
         batch_size: rankings per forward pass (the evaluation uses the same chunks, so that at step 0 the
             held-out policy and reference log-probabilities are bit-identical).
         processes: with several, each computes every world_size-th example and they exchange the results.
+        graphs: replay each chunk's forward pass as a CUDA graph (`cuda_graphs.GraphedPasses` without gradients);
+            the chunks are then padded to recurring widths and scored over fixed shapes, with the same result.
     Returns:
         (N, K_max) float32; 0 where a ranking has fewer answers.
     """
@@ -126,9 +128,17 @@ def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], bat
         rank, world_size, processes = 0, 1, None
     share = examples[rank::world_size]
     width = max(len(example.completion_ids) for example in examples)
+    widths = (GRAPH_WIDTH_MULTIPLE, GRAPH_ANSWER_WIDTH_MULTIPLE) if graphs is not None else (1, 1)
+
+    def scored(batch: RankingBatch) -> Tensor:  # (b, K)
+        if graphs is None:
+            return ranking_log_probs(model, batch)
+        return graphs(batch.tensors(), lambda tensors: (
+            ranking_log_probs(model, batch.with_tensors(tensors), fixed_shape=True),))[0]
+
     with evaluation_mode(model):
-        chunks = [ranking_log_probs(model, to_device(collate_rankings(share[start:start + batch_size], pad),
-                                                    model_device(model)))
+        chunks = [scored(to_device(collate_rankings(share[start:start + batch_size], pad, *widths),
+                                   model_device(model)))
                   for start in range(0, len(share), batch_size)]
     local = torch.cat([F.pad(chunk, (0, width - chunk.shape[1])) for chunk in chunks]) if chunks \
         else torch.zeros((0, width))
@@ -257,21 +267,24 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     # Rank 0 alone evaluates, unless the model is sharded: then every process takes part in each forward pass.
     evaluating = bool(eval_examples) and (processes.is_main or is_sharded(model))
 
+    # On a GPU each micro-batch's forward and backward pass, and each chunk of the reference pass, replays as one
+    # CUDA graph (None: ordinary passes).
+    graphs = training_graphs(model, processes.device, config.cuda_graphs, sharded=is_sharded(model),
+                             world_size=processes.world_size, micro_batches=config.gradient_accumulation_steps,
+                             checkpointing=config.gradient_checkpointing, autocast=config.mixed_precision != "no")
+
     # 3. Reference log-probabilities, once, with the starting model (with LoRA: the adapters disabled); a resumed
     #    run reads the values its checkpoint stored instead.
     reference = eval_reference = None
     if session.checkpoint_path is None:
+        reference_graphs = GraphedPasses((), capture=graphs.capture) if graphs is not None else None  # no gradients
         with model.disable_adapter() if config.lora_r else contextlib.nullcontext(), mixed_precision(config):
-            reference = reference_log_probs(model, train_examples, micro_size, pad, processes)  # (N, K)
+            reference = reference_log_probs(model, train_examples, micro_size, pad, processes, reference_graphs)
             # The evaluating process(es), in the evaluation's own chunks (bit-identical margins of 0 at step 0).
             eval_reference = reference_log_probs(model, eval_examples, micro_size, pad) if evaluating else None
     model.train()
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
     optimizer = make_optimizer(model, config)
-    # On a GPU each micro-batch's forward and backward pass replays as one CUDA graph (None: ordinary passes).
-    graphs = training_graphs(model, processes.device, config.cuda_graphs, sharded=is_sharded(model),
-                             world_size=processes.world_size, micro_batches=config.gradient_accumulation_steps,
-                             checkpointing=config.gradient_checkpointing, autocast=config.mixed_precision != "no")
     steps = total_steps(config, len(train_examples))
     order = DataOrder(len(train_examples), config.batch_size, config.seed, processes.rank, processes.world_size)
     # The checkpoint's reference log-probabilities cover the held-out set too, so a resume needs it unchanged as well.
