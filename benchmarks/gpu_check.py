@@ -280,11 +280,16 @@ def speed(args, out: Path, report: Report) -> None:
             report.add("speed", {"workload": name, "side": "advantage", "run": run, "ok": done.returncode == 0,
                                  **figures, "graph_fallback": _graph_fallback(done), "error": _error(done)})
             if run == 0 and args.device != "cpu":  # what the CUDA graphs (decoding step, training pass) buy
+                graphed = figures
                 done = _run(ours, timeout=args.timeout, environment={"ADVANTAGE_BENCH_DEVICE": args.device,
                                                                      "ADVANTAGE_BENCH_CUDA_GRAPHS": "0"})
                 figures = (_json_lines(done) or [{}])[-1]
-                report.add("speed", {"workload": name, "side": "advantage, --cuda-graphs false", "run": run,
-                                     "ok": done.returncode == 0, **figures, "error": _error(done)})
+                # The same training without graphs: equal losses (DPO) and rewards (GRPO) up to float rounding.
+                same = {key: [graphed.get(key), figures.get(key)] for key in ("first_loss", "last_loss", "rewards")
+                        if key in figures}
+                report.add("speed", {"workload": name, "run": run, "ok": done.returncode == 0, **figures,
+                                     "side": "advantage, --cuda-graphs false", "graphed_against_not": same,
+                                     "error": _error(done)})  # the side after the child's own "side"
             if not peers:
                 continue
             done = _run([sys.executable, "-c", PEER_CHILD, args.bench_dir, args.device,
