@@ -38,8 +38,8 @@ def examples():
 
 def test_dpo_trains_the_same_through_the_passes_a_graph_replays(tmp_path, monkeypatch):
     """Six steps of DPO (batches of 2 pairs: several shapes, and shapes met again) with every pass, the reference
-    pass's included, on the fixed input buffers of `GraphedPasses` and the fixed-shape scoring give the losses and
-    weights of ordinary passes."""
+    pass's included, on the fixed input buffers of `GraphedPasses`, its shared gradient buffers and the
+    fixed-shape scoring give the losses and weights of ordinary passes."""
     data = tmp_path / "train.jsonl"
     write_jsonl([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS], data)
     made = []
@@ -56,7 +56,7 @@ def test_dpo_trains_the_same_through_the_passes_a_graph_replays(tmp_path, monkey
                               log_every=1)
         runs[name] = dpo.train(config, tmp_path / name)
     graphs = made[0].graphs
-    assert len(graphs) >= 2  # several shapes, each with its own buffers
+    assert 2 <= len(graphs) < 6  # several shapes, each with its own buffers, and shapes met again
     widths = [shape[1] for key in graphs for name, shape, *_ in key if name == "answers.input_ids"]
     assert widths and all(width % GRAPH_WIDTH_MULTIPLE == 0 for width in widths)
     ordinary, graphed = (metrics(runs[name].run_dir) for name in ("ordinary", "graphed"))
@@ -144,3 +144,37 @@ def test_a_failed_capture_warns_once_and_the_passes_go_on_without_a_graph(monkey
     for a, b, c in zip(first_gradients, ordinary_gradients, (p.grad for p in model.parameters())):
         assert torch.equal(a, b)
         torch.testing.assert_close(b, c, atol=1e-6, rtol=1e-5)
+
+
+def test_every_shape_shares_one_set_of_gradient_buffers_and_unused_parameters_get_none():
+    """Passes met again (here without a capture) leave their gradients in one set of buffers shared by every shape,
+    equal to an ordinary pass's; a parameter the pass does not use keeps no gradient."""
+    torch.manual_seed(0)
+    used, unused = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    parameters = [*used.parameters(), *unused.parameters()]
+    graphs = GraphedPasses(parameters, capture=False)
+
+    def compute(inputs):
+        loss = (used(inputs["x"]) ** 2).mean()
+        loss.backward()
+        return (loss,)
+
+    pointers = set()
+    for index, rows in enumerate((2, 5, 2, 5, 2)):  # two shapes, each met again from the third pass on
+        x = torch.randn(rows, 4)
+        (loss,) = graphs({"x": x}, compute)
+        gradients = [p.grad for p in parameters]
+        for p in parameters:
+            p.grad = None
+        (expected,) = compute({"x": x})
+        assert torch.equal(loss, expected.detach())
+        for gradient, p in zip(gradients, parameters):
+            assert (gradient is None) == (p.grad is None)
+            if p.grad is not None:
+                assert torch.equal(gradient, p.grad)
+        if index >= 2:
+            pointers.add(gradients[0].data_ptr())
+        for p in parameters:
+            p.grad = None
+    assert len(graphs.graphs) == 2 and all(p.grad is None for p in unused.parameters())
+    assert len(pointers) == 1 and pointers == {graphs.gradients[0].data_ptr()}  # one buffer for both shapes

@@ -174,19 +174,22 @@ class GraphedPasses:
 
     A training step of a small model on a GPU is thousands of kernel launches for a few milliseconds of arithmetic.
     Replayed as a graph it is one. A graph replays the same kernels on the same memory, so each shape of input gets
-    its own graph with its own input buffers (the callers pad their batches to a few recurring widths), and the
-    gradients a replay computes land in the buffers the capture allocated: they become the parameters' `.grad`
-    after each replay, which is why the parameters' gradients must be None before each pass (one micro-batch an
-    optimizer step, gradients zeroed with `set_to_none=True`, as `LMSession` does).
+    its own graph with its own input buffers (the callers pad their batches to a few recurring widths). The
+    gradients each pass computes are copied, inside the graph, into one set of gradient buffers that every shape's
+    graph shares, and become the parameters' `.grad` after each replay: the graphs' own memory (one pool for all of
+    them) then holds only what a pass needs while it runs. The parameters' gradients must be None before each pass
+    (one micro-batch an optimizer step, gradients zeroed with `set_to_none=True`, as `LMSession` does); otherwise
+    the pass runs as it is.
 
     The first pass of a shape runs for real (on a side stream, the warm-up CUDA graphs ask for) and gives that
     micro-batch's results; it is then captured (a capture records, nothing runs) for the next passes of that shape.
-    `capture=False` runs every pass on the same input buffers without a graph: what the CPU tests check against the
-    ordinary pass, so that only the capture itself is left to a GPU. When a capture fails, a warning says why (once)
-    and every later pass runs as an ordinary one.
+    `capture=False` runs every later pass on the same input buffers and gradient buffers without a graph: what the
+    CPU tests check against ordinary passes, so that only the capture itself is left to a GPU. When a capture
+    fails, a warning says why (once) and every later pass runs as an ordinary one.
 
     Args:
-        parameters: the model's parameters; those that require a gradient get one from each pass.
+        parameters: the model's parameters; those that require a gradient get one from each pass (none: passes
+            without gradients, such as a reference model's).
         capture: capture graphs (on a GPU) or run the passes as they are.
     """
 
@@ -194,18 +197,18 @@ class GraphedPasses:
         self.parameters = [p for p in parameters if p.requires_grad]
         self.capture = capture
         self.graphs: dict[tuple, _GraphedPass] = {}
+        self.gradients: list[Tensor] | None = None  # allocated at the first capture, outside every graph's memory
         self.failed = False
-        # One memory pool for every shape's graph: they never run at once, and what one graph's replay overwrites
-        # of another's memory (its temporaries, or buffers a later capture placed there) is written again by that
-        # graph's own replay before anything reads it. Input buffers are allocated outside the pool.
+        # One memory pool for every shape's graph: they never run at once, and each replay writes what it later
+        # reads (its temporaries, its outputs) before reading it. Input and gradient buffers are outside the pool.
         self.pool = None
 
     def __call__(self, inputs: dict[str, Tensor], compute: Callable[[dict[str, Tensor]], tuple[Tensor, ...]]
                  ) -> tuple[Tensor, ...]:
         """`compute(inputs)`'s detached outputs and its gradients in `.grad`, from the graph of these shapes.
 
-        `compute` takes tensors of the shapes of `inputs`, calls `backward()` on its loss, reads no value back to
-        the host and returns its outputs (a tuple of tensors)."""
+        `compute` takes tensors of the shapes of `inputs`, calls `backward()` on its loss (if it has gradients),
+        reads no value back to the host and returns its outputs (a tuple of tensors)."""
         key = self.shape_key(inputs)
         graphed = self.graphs.get(key)
         ordinary = self.failed or any(p.grad is not None for p in self.parameters)
@@ -220,16 +223,33 @@ class GraphedPasses:
         for name, tensor in inputs.items():
             graphed.inputs[name].copy_(tensor, non_blocking=True)
         if graphed.graph is None:
-            return tuple(output.detach() for output in compute(graphed.inputs))
-        graphed.graph.replay()
-        for parameter, gradient in zip(self.parameters, graphed.gradients):
-            parameter.grad = gradient
-        return tuple(output.clone() for output in graphed.outputs)  # the next replay overwrites them
+            outputs = self._recorded(graphed, compute)
+        else:
+            graphed.graph.replay()
+            outputs = tuple(output.clone() for output in graphed.outputs)  # the next replay overwrites them
+        for parameter, gradient, computed in zip(self.parameters, self.gradients, graphed.computed):
+            parameter.grad = gradient if computed else None
+        return outputs
 
     @staticmethod
     def shape_key(inputs: dict[str, Tensor]) -> tuple:
         """What tells one graph from another: the inputs' names, shapes, dtypes and devices."""
         return tuple((name, tuple(tensor.shape), tensor.dtype, tensor.device) for name, tensor in inputs.items())
+
+    def _recorded(self, graphed: _GraphedPass, compute) -> tuple[Tensor, ...]:
+        """What a capture records: the pass on the shape's input buffers, its gradients copied into the shared
+        gradient buffers (the pass's own are freed: the next shape's graph reuses their memory)."""
+        if self.gradients is None:
+            self.gradients = [torch.empty_like(parameter) for parameter in self.parameters]
+        outputs = tuple(output.detach() for output in compute(graphed.inputs))
+        produced = [parameter.grad for parameter in self.parameters]
+        graphed.computed = [gradient is not None for gradient in produced]
+        pairs = [(shared, gradient) for shared, gradient in zip(self.gradients, produced) if gradient is not None]
+        if pairs:
+            torch._foreach_copy_([shared for shared, _ in pairs], [gradient for _, gradient in pairs])
+        for parameter in self.parameters:
+            parameter.grad = None
+        return outputs
 
     def _first_pass(self, graphed: _GraphedPass, compute) -> tuple[Tensor, ...]:
         """The shape's first pass, for real: on a side stream when a capture follows (its lazy initialisations)."""
@@ -249,8 +269,10 @@ class GraphedPasses:
         device = next(iter(graphed.inputs.values())).device
         first = [p.grad for p in self.parameters]
         for parameter in self.parameters:
-            parameter.grad = None  # so that the captured backward allocates gradient buffers of its own
+            parameter.grad = None  # so that the captured backward allocates its gradients in the graph's memory
         try:
+            if self.gradients is None:
+                self.gradients = [torch.empty_like(parameter) for parameter in self.parameters]
             current = torch.cuda.current_stream(device)
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
@@ -260,12 +282,11 @@ class GraphedPasses:
             with torch.cuda.device(device), torch.cuda.stream(stream):
                 graph.capture_begin(pool=self.pool) if self.pool is not None else graph.capture_begin()
                 try:
-                    outputs = tuple(output.detach() for output in compute(graphed.inputs))
+                    outputs = self._recorded(graphed, compute)
                 finally:
                     graph.capture_end()
             current.wait_stream(stream)
             graphed.graph, graphed.outputs = graph, outputs
-            graphed.gradients = [p.grad for p in self.parameters]
             self.pool = graph.pool()
         except Exception as error:  # any failure to capture: ordinary passes from now on
             self.failed = True
@@ -278,13 +299,14 @@ class GraphedPasses:
 
 
 class _GraphedPass:
-    """One shape's input buffers, and once captured its graph, outputs and gradient buffers."""
+    """One shape's input buffers, which parameters its pass gives a gradient, and once captured its graph and
+    outputs."""
 
     def __init__(self, inputs: dict[str, Tensor]):
         self.inputs = inputs
+        self.computed: list[bool] = []
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[Tensor, ...] = ()
-        self.gradients: list[Tensor | None] = []
 
 
 def training_graphs(model: nn.Module, device: torch.device, cuda_graph: bool, *, sharded: bool, world_size: int,
