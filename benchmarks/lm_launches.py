@@ -52,6 +52,16 @@ class OperationCounter(TorchDispatchMode):
         self.counts: collections.Counter = collections.Counter()
         self.replays = 0
 
+    def one_launch(self, function, *args):
+        """`function(*args)`, counted as one launch (what a CUDA graph's replay of it costs)."""
+        counting, self.counting = self.counting, False
+        try:
+            return function(*args)
+        finally:
+            self.counting = counting
+            self.counts[self.phase] += 1
+            self.replays += 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.counting and not func.is_view and func is not torch.ops.aten.detach.default:
             self.counts[self.phase] += 1
@@ -97,36 +107,14 @@ def ours(stage: str, bench_dir: str, model_dir: str, lora_r: int, counter: Opera
 
         generation.decoding_mode = lambda *args, **kwargs: "fixed"
         forward = cuda_graphs.FixedShapeStep._forward
-
-        def replayed(self):
-            counting, counter.counting = counter.counting, False
-            try:
-                return forward(self)
-            finally:
-                counter.counting = counting
-                counter.counts[counter.phase] += 1
-                counter.replays += 1
-
-        cuda_graphs.FixedShapeStep._forward = replayed
+        cuda_graphs.FixedShapeStep._forward = lambda self: counter.one_launch(forward, self)
         within(cuda_graphs.FixedShapeStep, "__init__", counter, counting=True)  # warm-up: eager on a GPU too
 
         class CountedPasses(cuda_graphs.GraphedPasses):
-            """A shape's first training pass runs eagerly (as on a GPU); each later one counts as one replay."""
+            """A shape's first pass runs eagerly (as on a GPU); each later one, what a graph replays, is one launch."""
 
-            def __call__(self, inputs, compute):
-                if self.shape_key(inputs) not in self.graphs:
-                    return super().__call__(inputs, compute)
-
-                def replay(tensors):
-                    counting, counter.counting = counter.counting, False
-                    try:
-                        return compute(tensors)
-                    finally:
-                        counter.counting = counting
-                        counter.counts[counter.phase] += 1
-                        counter.replays += 1
-
-                return super().__call__(inputs, replay)
+            def _recorded(self, graphed, compute):
+                return counter.one_launch(super()._recorded, graphed, compute)
 
         dpo.training_graphs = lambda model, *args, **kwargs: CountedPasses(model.parameters(), capture=False)
         dpo.GraphedPasses = CountedPasses  # the reference pass's
