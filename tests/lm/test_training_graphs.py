@@ -178,3 +178,50 @@ def test_every_shape_shares_one_set_of_gradient_buffers_and_unused_parameters_ge
             p.grad = None
     assert len(graphs.graphs) == 2 and all(p.grad is None for p in unused.parameters())
     assert len(pointers) == 1 and pointers == {graphs.gradients[0].data_ptr()}  # one buffer for both shapes
+
+
+class FakeGraph:
+    """Stands for a CUDAGraph whose capture_end fails (an invalidated capture) or succeeds."""
+
+    def __init__(self, end_fails: bool):
+        self.end_fails, self.pools = end_fails, []
+
+    def capture_begin(self, pool=None):
+        self.pools.append(pool)
+
+    def capture_end(self):
+        if self.end_fails:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.mark.parametrize("end_fails", [True, False])
+def test_a_failed_capture_tells_the_allocator_it_ended_unless_the_graph_did(monkeypatch, end_fails):
+    """capture_end raises before it tells the allocator that the capture is over; left so, every later allocation
+    of the process would behave as if a capture were running. `record` tells it and releases the pool's share, once;
+    when capture_end itself succeeded (the work raised), the graph does that and `record` must not."""
+    import contextlib
+
+    from advantage.lm.cuda_graphs import record
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda.memory, "_cuda_endAllocateToPool", lambda *args: calls.append(("end", args)))
+    monkeypatch.setattr(torch.cuda.memory, "_cuda_releasePool", lambda *args: calls.append(("release", args)))
+
+    def work():
+        raise RuntimeError("a value read back to the host")
+
+    graph = FakeGraph(end_fails)
+    with pytest.raises(RuntimeError):
+        record(graph, torch.device("cuda", 0), Stream(), (0, 7), work)
+    assert graph.pools == [(0, 7)]
+    assert calls == ([("end", (0, (0, 7))), ("release", (0, (0, 7)))] if end_fails else [])
+    calls.clear()
+    assert record(FakeGraph(False), torch.device("cuda", 0), Stream(), (0, 7), lambda: "recorded") == "recorded"
+    assert calls == []

@@ -83,19 +83,9 @@ class FixedShapeStep:
         current.wait_stream(side)
         fix_cache_shapes(cache, self.write_position)  # zeroes every position after the prompts again
         torch.cuda.synchronize(device)
-        # Captured by hand rather than with `torch.cuda.graph`, which empties the allocator's cache first (the
-        # training step after sampling would allocate it all again) and, when a capture fails, leaves its capture
-        # stream as the current one: here the stream is restored whatever happens.
         graph = torch.cuda.CUDAGraph()
-        capture_stream = torch.cuda.Stream(device)
-        capture_stream.wait_stream(current)
-        with torch.cuda.device(device), torch.cuda.stream(capture_stream):
-            graph.capture_begin()
-            try:
-                self.logits = self._forward()  # records the kernels; nothing runs
-            finally:
-                graph.capture_end()
-        current.wait_stream(capture_stream)
+        self.logits = record(graph, device, torch.cuda.Stream(device), torch.cuda.graph_pool_handle(),
+                             self._forward)  # records the kernels; nothing runs
         self.graph = graph
 
     def _forward(self) -> Tensor:
@@ -201,7 +191,9 @@ class GraphedPasses:
         self.failed = False
         # One memory pool for every shape's graph: they never run at once, and each replay writes what it later
         # reads (its temporaries, its outputs) before reading it. Input and gradient buffers are outside the pool.
-        self.pool = None
+        # One side stream for the first passes and one for the captures: the allocator reuses the memory it caches
+        # on a stream for that stream only.
+        self.pool = self.side_stream = self.capture_stream = None
 
     def __call__(self, inputs: dict[str, Tensor], compute: Callable[[dict[str, Tensor]], tuple[Tensor, ...]]
                  ) -> tuple[Tensor, ...]:
@@ -257,11 +249,11 @@ class GraphedPasses:
             return tuple(output.detach() for output in compute(graphed.inputs))
         device = next(iter(graphed.inputs.values())).device
         current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(current)
-        with torch.cuda.device(device), torch.cuda.stream(side):
+        self.side_stream = self.side_stream or torch.cuda.Stream(device)
+        self.side_stream.wait_stream(current)
+        with torch.cuda.device(device), torch.cuda.stream(self.side_stream):
             outputs = tuple(output.detach() for output in compute(graphed.inputs))
-        current.wait_stream(side)
+        current.wait_stream(self.side_stream)
         return outputs
 
     def _capture(self, graphed: _GraphedPass, compute) -> None:
@@ -273,21 +265,12 @@ class GraphedPasses:
         try:
             if self.gradients is None:
                 self.gradients = [torch.empty_like(parameter) for parameter in self.parameters]
-            current = torch.cuda.current_stream(device)
             torch.cuda.synchronize(device)
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            self.capture_stream = self.capture_stream or torch.cuda.Stream(device)
             graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(current)
-            # By hand rather than `torch.cuda.graph`, for the reasons `FixedShapeStep` gives.
-            with torch.cuda.device(device), torch.cuda.stream(stream):
-                graph.capture_begin(pool=self.pool) if self.pool is not None else graph.capture_begin()
-                try:
-                    outputs = self._recorded(graphed, compute)
-                finally:
-                    graph.capture_end()
-            current.wait_stream(stream)
+            outputs = record(graph, device, self.capture_stream, self.pool, lambda: self._recorded(graphed, compute))
             graphed.graph, graphed.outputs = graph, outputs
-            self.pool = graph.pool()
         except Exception as error:  # any failure to capture: ordinary passes from now on
             self.failed = True
             self.graphs.clear()
@@ -296,6 +279,39 @@ class GraphedPasses:
         finally:
             for parameter, gradient in zip(self.parameters, first):
                 parameter.grad = gradient
+
+
+def record(graph: torch.cuda.CUDAGraph, device: torch.device, stream: torch.cuda.Stream, pool, work: Callable):
+    """`work()`'s kernels recorded into `graph` on `stream` (nothing runs), its memory taken from `pool` (a
+    `torch.cuda.graph_pool_handle()` or another graph's `pool()`); returns what `work` returned.
+
+    By hand rather than with `torch.cuda.graph`, which empties the allocator's cache before each capture (the next
+    training step would allocate it all again) and leaves its capture stream current when a capture fails. When the
+    capture fails, `capture_end` raises before it tells the allocator that the capture is over, and every later
+    allocation of the process would go on as if a capture were running (no memory freed to retry an allocation,
+    `empty_cache` failing): so the allocator is told here, and the pool's share of this capture released."""
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool)
+        ended = False
+        try:
+            try:
+                result = work()
+            finally:
+                graph.capture_end()
+                ended = True  # from here on the graph releases its memory itself
+        except BaseException:
+            if not ended:
+                try:
+                    torch.cuda.memory._cuda_endAllocateToPool(index, pool)
+                except RuntimeError:  # capture_end got as far as telling it
+                    pass
+                torch.cuda.memory._cuda_releasePool(index, pool)
+            raise
+    current.wait_stream(stream)
+    return result
 
 
 class _GraphedPass:

@@ -277,9 +277,10 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     #    run reads the values its checkpoint stored instead.
     reference = eval_reference = None
     if session.checkpoint_path is None:
-        reference_graphs = GraphedPasses((), capture=graphs.capture) if graphs is not None else None  # no gradients
         with model.disable_adapter() if config.lora_r else contextlib.nullcontext(), mixed_precision(config):
-            reference = reference_log_probs(model, train_examples, micro_size, pad, processes, reference_graphs)
+            # Graphs without gradients, freed (with their memory) when the pass returns.
+            reference = reference_log_probs(model, train_examples, micro_size, pad, processes,
+                                            GraphedPasses((), capture=graphs.capture) if graphs is not None else None)
             # The evaluating process(es), in the evaluation's own chunks (bit-identical margins of 0 at step 0).
             eval_reference = reference_log_probs(model, eval_examples, micro_size, pad) if evaluating else None
     model.train()
