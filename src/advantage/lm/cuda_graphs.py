@@ -349,3 +349,9 @@ MAX_TRAINING_GRAPHS = 8
 # data set's batches fall into a few shapes. Answers less: every answer slot goes through the model's head.
 GRAPH_WIDTH_MULTIPLE = 32
 GRAPH_ANSWER_WIDTH_MULTIPLE = 8
+
+
+def padding_multiples(graphs: GraphedPasses | None) -> tuple[int, int]:
+    """The multiples a batch's packed rows and answers are padded to (`collate_shared_prompt`): recurring widths
+    for graphed passes, none otherwise."""
+    return (GRAPH_WIDTH_MULTIPLE, GRAPH_ANSWER_WIDTH_MULTIPLE) if graphs is not None else (1, 1)

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from advantage.errors import UsageError
 from advantage.lm.config import mixed_precision
-from advantage.lm.cuda_graphs import GRAPH_ANSWER_WIDTH_MULTIPLE, GRAPH_WIDTH_MULTIPLE, GraphedPasses, training_graphs
+from advantage.lm.cuda_graphs import GraphedPasses, padding_multiples, training_graphs
 from advantage.lm.data_order import DataOrder, total_steps
 from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
 from advantage.lm.logprobs import answer_sequence_log_probs
@@ -128,7 +128,7 @@ def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], bat
         rank, world_size, processes = 0, 1, None
     share = examples[rank::world_size]
     width = max(len(example.completion_ids) for example in examples)
-    widths = (GRAPH_WIDTH_MULTIPLE, GRAPH_ANSWER_WIDTH_MULTIPLE) if graphs is not None else (1, 1)
+    widths = padding_multiples(graphs)
 
     def scored(batch: RankingBatch) -> Tensor:  # (b, K)
         if graphs is None:
@@ -191,8 +191,8 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
         # This micro-batch's share of the batch mean: every pair weighs 1 / B, whichever micro-batch (and process)
         # holds it.
         weight = len(micro) / (len(examples) * world_size)
-        widths = (GRAPH_WIDTH_MULTIPLE, GRAPH_ANSWER_WIDTH_MULTIPLE) if graphs is not None else (1, 1)
-        batch = to_device(collate_rankings(micro, pad, *widths), model_device(model))  # b prompts, b * K answers
+        # b prompts, b * K answers
+        batch = to_device(collate_rankings(micro, pad, *padding_multiples(graphs)), model_device(model))
         inputs = {**batch.tensors(), "reference": reference[start:start + size]}
 
         def backward_pass(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
