@@ -39,6 +39,7 @@ output is compared with the model's own logits) and use the whole forward pass i
 from __future__ import annotations
 
 import inspect
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -506,8 +507,8 @@ def collate_shared_prompt(prompts: Sequence[Sequence[int]], answers: Sequence[Se
     width = max((len(prompt) + sum(len(answer) for answer in group) for prompt, group in zip(prompts, answers)),
                 default=1)
     answer_width = max([1] + [len(answer) for group in answers for answer in group])
-    width, answer_width = -(-width // width_multiple) * width_multiple, \
-        -(-answer_width // answer_width_multiple) * answer_width_multiple
+    width = math.ceil(width / width_multiple) * width_multiple
+    answer_width = math.ceil(answer_width / answer_width_multiple) * answer_width_multiple
     count = len(prompts)
     # Built as Python lists and turned into tensors once per field: per-answer tensor writes cost ~16 operations an
     # answer, which on a GPU host are launch-bound time next to the forward pass (benchmarks/lm_launches.py).
