@@ -343,7 +343,8 @@ def training_graphs(model: nn.Module, device: torch.device, cuda_graph: bool, *,
     return GraphedPasses(model.parameters(), capture=True)
 
 
-# Shapes of micro-batch kept as graphs at most (each holds its own activation memory); others run as they are.
+# Shapes of micro-batch kept as graphs at most (each keeps its input buffers and a capture of its own in the shared
+# pool; more shapes than a data set's few padded widths would mean capturing for little reuse); others run as they are.
 MAX_TRAINING_GRAPHS = 8
 # Packed rows (and answers) are padded to a multiple of this many columns when their passes are graphed, so that a
 # data set's batches fall into a few shapes. Answers less: every answer slot goes through the model's head.
