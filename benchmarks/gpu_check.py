@@ -131,8 +131,10 @@ def _error(done: subprocess.CompletedProcess) -> list[str]:
 
 
 def _graph_fallback(done: subprocess.CompletedProcess) -> list[str]:
-    """generate's warning, if the child printed it, that the decoding step could not be captured as a CUDA graph."""
-    return [line for line in done.stderr.splitlines() if "captured as a CUDA graph" in line][:1]
+    """The warnings, if the child printed them, that a capture failed: the decoding step's (`generate`) and a
+    training pass's (`GraphedPasses`), each once."""
+    lines = [line for line in done.stderr.splitlines() if "captured as a CUDA graph" in line]
+    return list(dict.fromkeys(lines))[:3]
 
 
 class Report:

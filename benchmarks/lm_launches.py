@@ -16,8 +16,8 @@ is not a view (`OpOverload.is_view`, `detach`), by phase:
 Loading the model and writing the final model are not counted (ours: `load_policy`, `LMSession.finish`; TRL's region is
 `trainer.train()`). Figures are per optimizer step. With CUDA graphs (ours, `--cuda-graphs`, on a GPU) a whole
 decoding step is one replay: the side "advantage+graphs" runs our sampler's fixed-shape step (what the graph
-captures) and DPO's training passes on the input buffers of `cuda_graphs.GraphedPasses`, and counts each call
-that a GPU would replay as one launch (a shape's first pass runs eagerly there too, and is counted in full).
+captures) and DPO's and GRPO's training passes on the input buffers of `cuda_graphs.GraphedPasses`, and counts each
+call that a GPU would replay as one launch (a shape's first pass runs eagerly there too, and is counted in full).
 
 Usage (each side in its own process; ours with PYTHONPATH=src, TRL's with trl importable):
     python benchmarks/lm_launches.py --bench-dir ../shared/bench [--peers-python /tmp/peers/bin/python]
@@ -91,12 +91,12 @@ def ours(stage: str, bench_dir: str, model_dir: str, lora_r: int, counter: Opera
     """Our side: the children of lm_speed.py (DPO, reward) and lm_grpo.py (GRPO), counted. `graphs`: count what a
     GPU with CUDA graphs would launch (`cuda_graphs.FixedShapeStep`, run here without a capture: one launch a call)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from advantage.lm import dpo, generation, logprobs, online, preferences, reward, session
+    from advantage.lm import dpo, generation, grpo, logprobs, online, preferences, reward, session
 
     for module in (dpo, reward, online):
         within(module, "load_policy", counter, counting=False)
     within(session.LMSession, "finish", counter, counting=False)
-    for module in (logprobs, preferences, online):
+    for module in (logprobs, preferences, online, grpo):
         if hasattr(module, "collate_shared_prompt"):
             within(module, "collate_shared_prompt", counter, phase="batch building")
     for module in (generation, online):
@@ -116,7 +116,8 @@ def ours(stage: str, bench_dir: str, model_dir: str, lora_r: int, counter: Opera
             def _recorded(self, graphed, compute):
                 return counter.one_launch(super()._recorded, graphed, compute)
 
-        dpo.training_graphs = lambda model, *args, **kwargs: CountedPasses(model.parameters(), capture=False)
+        for module in (dpo, grpo):
+            module.training_graphs = lambda model, *args, **kwargs: CountedPasses(model.parameters(), capture=False)
         dpo.GraphedPasses = CountedPasses  # the reference pass's
     counter.counting = True
     if stage == "grpo":

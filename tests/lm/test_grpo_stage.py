@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from advantage import cli
 from advantage.lm import grpo
-from advantage.lm.grpo import GRPOConfig, MicroBatch, micro_batch_loss, train
+from advantage.lm.grpo import SUMS, GRPOConfig, MicroBatch, micro_batch_loss, train
 from advantage.lm.logprobs import collate_shared_prompt
 from advantage.lm.models import build_model
 from advantage.lm.online import OnlineModels
@@ -123,8 +123,9 @@ def test_old_log_probs_from_a_fresh_pass_make_the_first_ratio_exactly_one():
     inner iteration every ratio is exactly 1, so nothing is clipped and the approximate KL is exactly 0."""
     model = build_model("nano", seed=2).train()
     for micro_batch in micro_batches_of(model, 3, old=True):
-        _, stats = micro_batch_loss(model, micro_batch, quiet(beta=0.0, num_iterations=2), 20.0, 12.0)
-        assert stats["approx_kl_sum"] == 0.0 and stats["clip_tokens"] == 0.0
+        _, sums = micro_batch_loss(model, micro_batch, quiet(beta=0.0, num_iterations=2), 20.0, 12.0)
+        stats = dict(zip(SUMS, sums.tolist()))
+        assert stats["approx_kl_sum"] == 0.0 and stats["clip_tokens"] == 0.0 and stats["tokens"] > 0
 
 
 # --------------------------------------------------------------------------------------------------------- training

@@ -225,3 +225,94 @@ def test_a_failed_capture_tells_the_allocator_it_ended_unless_the_graph_did(monk
     calls.clear()
     assert record(FakeGraph(False), torch.device("cuda", 0), Stream(), (0, 7), lambda: "recorded") == "recorded"
     assert calls == []
+
+
+# ------------------------------------------------------------------------------------------------------------- GRPO
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft vs transformers 5
+@pytest.mark.parametrize("aggregation, lora", [("token", False), ("sequence", True)])
+def test_grpo_trains_the_same_through_the_passes_a_graph_replays(tmp_path, monkeypatch, aggregation, lora):
+    """Six steps of GRPO (two iterations a batch, a KL to the reference in the loss) with every pass, those of
+    log pi_old and log pi_ref included, on the fixed input buffers of `GraphedPasses`, its shared gradient buffers,
+    batches padded to recurring widths and the fixed-shape scoring give the losses, figures and weights of ordinary
+    passes; with LoRA the reference is the policy with its adapters switched off."""
+    from advantage.lm import grpo
+
+    made, scoring = [], []
+
+    def cpu_graphs(model, *args, **kwargs):
+        made.append(GraphedPasses(model.parameters(), capture=False))
+        return made[-1]
+
+    class ScoringPasses(GraphedPasses):
+        def __init__(self, parameters, capture, memory_of=None):
+            super().__init__(parameters, capture, memory_of)
+            assert memory_of is made[-1]  # one memory pool for every graph of the run
+            scoring.append(self)
+
+    rewards = tmp_path / "lengths.py"  # a reward that spreads every group (the nano model never answers right)
+    rewards.write_text("def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n")
+    runs = {}
+    for name in ("ordinary", "graphed"):
+        if name == "graphed":
+            monkeypatch.setattr(grpo, "training_graphs", cpu_graphs)
+            monkeypatch.setattr(grpo, "GraphedPasses", ScoringPasses)
+        config = small_config(grpo.GRPOConfig, task="arithmetic", task_max_operand=99, task_train_size=24,
+                              task_eval_size=2, batch_size=2, group_size=4, max_new_tokens=6, max_steps=6,
+                              num_iterations=2, beta=0.1, learning_rate=1e-3, aggregation=aggregation, log_every=1,
+                              reward_functions=f"{rewards}:length", **(dict(lora_r=4) if lora else {}))
+        runs[name] = grpo.train(config, tmp_path / name)
+    graphs = made[0].graphs
+    assert 1 <= len(graphs) <= 3
+    assert len(scoring) == 2 and all(1 <= len(passes.graphs) <= 3 for passes in scoring)  # log pi_old, log pi_ref
+    widths = [shape[1] for key in graphs for name, shape, *_ in key if name == "input_ids"]
+    assert widths and all(width % GRAPH_WIDTH_MULTIPLE == 0 for width in widths)
+    ordinary, graphed = ([row for row in metrics(runs[name].run_dir) if "losses/grpo" in row]
+                         for name in ("ordinary", "graphed"))
+    assert len(ordinary) == len(graphed) == 6
+    for key in ("losses/grpo", "rewards/mean", "policy/approx_kl", "policy/clip_fraction", "kl/per_token"):
+        assert [row[key] for row in graphed] == pytest.approx([row[key] for row in ordinary], abs=1e-5), key
+    assert any(row["policy/approx_kl"] > 0 for row in ordinary)  # the second iterations moved the ratio
+    before, after = (load_file(str(runs[name].run_dir / "final" / "model.safetensors")) for name in runs)
+    start = build_model("nano", seed=1).state_dict()
+    moved = {key for key, tensor in before.items() if not torch.equal(tensor, start[key])}
+    assert moved == set(before) if not lora else {key for key in moved if "proj" in key} == moved != set()
+    for key, tensor in before.items():  # with LoRA: the adapted projections, the adapters merged into final/
+        torch.testing.assert_close(after[key], tensor, atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("kl_placement", ["loss_weighted", "reward"])
+def test_a_graphed_grpo_pass_reads_no_value_back_to_the_host(kl_placement):
+    """GRPO's pass, with pi_old and pi_ref given, reads nothing back inside what a graph replays; its figures are
+    read once afterwards."""
+    from advantage.lm.grpo import Collected, GRPOConfig, MicroBatch, accumulate_gradients
+    from advantage.lm.logprobs import answer_log_probs, collate_shared_prompt
+    from advantage.lm.online import OnlineModels
+    from advantage.run.processes import Processes
+
+    model = build_model("nano", seed=3).train()
+    batch = collate_shared_prompt([[5, 6, 7], [8, 9]], [[[10, 11, 3], [12, 3]], [[13, 3], []]], 0,
+                                  GRAPH_WIDTH_MULTIPLE, 8)
+    with torch.no_grad():
+        old = answer_log_probs(model, batch) + 0.05 * batch.answer_mask  # a moved policy: ratios away from 1
+        reference = answer_log_probs(build_model("nano", seed=4), batch)
+    micro = MicroBatch(batch, torch.tensor([1.0, -1.0, 0.5, -0.5]), old, reference)
+    collected = Collected(None, torch.zeros(4), {}, [micro], float(batch.answer_mask.sum()), 4.0, 0.0)
+    config = GRPOConfig(model="builtin:nano", group_size=2, beta=0.1, kl_placement=kl_placement, num_iterations=2)
+    probed = ProbedPasses(model.parameters())
+    loss, sums = accumulate_gradients(model, collected, config, Processes(), graphs=probed)
+    assert probed.probe.reads == []
+    assert all(p.grad is not None for p in model.parameters())
+    graphed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    plain_loss, plain_sums = accumulate_gradients(model, collected, config, Processes())
+    assert loss == pytest.approx(plain_loss, abs=1e-6) and sums["tokens"] == plain_sums["tokens"] == 7
+    assert sums["approx_kl_sum"] > 0 and sums["approx_kl_sum"] == pytest.approx(plain_sums["approx_kl_sum"])
+    for a, b in zip(graphed, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    scoring = ProbedPasses(())  # log pi_old's pass, replayed too
+    models = OnlineModels(model, None, None, 0, (3,))
+    replayed = models.policy_log_probs(batch, 1.0, scoring)
+    assert scoring.probe.reads == [] and len(scoring.graphs) == 1
+    torch.testing.assert_close(replayed, models.policy_log_probs(batch, 1.0), atol=1e-6, rtol=0)

@@ -44,3 +44,14 @@ def test_an_unknown_part_is_refused_before_anything_runs(tmp_path):
     done = gpu_check(tmp_path, "--only", "stages,gpu")
     assert done.returncode == 2 and "unknown part(s) gpu" in done.stderr
     assert not (tmp_path / "check").exists()
+
+
+def test_a_failed_capture_is_reported_once_for_each_kind():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    decoding = "x.py:1: RuntimeWarning: generate: the decoding step could not be captured as a CUDA graph (E)"
+    training = "y.py:2: RuntimeWarning: a training pass could not be captured as a CUDA graph (E)"
+    done = subprocess.CompletedProcess([], 0, "", "\n".join([decoding, "other", training, decoding, training]))
+    assert gpu_check._graph_fallback(done) == [decoding, training]
+    assert gpu_check._graph_fallback(subprocess.CompletedProcess([], 0, "", "fine\n")) == []

@@ -181,11 +181,14 @@ class GraphedPasses:
         parameters: the model's parameters; those that require a gradient get one from each pass (none: passes
             without gradients, such as a reference model's).
         capture: capture graphs (on a GPU) or run the passes as they are.
+        memory_of: other `GraphedPasses` of the same run whose memory pool these graphs share (their passes never
+            run at once, and every output is copied out before another pass runs).
     """
 
-    def __init__(self, parameters, capture: bool):
+    def __init__(self, parameters, capture: bool, memory_of: GraphedPasses | None = None):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.capture = capture
+        self.memory_of = memory_of
         self.graphs: dict[tuple, _GraphedPass] = {}
         self.gradients: list[Tensor] | None = None  # allocated at the first capture, outside every graph's memory
         self.failed = False
@@ -266,10 +269,11 @@ class GraphedPasses:
             if self.gradients is None:
                 self.gradients = [torch.empty_like(parameter) for parameter in self.parameters]
             torch.cuda.synchronize(device)
-            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            owner = self.memory_of or self
+            owner.pool = owner.pool or torch.cuda.graph_pool_handle()
             self.capture_stream = self.capture_stream or torch.cuda.Stream(device)
             graph = torch.cuda.CUDAGraph()
-            outputs = record(graph, device, self.capture_stream, self.pool, lambda: self._recorded(graphed, compute))
+            outputs = record(graph, device, self.capture_stream, owner.pool, lambda: self._recorded(graphed, compute))
             graphed.graph, graphed.outputs = graph, outputs
         except Exception as error:  # any failure to capture: ordinary passes from now on
             self.failed = True
@@ -352,7 +356,7 @@ GRAPH_WIDTH_MULTIPLE = 32
 GRAPH_ANSWER_WIDTH_MULTIPLE = 8
 
 
-def padding_multiples(graphs: GraphedPasses | None) -> tuple[int, int]:
+def padding_multiples(graphed: bool) -> tuple[int, int]:
     """The multiples a batch's packed rows and answers are padded to (`collate_shared_prompt`): recurring widths
-    for graphed passes, none otherwise."""
-    return (GRAPH_WIDTH_MULTIPLE, GRAPH_ANSWER_WIDTH_MULTIPLE) if graphs is not None else (1, 1)
+    when its passes are graphed, none otherwise."""
+    return (GRAPH_WIDTH_MULTIPLE, GRAPH_ANSWER_WIDTH_MULTIPLE) if graphed else (1, 1)

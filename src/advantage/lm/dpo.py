@@ -128,7 +128,7 @@ def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], bat
         rank, world_size, processes = 0, 1, None
     share = examples[rank::world_size]
     width = max(len(example.completion_ids) for example in examples)
-    widths = padding_multiples(graphs)
+    widths = padding_multiples(graphs is not None)
 
     def scored(batch: RankingBatch) -> Tensor:  # (b, K)
         if graphs is None:
@@ -192,7 +192,7 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
         # holds it.
         weight = len(micro) / (len(examples) * world_size)
         # b prompts, b * K answers
-        batch = to_device(collate_rankings(micro, pad, *padding_multiples(graphs)), model_device(model))
+        batch = to_device(collate_rankings(micro, pad, *padding_multiples(graphs is not None)), model_device(model))
         inputs = {**batch.tensors(), "reference": reference[start:start + size]}
 
         def backward_pass(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -278,9 +278,11 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     reference = eval_reference = None
     if session.checkpoint_path is None:
         with model.disable_adapter() if config.lora_r else contextlib.nullcontext(), mixed_precision(config):
-            # Graphs without gradients, freed (with their memory) when the pass returns.
-            reference = reference_log_probs(model, train_examples, micro_size, pad, processes,
-                                            GraphedPasses((), capture=graphs.capture) if graphs is not None else None)
+            # Graphs without gradients, freed when the pass returns: their memory, in the training graphs' pool,
+            # goes to the training passes' captures.
+            reference_graphs = GraphedPasses((), graphs.capture, memory_of=graphs) if graphs is not None else None
+            reference = reference_log_probs(model, train_examples, micro_size, pad, processes, reference_graphs)
+            del reference_graphs
             # The evaluating process(es), in the evaluation's own chunks (bit-identical margins of 0 at step 0).
             eval_reference = reference_log_probs(model, eval_examples, micro_size, pad) if evaluating else None
     model.train()

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from advantage.lm.config import mixed_precision
+from advantage.lm.cuda_graphs import GraphedPasses, padding_multiples, training_graphs
 from advantage.lm.data_order import DataOrder, fingerprint
 from advantage.lm.generation import Generated
 from advantage.lm.loading import add_lora
@@ -64,7 +65,7 @@ from advantage.lm.session import LMSession, StepWindow
 from advantage.lm.sharding import is_sharded, memory_figures, shard
 from advantage.objectives.grpo import answer_kl_penalty, group_normalized_advantages, grpo_loss
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate
-from advantage.objectives.masking import AGGREGATIONS
+from advantage.objectives.masking import AGGREGATIONS, masked_mean, masked_sum
 from advantage.run.config import param, require
 from advantage.run.processes import Processes
 from advantage.run.seeding import derive_seed
@@ -120,6 +121,17 @@ class MicroBatch:
     old_log_probs: Tensor | None  # (b * G, A); None when num_iterations = 1 (then pi_old = pi_theta, detached)
     ref_log_probs: Tensor | None  # (b * G, A); None with beta = 0
 
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the micro-batch by name (the inputs of a graphed pass, `cuda_graphs.GraphedPasses`)."""
+        optional = {"old_log_probs": self.old_log_probs, "ref_log_probs": self.ref_log_probs}
+        return {**self.batch.tensors(), "advantages": self.advantages,
+                **{name: value for name, value in optional.items() if value is not None}}
+
+    def with_tensors(self, tensors: dict[str, Tensor]) -> MicroBatch:
+        """This micro-batch with the tensors of `tensors()`'s names replaced by those given."""
+        return MicroBatch(self.batch.with_tensors(tensors), tensors["advantages"], tensors.get("old_log_probs"),
+                          tensors.get("ref_log_probs"))
+
 
 @dataclass
 class Collected:
@@ -135,9 +147,12 @@ class Collected:
 
 
 def collect(models: OnlineModels, prompts: list[PromptExample], config: GRPOConfig, generator: torch.Generator,
-            processes: Processes) -> Collected:
+            processes: Processes, graphs: dict[str, GraphedPasses] | None = None) -> Collected:
     """Steps 2-5: G completions of each prompt from pi_old, their rewards, log pi_old and log pi_ref, and the
-    group-normalised advantages, in micro-batches of whole groups (the unit of gradient accumulation)."""
+    group-normalised advantages, in micro-batches of whole groups (the unit of gradient accumulation).
+
+    `graphs`: the passes are replayed as CUDA graphs (the training passes later): the micro-batches are padded to
+    recurring widths, and log pi_old and log pi_ref replay the graphs of "old" and "reference" (without gradients)."""
     began = time.perf_counter()
     # 2. G completions of each prompt, sampled from pi_old (= the current policy).
     with mixed_precision(config):
@@ -154,12 +169,15 @@ def collect(models: OnlineModels, prompts: list[PromptExample], config: GRPOConf
     with mixed_precision(config):
         for start in range(0, len(prompts), size):
             batch = processes.put(collate_shared_prompt([prompt.ids for prompt in prompts[start:start + size]],
-                                                        groups[start:start + size], models.pad))
+                                                        groups[start:start + size], models.pad,
+                                                        *padding_multiples(graphs is not None)))
             batches.append(batch)
-            olds.append(models.policy_log_probs(batch, config.temperature) if config.num_iterations > 1 else None)
-            references.append(models.reference_log_probs(batch, config.temperature) if config.beta > 0 else None)
+            olds.append(models.policy_log_probs(batch, config.temperature, graphs and graphs["old"])
+                        if config.num_iterations > 1 else None)
+            references.append(models.reference_log_probs(batch, config.temperature, graphs and graphs["reference"])
+                              if config.beta > 0 else None)
     if config.kl_placement == "reward" and config.beta > 0:
-        rewards = rewards + _kl_reward_terms(models, batches, olds, references, config)
+        rewards = rewards + _kl_reward_terms(models, batches, olds, references, config, graphs and graphs["old"])
 
     # 5. A_i = (r_i - mean(r)) / std(r) within each group (docs/math.md §6).
     advantages = group_normalized_advantages(rewards, config.group_size, scale_by_std=config.scale_rewards)
@@ -175,11 +193,11 @@ def collect(models: OnlineModels, prompts: list[PromptExample], config: GRPOConf
 
 
 def _kl_reward_terms(models: OnlineModels, batches: list[SharedPromptBatch], olds: list[Tensor | None],
-                     references: list[Tensor], config: GRPOConfig) -> Tensor:
+                     references: list[Tensor], config: GRPOConfig, graphs: GraphedPasses | None) -> Tensor:
     """-beta sum_t k(a_t) of each completion (`objectives.grpo.answer_kl_penalty`), under pi_old."""
     penalties = []
     for batch, old, reference in zip(batches, olds, references):
-        current = old if old is not None else models.policy_log_probs(batch, config.temperature)
+        current = old if old is not None else models.policy_log_probs(batch, config.temperature, graphs)
         penalties.append(answer_kl_penalty(current, reference, batch.answer_mask, config.beta, config.kl_estimator))
     return torch.cat(penalties)
 
@@ -187,10 +205,21 @@ def _kl_reward_terms(models: OnlineModels, batches: list[SharedPromptBatch], old
 # ------------------------------------------------------------------------------------------------------ the update
 
 
-def micro_batch_loss(model: nn.Module, micro_batch: MicroBatch, config: GRPOConfig, num_tokens: float,
-                     num_sequences: float) -> tuple[Tensor, dict[str, float]]:
-    """This micro-batch's share of minus J_GRPO (`objectives.grpo.grpo_loss`), normalised by whole-batch counts."""
-    log_probs = answer_log_probs(model, micro_batch.batch, config.temperature)  # (b * G, A): log pi_theta
+def micro_batch_loss(model: nn.Module, micro_batch: MicroBatch, config: GRPOConfig, num_tokens: float | Tensor,
+                     num_sequences: float | Tensor, fixed_shape: bool = False) -> tuple[Tensor, Tensor]:
+    """This micro-batch's share of minus J_GRPO (`objectives.grpo.grpo_loss`), normalised by whole-batch counts.
+
+    Reads no value back to the host (what a CUDA graph replays, `cuda_graphs.GraphedPasses`).
+
+    Args:
+        num_tokens, num_sequences: the answer tokens and answers of the whole batch (every process); 0-d tensors
+            in a graphed pass, whose inputs change from batch to batch.
+        fixed_shape: score every answer slot and mask afterwards (`logprobs.answer_log_probs`).
+    Returns:
+        (loss, its figures as token-weighted sums: a (4,) tensor in the order of `SUMS`), so that micro-batches and
+        processes combine into the batch's means.
+    """
+    log_probs = answer_log_probs(model, micro_batch.batch, config.temperature, fixed_shape)  # (b * G, A)
     old = micro_batch.old_log_probs if micro_batch.old_log_probs is not None else log_probs.detach()
     reference, mask = micro_batch.ref_log_probs, micro_batch.batch.answer_mask
     in_loss = reference is not None and config.kl_placement != "reward"
@@ -200,30 +229,45 @@ def micro_batch_loss(model: nn.Module, micro_batch: MicroBatch, config: GRPOConf
         kl_estimator=config.kl_estimator, kl_placement="loss" if config.kl_placement == "loss" else "loss_weighted",
         aggregation=config.aggregation, constant_length=config.max_new_tokens, num_tokens=num_tokens,
         num_sequences=num_sequences)
-    tokens = float(mask.sum())
-    approx_kl = float(kl_estimate(old, log_probs.detach(), "k3")[mask].sum())
-    if reference is not None and not in_loss:  # the KL went into the rewards: its size under pi_theta, for the logs
-        kl_ref = kl_estimate(log_probs.detach(), reference, config.kl_estimator)[mask].mean()
-    # Token-weighted sums, so that micro-batches and processes combine into the batch's means.
-    return loss, {"clip_tokens": float(stats.clip_fraction) * tokens, "approx_kl_sum": approx_kl,
-                  "kl_ref_sum": float(kl_ref) * tokens, "tokens": tokens}
+    with torch.no_grad():
+        tokens = mask.sum().to(log_probs.dtype)
+        approx_kl = masked_sum(kl_estimate(old, log_probs.detach(), "k3"), mask)
+        if reference is not None and not in_loss:  # the KL went into the rewards: its size under pi_theta, for logs
+            kl_ref = masked_mean(kl_estimate(log_probs.detach(), reference, config.kl_estimator), mask)
+        sums = torch.stack([stats.clip_fraction * tokens, approx_kl, kl_ref * tokens, tokens])
+    return loss, sums
 
 
-def accumulate_gradients(model: nn.Module, collected: Collected, config: GRPOConfig,
-                         processes: Processes) -> tuple[float, dict[str, float]]:
+# The figures `micro_batch_loss` sums over the batch, in its order.
+SUMS = ("clip_tokens", "approx_kl_sum", "kl_ref_sum", "tokens")
+
+
+def accumulate_gradients(model: nn.Module, collected: Collected, config: GRPOConfig, processes: Processes,
+                         graphs: GraphedPasses | None = None) -> tuple[float, dict[str, float]]:
     """Step 6's gradient: every micro-batch's share of the loss, backpropagated and added up in .grad, then summed
-    over the processes. Returns the batch's loss and its token-weighted sums."""
-    loss_total, sums = 0.0, {"clip_tokens": 0.0, "approx_kl_sum": 0.0, "kl_ref_sum": 0.0, "tokens": 0.0}
+    over the processes. Returns the batch's loss and its token-weighted sums.
+
+    `graphs`: run each micro-batch's pass as a replayed CUDA graph (`cuda_graphs.training_graphs`; `collect` then
+    padded the batches to recurring widths), with the same result."""
+    device = collected.micro_batches[0].advantages.device
+    counts = {"num_tokens": torch.tensor(collected.num_tokens, device=device),
+              "num_sequences": torch.tensor(collected.num_sequences, device=device)}
+    totals = torch.zeros(1 + len(SUMS), device=device)  # the loss, then SUMS: read back once, after every pass
     with mixed_precision(config):
         for micro_batch in collected.micro_batches:
-            loss, stats = micro_batch_loss(model, micro_batch, config, collected.num_tokens,
-                                           collected.num_sequences)
-            loss.backward()  # the shares add up to the whole batch's loss
-            loss_total += float(loss.detach())
-            sums = {key: sums[key] + stats[key] for key in sums}
-    loss_total, *summed = processes.sum(loss_total, *sums.values())
+            inputs = {**micro_batch.tensors(), **counts}
+
+            def backward_pass(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+                loss, sums = micro_batch_loss(model, micro_batch.with_tensors(tensors), config,
+                                              tensors["num_tokens"], tensors["num_sequences"], graphs is not None)
+                loss.backward()  # the shares add up to the whole batch's loss
+                return loss, sums
+
+            loss, sums = graphs(inputs, backward_pass) if graphs is not None else backward_pass(inputs)
+            totals += torch.cat([loss.detach().reshape(1).to(totals.dtype), sums.to(totals.dtype)])
+    loss_total, *summed = processes.sum(*totals.tolist())
     processes.sum_gradients(model)
-    return loss_total, dict(zip(sums, summed))
+    return loss_total, dict(zip(SUMS, summed))
 
 
 # ---------------------------------------------------------------------------------------------------------- training
@@ -252,6 +296,13 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
         if models.reference is not None:
             models.reference = shard(models.reference, processes.world_size)
     model = models.policy.train()
+    # On a GPU each micro-batch's forward and backward pass replays as one CUDA graph (None: ordinary passes), and
+    # so do the passes of log pi_old and log pi_ref, each with graphs of its own (a graph serves one model in one mode).
+    graphs = training_graphs(model, processes.device, config.cuda_graphs, sharded=is_sharded(model),
+                             world_size=processes.world_size, micro_batches=config.gradient_accumulation_steps,
+                             checkpointing=config.gradient_checkpointing, autocast=config.mixed_precision != "no")
+    scoring_graphs = {name: GraphedPasses((), capture=graphs.capture, memory_of=graphs)
+                      for name in ("old", "reference")} if graphs is not None else None
     torch.manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
     rounds = config.max_steps // config.num_iterations if config.max_steps else \
@@ -279,14 +330,14 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
         # 1-5. This process's prompts, sampled and scored (`collect`).
         prompts = [train_prompts[index] for index in order.batch(round_index)]
         generator = torch.Generator().manual_seed(derive_seed(config.seed, round_index, processes.rank))
-        collected = collect(models, prompts, config, generator, processes)
+        collected = collect(models, prompts, config, generator, processes, scoring_graphs)
         generation_s = collected.generation_s
 
         # 6. num_iterations optimizer steps on these completions.
         for _ in range(min(config.num_iterations, steps - step)):
             trained = time.perf_counter()
             learning_rate = set_learning_rate(optimizer, config, step, steps)
-            loss, sums = accumulate_gradients(model, collected, config, processes)
+            loss, sums = accumulate_gradients(model, collected, config, processes, graphs)
             window.optimizer_step(session, optimizer, loss, max_norm)
             step += 1
             training_s = time.perf_counter() - trained

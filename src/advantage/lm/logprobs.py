@@ -38,6 +38,7 @@ output is compared with the model's own logits) and use the whole forward pass i
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import weakref
@@ -467,6 +468,15 @@ class SharedPromptBatch:
     def real_tokens(self) -> int:
         """Tokens the model runs on: every prompt token once, every answer token."""
         return int(self.prompt_lengths.sum()) + int(self.answer_mask.sum())
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the batch by field name (the inputs of a graphed pass, `cuda_graphs.GraphedPasses`)."""
+        return {name: value for name, value in vars(self).items() if isinstance(value, Tensor)}
+
+    def with_tensors(self, tensors: dict[str, Tensor]) -> SharedPromptBatch:
+        """This batch with the tensors of `tensors()`'s names replaced by those given (other names ignored)."""
+        fields = {name: value for name, value in tensors.items() if name in self.tensors()}
+        return dataclasses.replace(self, **fields)
 
     @property
     def rows(self) -> Tensor:

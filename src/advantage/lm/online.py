@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from advantage.errors import UsageError
 from advantage.lm.config import LMConfig, validate_lm
+from advantage.lm.cuda_graphs import GraphedPasses
 from advantage.lm.data import load_rows
 from advantage.lm.data import prompts as prompt_texts
 from advantage.lm.data_order import task_files
@@ -236,20 +237,34 @@ class OnlineModels:
                         top_p=config.top_p, generator=generator, cuda_graph=config.cuda_graphs)
 
     @torch.no_grad()
-    def policy_log_probs(self, batch: SharedPromptBatch, temperature: float) -> Tensor:
-        """log pi(a_t | s_t) of the batch's answer tokens under the current policy, in eval mode, without a graph:
-        log pi_old once the policy moves."""
+    def policy_log_probs(self, batch: SharedPromptBatch, temperature: float,
+                         graphs: GraphedPasses | None = None) -> Tensor:
+        """log pi(a_t | s_t) of the batch's answer tokens under the current policy, in eval mode, without an
+        autograd graph: log pi_old once the policy moves. `graphs`: replayed as a CUDA graph (`scored_answers`)."""
         with evaluation_mode(self.policy):
-            return answer_log_probs(self.policy, batch, temperature)
+            return scored_answers(self.policy, batch, temperature, graphs)
 
     @torch.no_grad()
-    def reference_log_probs(self, batch: SharedPromptBatch, temperature: float) -> Tensor:
-        """log pi_ref(a_t | s_t) of the batch's answer tokens: the frozen copy, or the policy without its adapters."""
+    def reference_log_probs(self, batch: SharedPromptBatch, temperature: float,
+                            graphs: GraphedPasses | None = None) -> Tensor:
+        """log pi_ref(a_t | s_t) of the batch's answer tokens: the frozen copy, or the policy without its adapters.
+        `graphs`: replayed as a CUDA graph (`scored_answers`), one kept for the reference alone."""
         if self.reference is not None:
             with evaluation_mode(self.reference):
-                return answer_log_probs(self.reference, batch, temperature)
+                return scored_answers(self.reference, batch, temperature, graphs)
         with self.policy.disable_adapter():
-            return self.policy_log_probs(batch, temperature)
+            return self.policy_log_probs(batch, temperature, graphs)
+
+
+def scored_answers(model: nn.Module, batch: SharedPromptBatch, temperature: float,
+                   graphs: GraphedPasses | None) -> Tensor:
+    """`logprobs.answer_log_probs` of the batch, or with `graphs` (`cuda_graphs.GraphedPasses` without gradients)
+    its pass replayed as a CUDA graph over fixed shapes, with the same values. A graph replays the kernels it
+    recorded: one `graphs` serves one model in one mode (the policy in eval mode, the reference, ...)."""
+    if graphs is None:
+        return answer_log_probs(model, batch, temperature)
+    return graphs(batch.tensors(), lambda tensors: (
+        answer_log_probs(model, batch.with_tensors(tensors), temperature, fixed_shape=True),))[0]
 
 
 def load_online(config: OnlineConfig, run_dir: Path, needs_reference: bool,

@@ -6,7 +6,6 @@ from data.py's preference or ranking formats, or from the files of a built-in ta
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 from collections.abc import Sequence
@@ -148,14 +147,13 @@ class RankingBatch:
 
     def tensors(self) -> dict[str, Tensor]:
         """Every tensor of the batch by name (the inputs of a graphed pass, `cuda_graphs.GraphedPasses`)."""
-        answers = {name: value for name, value in vars(self.answers).items() if isinstance(value, Tensor)}
-        return {"mask": self.mask, **{f"answers.{name}": value for name, value in answers.items()}}
+        return {"mask": self.mask, **{f"answers.{name}": value for name, value in self.answers.tensors().items()}}
 
     def with_tensors(self, tensors: dict[str, Tensor]) -> RankingBatch:
         """This batch with the tensors of `tensors()`'s names replaced by those given."""
         answers = {name.removeprefix("answers."): value for name, value in tensors.items()
                    if name.startswith("answers.")}
-        return RankingBatch(dataclasses.replace(self.answers, **answers), tensors["mask"])
+        return RankingBatch(self.answers.with_tensors(answers), tensors["mask"])
 
 
 def collate_rankings(examples: Sequence[RankedExample], pad: int, width_multiple: int = 1,
