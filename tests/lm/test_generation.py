@@ -402,6 +402,11 @@ class HostReads:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 if any(name in str(func) for name in ("_local_scalar_dense", "nonzero", "masked_select", "unique")):
                     reads.append(str(func))
+                elif "index" in str(func) and len(args) > 1 and isinstance(args[1], (list, tuple)) and any(
+                        isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in args[1]):
+                    # A boolean mask as an index counts its True entries first (a nonzero inside the CPU kernel,
+                    # which the dispatcher does not show).
+                    reads.append(f"{func} with a boolean mask")
                 return func(*args, **(kwargs or {}))
 
         self.mode = Mode()
@@ -496,6 +501,21 @@ def test_min_new_tokens_forbids_eos_until_then():
                     min_new_tokens=3)
     for completion in held.completions:
         assert eos not in completion[:3] and len(completion) >= 3
+
+
+def test_a_fixed_shape_decoding_loop_reads_one_value_back_a_step(models, monkeypatch):
+    """On a GPU every value read back to the host stalls the queue of launches until the GPU has caught up. The
+    decoding loop around the graphed step reads one a step (how many rows are still alive), min_new_tokens included
+    (its end tokens are masked by an addition, not selected by a boolean mask)."""
+    probe = HostReads()
+    with probe.mode:
+        generated = decoded_with(monkeypatch, "fixed", models["qwen2"], samples_per_prompt=2, max_new_tokens=6,
+                                 eos_id=[3, 4], pad_id=PAD, min_new_tokens=4,
+                                 generator=torch.Generator().manual_seed(0))
+    steps = max(len(completion) for completion in generated.completions)
+    assert set(probe.reads) == {"aten._local_scalar_dense.default"}  # no nonzero, no boolean mask
+    assert len(probe.reads) == 2 + steps  # the prefill's two (transformers' mask of padded prompts), one a step
+    assert all(len(completion) >= 4 for completion in generated.completions)
 
 
 def test_no_end_token_holds_back_no_token():

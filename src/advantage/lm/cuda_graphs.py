@@ -30,8 +30,9 @@ class FixedShapeStep:
     modules, then PyTorch's dispatcher): the launches, not the arithmetic, set its time. A CUDA graph records the
     step's kernels once and replays them with one launch. A graph replays the same kernels on the same memory, so
     everything the step reads or writes has a fixed shape and address: the N rows' last tokens and position ids,
-    an additive attention mask over the whole cache (N, 1, 1, P + max_new_tokens; 0 where attended, the dtype's
-    lowest value elsewhere) instead of the prefix seen so far, the cache's layers writing at a position held in a
+    an attention mask over the whole cache (N, P + max_new_tokens), made additive inside the step (N, 1, 1, P +
+    max_new_tokens; 0 where attended, the dtype's lowest value elsewhere), instead of the prefix seen so far, the
+    cache's layers writing at a position held in a
     tensor (`kv_cache.PreallocatedLayer.fix_shapes`) and returning their whole buffers, and the logits. Finished
     rows therefore stay in the batch (they are fed the pad token with attention 0, as before, and change nothing).
 
@@ -52,16 +53,17 @@ class FixedShapeStep:
         rows, device = len(batch.rows), batch.attention_mask.device
         self.model = model
         dtype = model.get_input_embeddings().weight.dtype  # the attention's dtype, which an additive mask must have
-        self.masked = torch.finfo(dtype).min
         self.input_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.position_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
-        self.attention = torch.full((rows, 1, 1, capacity), self.masked, dtype=dtype, device=device)
+        self.attention = torch.zeros((rows, capacity), dtype=batch.attention_mask.dtype, device=device)  # 1: attend
+        # The additive mask's two values, as tensors: the mask is made inside the step (`_forward`), so that a graph
+        # replays it instead of launching it each step, and a capture then meets no number to copy to the device.
+        self.attended = torch.zeros((), dtype=dtype, device=device)
+        self.masked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
         self.write_position = torch.zeros(1, dtype=torch.long, device=device)
         if not fix_cache_shapes(cache, self.write_position):
             raise RuntimeError("the model's key-value cache cannot take fixed shapes")
-        # A 4-D mask goes to the attention as it is: transformers builds no mask of its own (no host sync).
-        self.inputs = {**extra, "input_ids": self.input_ids, "position_ids": self.position_ids,
-                       "attention_mask": self.attention}
+        self.inputs = {**extra, "input_ids": self.input_ids, "position_ids": self.position_ids}
         # A warm-up step before the capture, as CUDA graphs ask (lazy initialisations), run without a graph too so
         # that the CPU tests cover it. It runs for real: on the prompts (a row attending to nothing would give NaN),
         # writing its keys at the last position, which no step writes (a step at length L writes at L - 1 <=
@@ -89,10 +91,12 @@ class FixedShapeStep:
         self.graph = graph
 
     def _forward(self) -> Tensor:
-        return self.model(**self.inputs).logits[:, -1]
+        # A 4-D mask goes to the attention as it is: transformers builds no mask of its own (no host sync).
+        additive = torch.where(self.attention[:, None, None, :] != 0, self.attended, self.masked)  # (N, 1, 1, C)
+        return self.model(**self.inputs, attention_mask=additive).logits[:, -1]
 
     def _set_mask(self, attention_mask: Tensor, length: int) -> None:
-        self.attention[:, 0, 0, :length] = torch.where(attention_mask[:, :length] != 0, 0.0, self.masked)
+        self.attention[:, :length].copy_(attention_mask[:, :length])  # later columns stay 0 (not attended)
 
     def __call__(self, last_tokens: Tensor, positions: Tensor, attention_mask: Tensor, length: int) -> Tensor:
         """The next-token logits (N, V) of every row after feeding `last_tokens` (N, 1) at `positions` (N, 1), with

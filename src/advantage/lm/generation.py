@@ -335,7 +335,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
     """
     _validate(prompts, samples_per_prompt, max_new_tokens, temperature, top_k, top_p, stop_sequences)
     device = next(model.parameters()).device
-    end_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
+    end_list = [eos_id] if isinstance(eos_id, int) else [int(token) for token in eos_id]
+    end_ids = torch.tensor(end_list, dtype=torch.long, device=device)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, greedy=greedy)
     stops = StopSequences(stop_sequences, device)
     extra = _model_inputs(model)
@@ -345,6 +346,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
         width = prompt_ids.shape[1]
         cache = key_value_cache(model, width + max_new_tokens)
         logits, batch = _prefill(model, prompt_ids, prompt_mask, cache, samples_per_prompt, max_new_tokens, extra)
+        early_end = _end_token_bias(end_list, logits.shape[-1], device) if min_new_tokens else None
         extra[_cache_keyword(model)] = cache
         mode = decoding_mode(model, device, cuda_graph, cache, max_new_tokens, synced)
         fixed = fixed_shape_step(model, cache, batch, width + max_new_tokens, extra, mode)  # None: the loop below
@@ -362,8 +364,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
                     logits = model(input_ids=batch.last_tokens, position_ids=batch.positions,
                                    attention_mask=batch.attention_mask[:, :width + step], **extra).logits[:, -1]
             if step < min_new_tokens:
-                logits = logits.clone()
-                logits[:, end_ids[(end_ids >= 0) & (end_ids < logits.shape[-1])]] = -math.inf  # -1: no end token
+                logits = logits + early_end  # -inf at the end tokens
             sampled, sampled_log_probs = sample_tokens(logits, **sampling)
             sampled = torch.where(batch.alive, sampled, pad_id)
             tokens[batch.rows, step] = sampled
@@ -386,6 +387,16 @@ def generate(model, prompts: Sequence[Sequence[int]], *, samples_per_prompt: int
     completions = [row[:length] for row, length in zip(tokens[:, :steps].tolist(), lengths)]
     return Generated(prompts=[[int(token) for token in prompt] for prompt in prompts], completions=completions,
                      sampled_log_probs=log_probs, samples_per_prompt=samples_per_prompt)
+
+
+def _end_token_bias(end_ids: Sequence[int], vocabulary: int, device: torch.device) -> Tensor:
+    """(V,) float32, -inf at the end tokens and 0 elsewhere: added to the logits while no end token may be sampled
+    (`min_new_tokens`). Made once per call: one addition a step, where masking the logits by the ids would select
+    them with a boolean mask, which reads its count back to the host at every step. Ids outside the vocabulary (-1:
+    no end token) are left out."""
+    bias = torch.zeros(vocabulary, dtype=torch.float32)
+    bias[[token for token in end_ids if 0 <= token < vocabulary]] = -math.inf
+    return bias.to(device)
 
 
 def _sharded_over_processes(model: nn.Module) -> bool:
