@@ -16,8 +16,9 @@ is not a view (`OpOverload.is_view`, `detach`), by phase:
 Loading the model and writing the final model are not counted (ours: `load_policy`, `LMSession.finish`; TRL's region is
 `trainer.train()`). Figures are per optimizer step. With CUDA graphs (ours, `--cuda-graphs`, on a GPU) a whole
 decoding step is one replay: the side "advantage+graphs" runs our sampler's fixed-shape step (what the graph
-captures) and DPO's and GRPO's training passes on the input buffers of `cuda_graphs.GraphedPasses`, and counts each
-call that a GPU would replay as one launch (a shape's first pass runs eagerly there too, and is counted in full).
+captures) and the training passes of DPO, GRPO and the reward model on the input buffers of
+`cuda_graphs.GraphedPasses`, and counts each call that a GPU would replay as one launch (a shape's first pass runs
+eagerly there too, and is counted in full).
 
 Usage (each side in its own process; ours with PYTHONPATH=src, TRL's with trl importable):
     python benchmarks/lm_launches.py --bench-dir ../shared/bench [--peers-python /tmp/peers/bin/python]
@@ -116,7 +117,7 @@ def ours(stage: str, bench_dir: str, model_dir: str, lora_r: int, counter: Opera
             def _recorded(self, graphed, compute):
                 return counter.one_launch(super()._recorded, graphed, compute)
 
-        for module in (dpo, grpo):
+        for module in (dpo, grpo, reward):
             module.training_graphs = lambda model, *args, **kwargs: CountedPasses(model.parameters(), capture=False)
         dpo.GraphedPasses = CountedPasses  # the reference pass's
     counter.counting = True
@@ -191,7 +192,7 @@ def main() -> None:
         return
     rows = []
     for stage in args.stages.split(","):
-        sides = [("advantage", sys.executable)] + ([("advantage+graphs", sys.executable)] if stage != "reward" else [])
+        sides = [("advantage", sys.executable), ("advantage+graphs", sys.executable)]
         sides += [("trl", args.peers_python)] if args.peers_python else []
         for side, python in sides:
             command = [python, os.path.abspath(__file__), "--child", side, stage, "--bench-dir", bench_dir,

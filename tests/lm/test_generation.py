@@ -440,6 +440,62 @@ def test_the_fixed_shape_step_never_reads_a_value_back_to_the_host(models, archi
         assert probe.reads
 
 
+def test_every_decoding_graph_of_a_process_captures_into_one_pool_on_one_stream(models, monkeypatch):
+    """With stand-ins for CUDA's streams and graphs: each call's graph is captured into the same memory pool on the
+    same stream (a fresh pool per call would hold its memory after its graph is gone), and the last graph is kept
+    until the next is captured (a pool no graph uses cannot be captured into again)."""
+    import contextlib
+
+    from advantage.lm import cuda_graphs, generation
+
+    events = []
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def capture_begin(self, pool=None):
+            events.append(("begin", self, pool, current[-1]))
+
+        def capture_end(self):
+            events.append(("end", self, cuda_graphs._decoding_graphs[torch.device("cpu")].last_graph))
+
+    current = [Stream()]
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", len(events)))
+    monkeypatch.setattr(cuda_graphs, "_decoding_graphs", {})
+    model = models["qwen2"]
+    extra = generation._model_inputs(model)
+    steps = []
+    for prompts in (PROMPTS, PROMPTS[:2]):  # two calls of different shapes
+        prompt_ids, prompt_mask = generation.left_pad(prompts, PAD, torch.device("cpu"))
+        cache = key_value_cache(model, prompt_ids.shape[1] + 4)
+        with torch.no_grad():
+            _, batch = generation._prefill(model, prompt_ids, prompt_mask, cache, 2, 4, extra)
+            steps.append(cuda_graphs.FixedShapeStep(model, cache, batch, prompt_ids.shape[1] + 4,
+                                                    {**extra, generation._cache_keyword(model): cache}, capture=True))
+    begins = [event for event in events if event[0] == "begin"]
+    ends = [event for event in events if event[0] == "end"]
+    assert len(begins) == len(ends) == 2 and begins[0][2] == begins[1][2]  # one pool
+    assert begins[0][3] is begins[1][3] is cuda_graphs._decoding_graphs[torch.device("cpu")].capture_stream
+    assert ends[1][2] is steps[0].graph  # the first graph still held while the second is captured
+    assert cuda_graphs._decoding_graphs[torch.device("cpu")].last_graph is steps[1].graph
+
+
 def test_a_failed_capture_warns_once_and_decodes_without_a_graph(models, monkeypatch):
     """On a CPU the capture fails (no CUDA stream): generate says so, gives what the ordinary loop gives, and later
     calls in the process do not try again."""

@@ -246,9 +246,8 @@ def test_grpo_trains_the_same_through_the_passes_a_graph_replays(tmp_path, monke
         return made[-1]
 
     class ScoringPasses(GraphedPasses):
-        def __init__(self, parameters, capture, memory_of=None):
-            super().__init__(parameters, capture, memory_of)
-            assert memory_of is made[-1]  # one memory pool for every graph of the run
+        def __init__(self, parameters, capture):
+            super().__init__(parameters, capture)
             scoring.append(self)
 
     rewards = tmp_path / "lengths.py"  # a reward that spreads every group (the nano model never answers right)
@@ -316,3 +315,65 @@ def test_a_graphed_grpo_pass_reads_no_value_back_to_the_host(kl_placement):
     replayed = models.policy_log_probs(batch, 1.0, scoring)
     assert scoring.probe.reads == [] and len(scoring.graphs) == 1
     torch.testing.assert_close(replayed, models.policy_log_probs(batch, 1.0), atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------- reward model
+
+
+@pytest.mark.parametrize("loss", ["bt", "plackett_luce"])
+def test_the_reward_model_trains_the_same_through_the_passes_a_graph_replays(tmp_path, monkeypatch, loss):
+    """Six steps of the reward model with every pass on the fixed input buffers of `GraphedPasses` and batches
+    padded to recurring widths give the losses, accuracies and weights of ordinary passes."""
+    from advantage.lm import reward
+
+    data = tmp_path / "train.jsonl"
+    if loss == "bt":
+        write_jsonl([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS], data)
+    else:  # rankings of 3 and 2 answers: the masks matter
+        write_jsonl([{"prompt": p, "responses": [c, r, "x"] if index % 2 else [c, r]}
+                     for index, (p, c, r) in enumerate(PAIRS)], data)
+    made = []
+
+    def cpu_graphs(model, *args, **kwargs):
+        made.append(GraphedPasses(model.parameters(), capture=False))
+        return made[-1]
+
+    runs = {}
+    for name in ("ordinary", "graphed"):
+        if name == "graphed":
+            monkeypatch.setattr(reward, "training_graphs", cpu_graphs)
+        config = small_config(reward.RewardConfig, data=str(data), batch_size=2, max_steps=6, learning_rate=1e-3,
+                              loss=loss, log_every=1)
+        runs[name] = reward.train(config, tmp_path / name)
+    assert 2 <= len(made[0].graphs) < 6
+    ordinary, graphed = (metrics(runs[name].run_dir) for name in ("ordinary", "graphed"))
+    for key in ("losses/reward", "rewards/accuracy", "rewards/margin"):
+        assert [row[key] for row in graphed] == pytest.approx([row[key] for row in ordinary], abs=1e-5), key
+    before, after = (runs[name].model.state_dict() for name in runs)
+    start = build_model("nano", seed=1).model.state_dict()  # the body the reward model starts from
+    body = {key.removeprefix("body."): tensor for key, tensor in before.items() if key.startswith("body.")}
+    assert body.keys() == start.keys() and all(not torch.equal(body[key], start[key]) for key in start)
+    # Adam moves a weight by about the learning rate whatever the size of its gradient: where a gradient is ~0, the
+    # rounding of the padded shapes can flip its sign. A wrong gradient would move every weight by about 1e-3.
+    differences = torch.cat([(after[key] - tensor).abs().flatten() for key, tensor in before.items()])
+    assert float(differences.max()) < 0.5 * 1e-3 and float((differences > 1e-5).float().mean()) < 1e-3
+
+
+@pytest.mark.parametrize("loss", ["bt", "kwise", "plackett_luce"])
+def test_a_graphed_reward_pass_reads_no_value_back_to_the_host(loss):
+    from advantage.lm.models import ScalarHeadModel
+    from advantage.lm.reward import accumulate_gradients
+
+    model = ScalarHeadModel.from_causal_lm(build_model("nano", seed=3), seed=0).train()
+    rankings = examples()
+    if loss != "bt":  # one ranking of three answers
+        rankings[0] = RankedExample(rankings[0].prompt_ids, [*rankings[0].completion_ids, [40, 41]])
+    probed = ProbedPasses(model.parameters())
+    first, _, _ = accumulate_gradients(model, rankings, 1, 0, loss, graphs=probed)
+    assert probed.probe.reads == []
+    graphed = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    plain, _, _ = accumulate_gradients(model, rankings, 1, 0, loss)
+    assert first == pytest.approx(plain, abs=1e-6)
+    for a, b in zip(graphed, (p.grad for p in model.parameters() if p.grad is not None)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -95,8 +95,8 @@ class LMConfig:
                 "value_model separate)")
     cuda_graphs: bool = param(True, "on a GPU, sampling and held-out decoding capture their decoding step once as "
                                     "a CUDA graph and replay it (one launch instead of hundreds of small kernels), "
-                                    "and DPO and GRPO their forward and backward pass of each batch shape; false: "
-                                    "one kernel at a time. No effect on a CPU")
+                                    "and DPO, GRPO and the reward model their forward and backward pass of each "
+                                    "batch shape; false: one kernel at a time. No effect on a CPU")
     threads: int = param(0, "torch threads; 0 leaves torch's default")
     tensorboard: bool = param(True, "also write TensorBoard event files")
     progress: bool = param(True, "show progress (a live bar on a terminal, periodic lines otherwise)")

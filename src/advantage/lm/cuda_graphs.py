@@ -77,18 +77,18 @@ class FixedShapeStep:
             self._forward()
             fix_cache_shapes(cache, self.write_position)
             return
+        shared = _decoding_graphs.setdefault(device, _DecodingGraphs(device))
         current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(current)
-        with torch.cuda.device(device), torch.cuda.stream(side):
+        shared.side_stream.wait_stream(current)
+        with torch.cuda.device(device), torch.cuda.stream(shared.side_stream):
             self._forward()
-        current.wait_stream(side)
+        current.wait_stream(shared.side_stream)
         fix_cache_shapes(cache, self.write_position)  # zeroes every position after the prompts again
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
-        self.logits = record(graph, device, torch.cuda.Stream(device), torch.cuda.graph_pool_handle(),
+        self.logits = record(graph, device, shared.capture_stream, shared.pool,
                              self._forward)  # records the kernels; nothing runs
-        self.graph = graph
+        self.graph = shared.last_graph = graph
 
     def _forward(self) -> Tensor:
         # A 4-D mask goes to the attention as it is: transformers builds no mask of its own (no host sync).
@@ -110,6 +110,26 @@ class FixedShapeStep:
             return self._forward()
         self.graph.replay()
         return self.logits
+
+
+class _DecodingGraphs:
+    """What every decoding-step graph of the process shares on one device: a side stream for the warm-ups, a capture
+    stream and a memory pool, and the last graph captured.
+
+    `generate` captures a new graph per call (its shapes change from call to call). A fresh pool per graph would be
+    left to the allocator when its graph goes, holding its memory until an allocation fails; one pool for them all
+    reuses it, provided that the captures run on one stream (the allocator reuses memory on the stream that freed
+    it). A pool that no graph uses any more cannot be captured into again (the allocator asserts as much): the last
+    graph is kept until the next one has been captured (it holds no tensor; its temporaries are the next graph's)."""
+
+    def __init__(self, device: torch.device):
+        self.side_stream = torch.cuda.Stream(device)
+        self.capture_stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.last_graph: torch.cuda.CUDAGraph | None = None
+
+
+_decoding_graphs: dict[torch.device, _DecodingGraphs] = {}
 
 
 # Attention implementations that take an additive 4-D mask as it is (flash-attention and flex attention do not).
@@ -185,14 +205,11 @@ class GraphedPasses:
         parameters: the model's parameters; those that require a gradient get one from each pass (none: passes
             without gradients, such as a reference model's).
         capture: capture graphs (on a GPU) or run the passes as they are.
-        memory_of: other `GraphedPasses` of the same run whose memory pool these graphs share (their passes never
-            run at once, and every output is copied out before another pass runs).
     """
 
-    def __init__(self, parameters, capture: bool, memory_of: GraphedPasses | None = None):
+    def __init__(self, parameters, capture: bool):
         self.parameters = [p for p in parameters if p.requires_grad]
         self.capture = capture
-        self.memory_of = memory_of
         self.graphs: dict[tuple, _GraphedPass] = {}
         self.gradients: list[Tensor] | None = None  # allocated at the first capture, outside every graph's memory
         self.failed = False
@@ -273,11 +290,10 @@ class GraphedPasses:
             if self.gradients is None:
                 self.gradients = [torch.empty_like(parameter) for parameter in self.parameters]
             torch.cuda.synchronize(device)
-            owner = self.memory_of or self
-            owner.pool = owner.pool or torch.cuda.graph_pool_handle()
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
             self.capture_stream = self.capture_stream or torch.cuda.Stream(device)
             graph = torch.cuda.CUDAGraph()
-            outputs = record(graph, device, self.capture_stream, owner.pool, lambda: self._recorded(graphed, compute))
+            outputs = record(graph, device, self.capture_stream, self.pool, lambda: self._recorded(graphed, compute))
             graphed.graph, graphed.outputs = graph, outputs
         except Exception as error:  # any failure to capture: ordinary passes from now on
             self.failed = True
@@ -345,7 +361,8 @@ def training_graphs(model: nn.Module, device: torch.device, cuda_graph: bool, *,
     if not cuda_graph or device.type != "cuda" or sharded or world_size > 1 or micro_batches > 1 or checkpointing \
             or autocast:
         return None
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    transformer = getattr(model, "body", model)  # a reward or value model (`ScalarHeadModel`): its body's
+    attention = getattr(getattr(transformer, "config", None), "_attn_implementation", None)
     if attention not in MASKED_ATTENTION:
         return None
     return GraphedPasses(model.parameters(), capture=True)

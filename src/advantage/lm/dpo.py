@@ -278,11 +278,11 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     reference = eval_reference = None
     if session.checkpoint_path is None:
         with model.disable_adapter() if config.lora_r else contextlib.nullcontext(), mixed_precision(config):
-            # Graphs without gradients, freed when the pass returns: their memory, in the training graphs' pool,
-            # goes to the training passes' captures.
-            reference_graphs = GraphedPasses((), graphs.capture, memory_of=graphs) if graphs is not None else None
-            reference = reference_log_probs(model, train_examples, micro_size, pad, processes, reference_graphs)
-            del reference_graphs
+            # Graphs without gradients, in a memory pool of their own, freed when the pass returns (a pool shared
+            # with the training graphs would be left with no graph using it, and the allocator refuses to capture
+            # into such a pool again).
+            reference = reference_log_probs(model, train_examples, micro_size, pad, processes,
+                                            GraphedPasses((), capture=graphs.capture) if graphs is not None else None)
             # The evaluating process(es), in the evaluation's own chunks (bit-identical margins of 0 at step 0).
             eval_reference = reference_log_probs(model, eval_examples, micro_size, pad) if evaluating else None
     model.train()

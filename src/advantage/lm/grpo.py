@@ -250,9 +250,10 @@ def accumulate_gradients(model: nn.Module, collected: Collected, config: GRPOCon
     `graphs`: run each micro-batch's pass as a replayed CUDA graph (`cuda_graphs.training_graphs`; `collect` then
     padded the batches to recurring widths), with the same result."""
     device = collected.micro_batches[0].advantages.device
-    counts = {"num_tokens": torch.tensor(collected.num_tokens, device=device),
-              "num_sequences": torch.tensor(collected.num_sequences, device=device)}
-    totals = torch.zeros(1 + len(SUMS), device=device)  # the loss, then SUMS: read back once, after every pass
+    counts = torch.tensor([collected.num_tokens, collected.num_sequences], device=device)  # one copy to the device
+    counts = {"num_tokens": counts[0], "num_sequences": counts[1]}
+    # The loss, then SUMS, added up on the device and read back once, after every pass.
+    totals = torch.zeros(1 + len(SUMS), dtype=torch.float64, device=device)
     with mixed_precision(config):
         for micro_batch in collected.micro_batches:
             inputs = {**micro_batch.tensors(), **counts}
@@ -301,8 +302,8 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     graphs = training_graphs(model, processes.device, config.cuda_graphs, sharded=is_sharded(model),
                              world_size=processes.world_size, micro_batches=config.gradient_accumulation_steps,
                              checkpointing=config.gradient_checkpointing, autocast=config.mixed_precision != "no")
-    scoring_graphs = {name: GraphedPasses((), capture=graphs.capture, memory_of=graphs)
-                      for name in ("old", "reference")} if graphs is not None else None
+    scoring_graphs = {name: GraphedPasses((), capture=graphs.capture) for name in ("old", "reference")} \
+        if graphs is not None else None
     torch.manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
     rounds = config.max_steps // config.num_iterations if config.max_steps else \

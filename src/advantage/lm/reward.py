@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from advantage.lm.config import mixed_precision
+from advantage.lm.cuda_graphs import GraphedPasses, padding_multiples, training_graphs
 from advantage.lm.data_order import DataOrder, total_steps
 from advantage.lm.loading import add_lora, end_ids, load_policy, max_length, pad_id
 from advantage.lm.models import ScalarHeadModel, evaluation_mode, model_device
@@ -124,7 +125,8 @@ def ranking_loss(rewards: Tensor, mask: Tensor, loss: str) -> Tensor:
 
 
 def accumulate_gradients(model: ScalarHeadModel, examples: Sequence[RankedExample], micro_batches: int, pad: int,
-                         loss: str, world_size: int = 1) -> tuple[float, PairwiseTally, int]:
+                         loss: str, world_size: int = 1,
+                         graphs: GraphedPasses | None = None) -> tuple[float, PairwiseTally, int]:
     """Add the gradient of the batch's loss to `.grad`, one micro-batch at a time.
 
     Args:
@@ -132,6 +134,8 @@ def accumulate_gradients(model: ScalarHeadModel, examples: Sequence[RankedExampl
         micro_batches: how many consecutive micro-batches to split the share into (must divide it).
         loss: as in `ranking_loss`.
         world_size: processes sharing the batch (their gradients are summed afterwards).
+        graphs: run each micro-batch's pass as a replayed CUDA graph (`cuda_graphs.training_graphs`); the batches
+            are then padded to recurring widths, with the same result.
     Returns:
         (loss, tally, real tokens): this share's part of the batch's loss L (the mean over its B rankings), its
         pairwise diagnostics, and the tokens it went through.
@@ -140,14 +144,23 @@ def accumulate_gradients(model: ScalarHeadModel, examples: Sequence[RankedExampl
     loss_total, tally, real_tokens = 0.0, PairwiseTally(), 0
     for start in range(0, len(examples), size):
         micro = examples[start:start + size]
-        batch = to_device(collate_rankings(micro, pad), model_device(model))  # b prompts, b * K answers
-        rewards = ranking_rewards(model, batch)  # (b, K)
         # This micro-batch's share of the batch mean: every ranking weighs 1 / B, whichever micro-batch (and process)
         # holds it.
-        share = ranking_loss(rewards, batch.mask, loss) * (len(micro) / (len(examples) * world_size))
-        share.backward()  # accumulate: .grad sums the shares into the gradient of L
+        weight = len(micro) / (len(examples) * world_size)
+        # b prompts, b * K answers
+        batch = to_device(collate_rankings(micro, pad, *padding_multiples(graphs is not None)), model_device(model))
+
+        def backward_pass(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            ranked = batch.with_tensors(tensors)
+            rewards = ranking_rewards(model, ranked)  # (b, K)
+            share = ranking_loss(rewards, ranked.mask, loss) * weight
+            share.backward()  # accumulate: .grad sums the shares into the gradient of L
+            return share, rewards
+
+        inputs = batch.tensors()
+        share, rewards = graphs(inputs, backward_pass) if graphs is not None else backward_pass(inputs)
         loss_total += float(share.detach())
-        tally.add(rewards, batch.mask)
+        tally.add(rewards.detach(), batch.mask)
         real_tokens += batch.real_tokens
     return loss_total, tally, real_tokens
 
@@ -203,6 +216,10 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> Ru
     processes = session.processes
     if config.sharding == "fsdp":  # every decoder layer, then the whole model (lm/sharding.py)
         model = shard(model, processes.world_size, forward_methods=("score_answers",))
+    # On a GPU each micro-batch's forward and backward pass replays as one CUDA graph (None: ordinary passes).
+    graphs = training_graphs(model, processes.device, config.cuda_graphs, sharded=is_sharded(model),
+                             world_size=processes.world_size, micro_batches=config.gradient_accumulation_steps,
+                             checkpointing=config.gradient_checkpointing, autocast=config.mixed_precision != "no")
     torch.manual_seed(config.seed)  # the global RNG drives dropout (LoRA's included); checkpoints carry its state
     optimizer = make_optimizer(model, config)
     steps = total_steps(config, len(train_examples))
@@ -220,7 +237,7 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> Ru
         # 3-5. Collate the batch's micro-batches, score every answer, accumulate the gradient of the batch mean.
         loss, tally, real_tokens = accumulate_gradients(model, [train_examples[index] for index in indices],
                                                         config.gradient_accumulation_steps, pad, config.loss,
-                                                        processes.world_size)
+                                                        processes.world_size, graphs)
         return BatchGradient(loss, real_tokens, tally=tally)
 
     step, last = train_offline(session, model, optimizer, order, steps, config, "losses/reward", accumulate,
