@@ -207,7 +207,11 @@ def test_a_failed_capture_tells_the_allocator_it_ended_unless_the_graph_did(monk
         def wait_stream(self, other):
             pass
 
+    from advantage.lm import cuda_graphs
+
     calls = []
+    monkeypatch.setattr(cuda_graphs, "_failed_graphs", [])
+    monkeypatch.setattr(cuda_graphs, "_end_generator_capture", lambda device, stream: calls.append(("generator",)))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
@@ -221,7 +225,10 @@ def test_a_failed_capture_tells_the_allocator_it_ended_unless_the_graph_did(monk
     with pytest.raises(RuntimeError):
         record(graph, torch.device("cuda", 0), Stream(), (0, 7), work)
     assert graph.pools == [(0, 7)]
-    assert calls == ([("end", (0, (0, 7))), ("release", (0, (0, 7)))] if end_fails else [])
+    # Told once; the failed graph kept, so that its destructor cannot release the pool again; the default generator
+    # taken out of capture mode.
+    assert calls == ([("end", (0, (0, 7))), ("release", (0, (0, 7))), ("generator",)] if end_fails else [])
+    assert cuda_graphs._failed_graphs == ([graph] if end_fails else [])
     calls.clear()
     assert record(FakeGraph(False), torch.device("cuda", 0), Stream(), (0, 7), lambda: "recorded") == "recorded"
     assert calls == []

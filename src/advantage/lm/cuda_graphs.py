@@ -77,7 +77,9 @@ class FixedShapeStep:
             self._forward()
             fix_cache_shapes(cache, self.write_position)
             return
-        shared = _decoding_graphs.setdefault(device, _DecodingGraphs(device))
+        if device not in _decoding_graphs:
+            _decoding_graphs[device] = _DecodingGraphs(device)
+        shared = _decoding_graphs[device]
         current = torch.cuda.current_stream(device)
         shared.side_stream.wait_stream(current)
         with torch.cuda.device(device), torch.cuda.stream(shared.side_stream):
@@ -176,6 +178,7 @@ def fixed_shape_step(model: nn.Module, cache, batch, capacity: int, extra: dict,
         # records), so the ordinary loop goes on from the same cache.
         release_cache_shapes(cache)
         _capture_failed = True
+        _decoding_graphs.pop(batch.attention_mask.device, None)  # its pool: freeable once its last graph is gone
         cause = f"; first {type(error.__context__).__name__}: {error.__context__}" if error.__context__ else ""
         warnings.warn(f"generate: the decoding step could not be captured as a CUDA graph ({type(error).__name__}: "
                       f"{error}{cause}); decoding one call at a time from now on", RuntimeWarning, stacklevel=3)
@@ -313,7 +316,11 @@ def record(graph: torch.cuda.CUDAGraph, device: torch.device, stream: torch.cuda
     training step would allocate it all again) and leaves its capture stream current when a capture fails. When the
     capture fails, `capture_end` raises before it tells the allocator that the capture is over, and every later
     allocation of the process would go on as if a capture were running (no memory freed to retry an allocation,
-    `empty_cache` failing): so the allocator is told here, and the pool's share of this capture released."""
+    `empty_cache` failing): so the allocator is told here, and the pool's share of this capture released. The
+    graph object of a failed capture is then kept for the life of the process: whether its destructor would release
+    the pool a second time (which aborts the process) depends on how far `capture_end` got and on the PyTorch
+    version. A failed capture also leaves PyTorch's default CUDA random generator in capture mode (every later
+    dropout outside a graph would fail): one trivial capture is made to end it."""
     current = torch.cuda.current_stream(device)
     stream.wait_stream(current)
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -333,9 +340,31 @@ def record(graph: torch.cuda.CUDAGraph, device: torch.device, stream: torch.cuda
                 except RuntimeError:  # capture_end got as far as telling it
                     pass
                 torch.cuda.memory._cuda_releasePool(index, pool)
+                _failed_graphs.append(graph)
+                _end_generator_capture(device, stream)
             raise
     current.wait_stream(stream)
     return result
+
+
+# The graphs of failed captures, never destroyed (see `record`): at most one per kind of capture in a process, since
+# a failure turns that kind of capture off.
+_failed_graphs: list = []
+
+
+def _end_generator_capture(device: torch.device, stream: torch.cuda.Stream) -> None:
+    """Take PyTorch's default CUDA generator out of the capture mode a failed capture left it in: a capture that
+    ends normally does (one addition, in a pool of its own). Best effort: if even that fails, only random operations
+    outside graphs (dropout) are affected, and they say so."""
+    try:
+        scratch = torch.zeros(1, device=device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            graph.capture_begin()
+            scratch.add_(1.0)
+            graph.capture_end()
+    except Exception:  # nothing more to do on a failure path
+        pass
 
 
 class _GraphedPass:
