@@ -36,25 +36,30 @@ def examples():
                                                      + [eos]]) for prompt, chosen, rejected in PAIRS]
 
 
-def test_dpo_trains_the_same_through_the_passes_a_graph_replays(tmp_path, monkeypatch):
-    """Six steps of DPO (batches of 2 pairs: several shapes, and shapes met again) with every pass, the reference
-    pass's included, on the fixed input buffers of `GraphedPasses`, its shared gradient buffers and the
-    fixed-shape scoring give the losses and weights of ordinary passes."""
-    data = tmp_path / "train.jsonl"
-    write_jsonl([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS], data)
+def ordinary_and_graphed(monkeypatch, tmp_path, module, config):
+    """`module.train(config)` twice: with ordinary passes, then through `GraphedPasses` without a capture (what a GPU
+    would replay). Returns the two runs by name and the training `GraphedPasses` made."""
     made = []
 
     def cpu_graphs(model, *args, **kwargs):
         made.append(GraphedPasses(model.parameters(), capture=False))
         return made[-1]
 
-    runs = {}
-    for name in ("ordinary", "graphed"):
-        if name == "graphed":
-            monkeypatch.setattr(dpo, "training_graphs", cpu_graphs)
-        config = small_config(DPOConfig, data=str(data), batch_size=2, max_steps=6, learning_rate=1e-3, beta=0.5,
-                              log_every=1)
-        runs[name] = dpo.train(config, tmp_path / name)
+    runs = {"ordinary": module.train(config, tmp_path / "ordinary")}
+    monkeypatch.setattr(module, "training_graphs", cpu_graphs)
+    runs["graphed"] = module.train(config, tmp_path / "graphed")
+    return runs, made
+
+
+def test_dpo_trains_the_same_through_the_passes_a_graph_replays(tmp_path, monkeypatch):
+    """Six steps of DPO (batches of 2 pairs: several shapes, and shapes met again) with every pass, the reference
+    pass's included, on the fixed input buffers of `GraphedPasses`, its shared gradient buffers and the
+    fixed-shape scoring give the losses and weights of ordinary passes."""
+    data = tmp_path / "train.jsonl"
+    write_jsonl([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS], data)
+    config = small_config(DPOConfig, data=str(data), batch_size=2, max_steps=6, learning_rate=1e-3, beta=0.5,
+                          log_every=1)
+    runs, made = ordinary_and_graphed(monkeypatch, tmp_path, dpo, config)
     graphs = made[0].graphs
     assert 2 <= len(graphs) < 6  # several shapes, each with its own buffers, and shapes met again
     widths = [shape[1] for key in graphs for name, shape, *_ in key if name == "answers.input_ids"]
@@ -246,11 +251,7 @@ def test_grpo_trains_the_same_through_the_passes_a_graph_replays(tmp_path, monke
     passes; with LoRA the reference is the policy with its adapters switched off."""
     from advantage.lm import grpo
 
-    made, scoring = [], []
-
-    def cpu_graphs(model, *args, **kwargs):
-        made.append(GraphedPasses(model.parameters(), capture=False))
-        return made[-1]
+    scoring = []
 
     class ScoringPasses(GraphedPasses):
         def __init__(self, parameters, capture):
@@ -259,16 +260,12 @@ def test_grpo_trains_the_same_through_the_passes_a_graph_replays(tmp_path, monke
 
     rewards = tmp_path / "lengths.py"  # a reward that spreads every group (the nano model never answers right)
     rewards.write_text("def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n")
-    runs = {}
-    for name in ("ordinary", "graphed"):
-        if name == "graphed":
-            monkeypatch.setattr(grpo, "training_graphs", cpu_graphs)
-            monkeypatch.setattr(grpo, "GraphedPasses", ScoringPasses)
-        config = small_config(grpo.GRPOConfig, task="arithmetic", task_max_operand=99, task_train_size=24,
-                              task_eval_size=2, batch_size=2, group_size=4, max_new_tokens=6, max_steps=6,
-                              num_iterations=2, beta=0.1, learning_rate=1e-3, aggregation=aggregation, log_every=1,
-                              reward_functions=f"{rewards}:length", **(dict(lora_r=4) if lora else {}))
-        runs[name] = grpo.train(config, tmp_path / name)
+    config = small_config(grpo.GRPOConfig, task="arithmetic", task_max_operand=99, task_train_size=24,
+                          task_eval_size=2, batch_size=2, group_size=4, max_new_tokens=6, max_steps=6,
+                          num_iterations=2, beta=0.1, learning_rate=1e-3, aggregation=aggregation, log_every=1,
+                          reward_functions=f"{rewards}:length", **(dict(lora_r=4) if lora else {}))
+    monkeypatch.setattr(grpo, "GraphedPasses", ScoringPasses)  # log pi_old's and log pi_ref's (graphed run only)
+    runs, made = ordinary_and_graphed(monkeypatch, tmp_path, grpo, config)
     graphs = made[0].graphs
     assert 1 <= len(graphs) <= 3
     assert len(scoring) == 2 and all(1 <= len(passes.graphs) <= 3 for passes in scoring)  # log pi_old, log pi_ref
@@ -339,19 +336,9 @@ def test_the_reward_model_trains_the_same_through_the_passes_a_graph_replays(tmp
     else:  # rankings of 3 and 2 answers: the masks matter
         write_jsonl([{"prompt": p, "responses": [c, r, "x"] if index % 2 else [c, r]}
                      for index, (p, c, r) in enumerate(PAIRS)], data)
-    made = []
-
-    def cpu_graphs(model, *args, **kwargs):
-        made.append(GraphedPasses(model.parameters(), capture=False))
-        return made[-1]
-
-    runs = {}
-    for name in ("ordinary", "graphed"):
-        if name == "graphed":
-            monkeypatch.setattr(reward, "training_graphs", cpu_graphs)
-        config = small_config(reward.RewardConfig, data=str(data), batch_size=2, max_steps=6, learning_rate=1e-3,
-                              loss=loss, log_every=1)
-        runs[name] = reward.train(config, tmp_path / name)
+    config = small_config(reward.RewardConfig, data=str(data), batch_size=2, max_steps=6, learning_rate=1e-3,
+                          loss=loss, log_every=1)
+    runs, made = ordinary_and_graphed(monkeypatch, tmp_path, reward, config)
     assert 2 <= len(made[0].graphs) < 6
     ordinary, graphed = (metrics(runs[name].run_dir) for name in ("ordinary", "graphed"))
     for key in ("losses/reward", "rewards/accuracy", "rewards/margin"):
