@@ -13,12 +13,12 @@ is not a view (`OpOverload.is_view`, `detach`), by phase:
     batch building  inside the collation of the examples (host-side work on a GPU for both sides: ours
                     `collate_shared_prompt`, TRL's data collators)
     the rest        forward and backward passes, the reference pass, losses, clipping, the optimizer
-Loading the model and writing the final model are not counted (ours: `load_policy`, `LMSession.finish`; TRL's region is
-`trainer.train()`). Figures are per optimizer step. With CUDA graphs (ours, `--cuda-graphs`, on a GPU) a whole
-decoding step is one replay: the side "advantage+graphs" runs our sampler's fixed-shape step (what the graph
-captures) and the training passes of DPO, GRPO and the reward model on the input buffers of
-`cuda_graphs.GraphedPasses`, and counts each call that a GPU would replay as one launch (a shape's first pass runs
-eagerly there too, and is counted in full).
+Loading the model, adding LoRA adapters and writing the final model are not counted (ours: `load_policy`, `add_lora`,
+`LMSession.finish`; TRL's region is `trainer.train()`). Figures are per optimizer step. With CUDA graphs (ours,
+`--cuda-graphs`, on a GPU) a whole decoding step is one replay: the side "advantage+graphs" runs our sampler's
+fixed-shape step (what the graph captures) and the training passes of DPO, GRPO and the reward model on the input
+buffers of `cuda_graphs.GraphedPasses`, and counts each call that a GPU would replay as one launch (a shape's first
+pass runs eagerly there too, and is counted in full).
 
 Usage (each side in its own process; ours with PYTHONPATH=src, TRL's with trl importable):
     python benchmarks/lm_launches.py --bench-dir ../shared/bench [--peers-python /tmp/peers/bin/python]
@@ -96,6 +96,8 @@ def ours(stage: str, bench_dir: str, model_dir: str, lora_r: int, counter: Opera
 
     for module in (dpo, reward, online):
         within(module, "load_policy", counter, counting=False)
+    for module in (dpo, grpo, reward):  # TRL makes its adapters before `trainer.train()`, its counted region
+        within(module, "add_lora", counter, counting=False)
     within(session.LMSession, "finish", counter, counting=False)
     for module in (logprobs, preferences, online, grpo):
         if hasattr(module, "collate_shared_prompt"):
