@@ -125,6 +125,10 @@ def test_training_graphs_are_asked_for_only_where_they_can_work():
     flash = copy.deepcopy(model)
     flash.config._attn_implementation = "flash_attention_2"  # takes no additive mask
     assert training_graphs(flash, cuda, True, **fine) is None
+    from advantage.lm.models import ScalarHeadModel
+
+    scorer = ScalarHeadModel.from_causal_lm(model)  # a reward model: the attention of its body
+    assert isinstance(training_graphs(scorer, cuda, True, **fine), GraphedPasses)
 
 
 def test_a_failed_capture_warns_once_and_the_passes_go_on_without_a_graph(monkeypatch):

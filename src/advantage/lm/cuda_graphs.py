@@ -29,12 +29,12 @@ class FixedShapeStep:
     On a GPU a small model's decoding step is hundreds of small kernels, each launched from Python (transformers'
     modules, then PyTorch's dispatcher): the launches, not the arithmetic, set its time. A CUDA graph records the
     step's kernels once and replays them with one launch. A graph replays the same kernels on the same memory, so
-    everything the step reads or writes has a fixed shape and address: the N rows' last tokens and position ids,
-    an attention mask over the whole cache (N, P + max_new_tokens), made additive inside the step (N, 1, 1, P +
+    everything the step reads or writes has a fixed shape and address: the N rows' last tokens and position ids, an
+    attention mask over the whole cache (N, P + max_new_tokens), made additive inside the step (N, 1, 1, P +
     max_new_tokens; 0 where attended, the dtype's lowest value elsewhere), instead of the prefix seen so far, the
-    cache's layers writing at a position held in a
-    tensor (`kv_cache.PreallocatedLayer.fix_shapes`) and returning their whole buffers, and the logits. Finished
-    rows therefore stay in the batch (they are fed the pad token with attention 0, as before, and change nothing).
+    cache's layers writing at a position held in a tensor (`kv_cache.PreallocatedLayer.fix_shapes`) and returning
+    their whole buffers, and the logits. Finished rows therefore stay in the batch (they are fed the pad token with
+    attention 0, as before, and change nothing).
 
     `capture=False` runs the same step on the same buffers without a graph: what the CPU tests check against the
     ordinary loop, so that only the capture itself is left to a GPU.
@@ -390,8 +390,7 @@ def training_graphs(model: nn.Module, device: torch.device, cuda_graph: bool, *,
     if not cuda_graph or device.type != "cuda" or sharded or world_size > 1 or micro_batches > 1 or checkpointing \
             or autocast:
         return None
-    transformer = getattr(model, "body", model)  # a reward or value model (`ScalarHeadModel`): its body's
-    attention = getattr(getattr(transformer, "config", None), "_attn_implementation", None)
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)  # a ScalarHeadModel: its body's
     if attention not in MASKED_ATTENTION:
         return None
     return GraphedPasses(model.parameters(), capture=True)
