@@ -70,3 +70,49 @@ def test_reward_model_losses_recover_the_reward_up_to_a_constant():
         fitted = scores.detach() - scores.detach().mean(-1, keepdim=True)
         truth = problem.reward - problem.reward.mean(-1, keepdim=True)
         assert float((fitted - truth).abs().max()) < 0.15
+
+
+def _log_ratio_difference(problem: exact.PreferenceProblem, policy: torch.Tensor) -> torch.Tensor:
+    """Delta(x) = log pi(y_0|x)/pi_ref(y_0|x) - log pi(y_1|x)/pi_ref(y_1|x) for two responses per prompt, (X,)."""
+    log_ratio = policy.log() - torch.log_softmax(problem.ref_logits, -1)
+    return log_ratio[:, 0] - log_ratio[:, 1]
+
+
+def _two_response_pairs(seed: int, num: int, beta: float = 0.5):
+    """A problem with two responses per prompt, `num` Bradley-Terry pairs, and the share of pairs in which response
+    0 wins for each prompt (the empirical preference p)."""
+    problem = exact.random_preference_problem(num_prompts=3, num_responses=2, beta=beta, seed=seed)
+    prompts, ranked = exact.sample_rankings(problem, num, 2, torch.Generator().manual_seed(seed + 20))
+    first_wins = torch.stack([(ranked[prompts == x, 0] == 0).to(exact.DTYPE).mean() for x in range(3)])
+    return problem, prompts, ranked, first_wins
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ipo_lands_on_its_closed_form_optimum(seed):
+    """IPO's expected loss p (Delta - 1/(2 beta))^2 + (1 - p)(Delta + 1/(2 beta))^2 is least at
+    Delta = (p - 1/2) / beta (docs/math.md §6b): the tabular policy trained with `ipo_loss` lands there."""
+    problem, prompts, ranked, p = _two_response_pairs(seed, 20000)
+    policy = exact.train_tabular_dpo(problem, prompts, ranked, loss="ipo")
+    torch.testing.assert_close(_log_ratio_difference(problem, policy), (p - 0.5) / problem.beta, atol=1e-6, rtol=0)
+    true_p = torch.sigmoid(problem.reward[:, 0] - problem.reward[:, 1])
+    assert ((p - true_p).abs() < 0.03).all()  # and p is the Bradley-Terry probability of the true reward
+
+
+@pytest.mark.parametrize("label_smoothing", [0.1, 0.25])
+def test_conservative_dpo_lands_on_its_closed_form_optimum(label_smoothing):
+    """With labels flipped with probability eps, sigma(beta Delta) = (1 - eps) p + eps (1 - p) at the optimum
+    (docs/math.md §6b); for deterministic preferences (p = 1) that is beta Delta = log((1 - eps) / eps), where plain
+    DPO's margin grows without bound."""
+    problem, prompts, ranked, p = _two_response_pairs(3, 20000)
+    policy = exact.train_tabular_dpo(problem, prompts, ranked, label_smoothing=label_smoothing)
+    smoothed = (1 - label_smoothing) * p + label_smoothing * (1 - p)
+    torch.testing.assert_close(problem.beta * _log_ratio_difference(problem, policy), torch.logit(smoothed),
+                               atol=1e-6, rtol=0)
+    # every pair prefers response 0
+    always_first = ranked.sort(-1).values
+    policy = exact.train_tabular_dpo(problem, prompts, always_first, label_smoothing=label_smoothing)
+    margin = problem.beta * _log_ratio_difference(problem, policy)
+    expected = torch.full_like(margin, torch.tensor((1 - label_smoothing) / label_smoothing).log().item())
+    torch.testing.assert_close(margin, expected, atol=1e-6, rtol=0)
+    plain = problem.beta * _log_ratio_difference(problem, exact.train_tabular_dpo(problem, prompts, always_first))
+    assert (plain > 3 * expected).all()

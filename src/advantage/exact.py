@@ -20,7 +20,7 @@ from torch import Tensor
 
 from advantage.objectives.kl import KLEstimator, KLPlacement, categorical_kl, kl_loss_term, kl_reward_penalty
 from advantage.objectives.policy_gradient import policy_gradient_loss, psi
-from advantage.objectives.preference import dpo_loss, plackett_luce_dpo_loss
+from advantage.objectives.preference import dpo_loss, ipo_loss, plackett_luce_dpo_loss
 from advantage.objectives.returns import gae
 
 DTYPE = torch.float64
@@ -337,11 +337,13 @@ def sample_rankings(problem: PreferenceProblem, num: int, k: int, generator: tor
     return prompts, subsets.gather(-1, order)
 
 
-def train_tabular_dpo(problem: PreferenceProblem, prompts: Tensor, ranked: Tensor, steps: int = 300) -> Tensor:
-    """Fit tabular policy logits (X, Y) with DPO (pairwise for k = 2, Plackett-Luce for k > 2); returns pi_theta.
+def train_tabular_dpo(problem: PreferenceProblem, prompts: Tensor, ranked: Tensor, steps: int = 300,
+                      loss: str = "sigmoid", label_smoothing: float = 0.0) -> Tensor:
+    """Fit tabular policy logits (X, Y) with DPO; returns pi_theta.
 
-    The policy starts at pi_ref. log pi(y|x) = theta_xy - logsumexp_y theta_x, so the loss is convex in theta and
-    L-BFGS converges to the empirical optimum.
+    loss: "sigmoid" (pairwise DPO for k = 2, with `label_smoothing` conservative DPO; Plackett-Luce for k > 2) or
+    "ipo" (k = 2). The policy starts at pi_ref. log pi(y|x) = theta_xy - logsumexp_y theta_x, so each loss is convex
+    in theta and L-BFGS converges to the empirical optimum.
     """
     theta = problem.ref_logits.clone().requires_grad_(True)
     ref_log_probs = torch.log_softmax(problem.ref_logits, -1)[prompts.unsqueeze(-1), ranked]
@@ -351,13 +353,15 @@ def train_tabular_dpo(problem: PreferenceProblem, prompts: Tensor, ranked: Tenso
     def closure() -> Tensor:
         optimizer.zero_grad()
         policy_log_probs = torch.log_softmax(theta, -1)[prompts.unsqueeze(-1), ranked]
-        if ranked.shape[1] == 2:
-            loss, _ = dpo_loss(policy_log_probs[:, 0], policy_log_probs[:, 1], ref_log_probs[:, 0],
-                               ref_log_probs[:, 1], problem.beta)
+        pair = (policy_log_probs[:, 0], policy_log_probs[:, 1], ref_log_probs[:, 0], ref_log_probs[:, 1])
+        if ranked.shape[1] > 2:
+            value, _ = plackett_luce_dpo_loss(policy_log_probs, ref_log_probs, problem.beta)
+        elif loss == "ipo":
+            value, _ = ipo_loss(*pair, problem.beta)
         else:
-            loss, _ = plackett_luce_dpo_loss(policy_log_probs, ref_log_probs, problem.beta)
-        loss.backward()
-        return loss
+            value, _ = dpo_loss(*pair, problem.beta, label_smoothing)
+        value.backward()
+        return value
 
     optimizer.step(closure)
     return torch.softmax(theta.detach(), -1)

@@ -1,4 +1,5 @@
-"""Bradley-Terry, K-wise and Plackett-Luce reward losses; pairwise and listwise DPO (objectives.preference)."""
+"""Bradley-Terry, K-wise and Plackett-Luce reward losses; pairwise and listwise DPO, conservative DPO, IPO and the
+hinge (objectives.preference)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from advantage.objectives.preference import (
     bradley_terry_probability,
     dpo_implicit_rewards,
     dpo_loss,
+    hinge_dpo_loss,
+    ipo_loss,
     kwise_pairwise_loss,
     plackett_luce_dpo_loss,
     plackett_luce_log_likelihood,
@@ -276,3 +279,73 @@ def test_dpo_is_bradley_terry_of_implicit_rewards():
     beta = 0.2
     loss, _ = dpo_loss(pc, pr, rc, rr, beta)
     assert_close(loss, -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Beyond the notes: conservative DPO, IPO, hinge (docs/math.md §6b)
+# --------------------------------------------------------------------------------------------------------------------
+
+# The pairs of test_dpo_hand_example: log-ratio differences Delta = 1.5 and -1.0, at beta = 0.1 margins 0.15, -0.1.
+HAND_PAIRS = (t([-1.0, -3.0]), t([-2.0, -1.0]), t([-1.5, -2.0]), t([-1.0, -1.0]))
+
+
+def _leaves():
+    return [value.clone().requires_grad_() for value in HAND_PAIRS]
+
+
+def test_conservative_dpo_hand_values_and_gradient():
+    # eps = 0.2: each pair costs -(0.8 log sigma(m) + 0.2 log sigma(-m)), m = 0.15 and -0.1
+    pc, pr, rc, rr = _leaves()
+    loss, stats = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.2)
+    expected = sum(-(0.8 * log_sigmoid(m) + 0.2 * log_sigmoid(-m)) for m in (0.15, -0.1)) / 2
+    assert_close(loss, t(expected))
+    assert_close(stats.margins, t([0.15, -0.1]))  # the stats do not depend on the loss
+    loss.backward()
+    # d/dm = -(0.8 sigma(-m) - 0.2 sigma(m)) = sigma(m) - 0.8, and dm / d log pi(y_w) = beta; mean over 2 pairs
+    sigma = torch.sigmoid(t([0.15, -0.1]))
+    assert_close(pc.grad, 0.1 * (sigma - 0.8) / 2)
+    assert_close(pr.grad, -pc.grad)
+    assert rc.grad is None
+    # eps = 0 is DPO; eps outside [0, 0.5) is refused
+    assert_close(dpo_loss(*HAND_PAIRS, 0.1, 0.0)[0], dpo_loss(*HAND_PAIRS, 0.1)[0])
+    for eps in (-0.1, 0.5, 0.7):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            dpo_loss(*HAND_PAIRS, 0.1, eps)
+
+
+def test_ipo_hand_values_and_gradient():
+    # beta = 0.1: target 1 / (2 beta) = 5; Delta = 1.5 and -1: ((1.5 - 5)^2 + (-1 - 5)^2) / 2 = (12.25 + 36) / 2
+    pc, pr, rc, rr = _leaves()
+    loss, stats = ipo_loss(pc, pr, rc, rr, beta=0.1)
+    assert_close(loss, t(24.125))
+    assert_close(stats.chosen_rewards, t([0.05, -0.1]))
+    assert_close(stats.accuracy, t(0.5))
+    loss.backward()
+    # d/d log pi(y_w) = 2 (Delta - 5) / 2 = (-3.5, -6); the rejected answer gets the opposite
+    assert_close(pc.grad, t([-3.5, -6.0]))
+    assert_close(pr.grad, t([3.5, 6.0]))
+    assert rc.grad is None and rr.grad is None
+    # the loss is zero exactly at Delta = 1 / (2 beta), for any beta
+    for beta in (0.05, 0.5, 2.0):
+        at_target = ipo_loss(t([1 / (2 * beta)]), t([0.0]), t([0.0]), t([0.0]), beta)[0]
+        assert_close(at_target, t(0.0))
+    with pytest.raises(ValueError):
+        ipo_loss(*HAND_PAIRS, beta=0.0)
+
+
+def test_hinge_hand_values_and_gradient():
+    # beta = 0.1: margins 0.15 and -0.1: (max(0, 0.85) + max(0, 1.1)) / 2 = 0.975
+    pc, pr, rc, rr = _leaves()
+    loss, _ = hinge_dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert_close(loss, t(0.975))
+    loss.backward()
+    assert_close(pc.grad, t([-0.05, -0.05]))  # -beta / B for every pair inside the margin
+    assert_close(pr.grad, t([0.05, 0.05]))
+    # beta = 1: the first pair's margin 1.5 is past the hinge, so it has no loss and no gradient
+    pc, pr, rc, rr = _leaves()
+    loss, _ = hinge_dpo_loss(pc, pr, rc, rr, beta=1.0)
+    assert_close(loss, t(1.0))  # (0 + 2) / 2
+    loss.backward()
+    assert_close(pc.grad, t([0.0, -0.5]))
+    with pytest.raises(ValueError):
+        hinge_dpo_loss(*HAND_PAIRS, beta=-1.0)

@@ -6,7 +6,8 @@ Modules, in the order the seeds derive them:
     ppo              importance sampling, L^CPI, PPO-clip, PPO-penalty and its adaptive beta
     trust_region     TRPO: Fisher-vector product, conjugate gradient, natural step, line search
     kl               exact KL, the k1/k2/k3 estimators and their placements, entropy
-    preference       Bradley-Terry, K-wise, Plackett-Luce reward losses; pairwise and listwise DPO
+    preference       Bradley-Terry, K-wise, Plackett-Luce reward losses; pairwise and listwise DPO,
+                     conservative DPO, IPO, hinge
     grpo             group-normalised advantages and the GRPO loss
     rlhf             KL-shaped per-token rewards and the PPO-ptx term
     masking          masked reductions and the loss aggregation modes
@@ -50,6 +51,8 @@ from advantage.objectives.preference import (
     bradley_terry_probability,
     dpo_implicit_rewards,
     dpo_loss,
+    hinge_dpo_loss,
+    ipo_loss,
     kwise_pairwise_loss,
     plackett_luce_dpo_loss,
     plackett_luce_log_likelihood,
@@ -86,10 +89,10 @@ __all__ = [
     "clipped_surrogate_terms", "clipped_value_loss", "conjugate_gradient", "cpi_loss", "discounted_returns",
     "dpo_implicit_rewards", "dpo_loss", "episode_return_per_step", "explained_variance", "fill_padding",
     "fisher_vector_product", "flat_grad", "gae", "gaussian_entropy", "gaussian_kl", "group_normalized_advantages",
-    "grpo_loss", "importance_ratio", "importance_sampling_estimate", "kl_estimate", "kl_k1", "kl_k2", "kl_k3",
-    "kl_loss_term", "kl_penalty_loss", "kl_penalty_surrogate_loss", "kl_reward_penalty", "kwise_pairwise_loss",
-    "last_token_index", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "n_step_advantage",
-    "n_step_returns", "natural_gradient_step", "normalize_advantages", "plackett_luce_dpo_loss",
+    "grpo_loss", "hinge_dpo_loss", "importance_ratio", "importance_sampling_estimate", "ipo_loss", "kl_estimate",
+    "kl_k1", "kl_k2", "kl_k3", "kl_loss_term", "kl_penalty_loss", "kl_penalty_surrogate_loss", "kl_reward_penalty",
+    "kwise_pairwise_loss", "last_token_index", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
+    "n_step_advantage", "n_step_returns", "natural_gradient_step", "normalize_advantages", "plackett_luce_dpo_loss",
     "plackett_luce_log_likelihood", "plackett_luce_loss", "policy_gradient_loss", "psi", "ptx_loss",
     "shaped_token_rewards", "shift_to_next", "surrogate_stats", "td_residual", "terminal_at_last_token",
     "total_return", "value_loss",

@@ -9,6 +9,8 @@ One of them trains InstructGPT's reward model on all C(K, 2) pairs of a K-wise r
 DPO (docs/math.md §6) substitutes the reward that the KL-regularised optimum implies,
     r(x, y) = beta log(pi*(y|x) / pi_ref(y|x)) + beta log Z(x),
 into these likelihoods; Z(x) cancels in every difference and in every softmax, leaving losses of the policy.
+Beyond the notes (docs/math.md §6b), three pairwise losses of the same log-ratio difference are often used in
+their place: conservative DPO (label smoothing), IPO (a squared error) and the hinge.
 
 Rankings are given best first: column 0 is the most preferred answer. Losses are means over the batch.
 """
@@ -114,22 +116,77 @@ class PreferenceStats:
     accuracy: Tensor
 
 
+def _pair_stats(chosen: Tensor, rejected: Tensor) -> PreferenceStats:
+    """The detached diagnostics of B pairs of implicit rewards."""
+    with torch.no_grad():
+        margins = chosen - rejected
+        return PreferenceStats(chosen.detach(), rejected.detach(), margins, (margins > 0).to(margins.dtype).mean())
+
+
+def _check_beta(beta: float) -> None:
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+
+
 def dpo_loss(policy_chosen_log_probs: Tensor, policy_rejected_log_probs: Tensor, ref_chosen_log_probs: Tensor,
-             ref_rejected_log_probs: Tensor, beta: float) -> tuple[Tensor, PreferenceStats]:
+             ref_rejected_log_probs: Tensor, beta: float,
+             label_smoothing: float = 0.0) -> tuple[Tensor, PreferenceStats]:
     """Pairwise DPO, -E[log sigma(beta log pi(y_w|x)/pi_ref(y_w|x) - beta log pi(y_l|x)/pi_ref(y_l|x))]
     (docs/math.md §6).
 
+    With label_smoothing eps > 0 (conservative DPO, docs/math.md §6b) each label is taken as wrong with
+    probability eps: L = -E[(1 - eps) log sigma(beta Delta) + eps log sigma(-beta Delta)], Delta the difference of
+    the two log-ratios. Its optimum is sigma(beta Delta) = (1 - eps) p + eps (1 - p), p the share of the data that
+    prefers y_w, so deterministic preferences (p = 1) no longer push Delta to infinity.
+
     Shapes: four (B,) sequence log-probabilities -> scalar loss and PreferenceStats.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_beta(beta)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     chosen = dpo_implicit_rewards(policy_chosen_log_probs, ref_chosen_log_probs, beta)
     rejected = dpo_implicit_rewards(policy_rejected_log_probs, ref_rejected_log_probs, beta)
     loss = bradley_terry_loss(chosen, rejected)
-    with torch.no_grad():
-        margins = chosen - rejected
-        stats = PreferenceStats(chosen.detach(), rejected.detach(), margins, (margins > 0).to(margins.dtype).mean())
-    return loss, stats
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss + label_smoothing * bradley_terry_loss(rejected, chosen)
+    return loss, _pair_stats(chosen, rejected)
+
+
+def ipo_loss(policy_chosen_log_probs: Tensor, policy_rejected_log_probs: Tensor, ref_chosen_log_probs: Tensor,
+             ref_rejected_log_probs: Tensor, beta: float) -> tuple[Tensor, PreferenceStats]:
+    """IPO (identity preference optimisation, docs/math.md §6b): E[(Delta - 1 / (2 beta))^2], with Delta =
+    log pi(y_w|x)/pi_ref(y_w|x) - log pi(y_l|x)/pi_ref(y_l|x).
+
+    A squared error instead of DPO's log-sigmoid: when a pair is preferred with probability p the optimum is
+    Delta = (p - 1/2) / beta, finite even for p = 1, where DPO's optimum Delta is infinite. beta plays the role of
+    IPO's tau. log pi is the sequence log-probability, as in DPO (no division by the answer's length). The stats
+    are those of DPO (implicit rewards beta h).
+
+    Shapes: four (B,) sequence log-probabilities -> scalar loss and PreferenceStats.
+    """
+    _check_beta(beta)
+    chosen = dpo_implicit_rewards(policy_chosen_log_probs, ref_chosen_log_probs, beta)
+    rejected = dpo_implicit_rewards(policy_rejected_log_probs, ref_rejected_log_probs, beta)
+    log_ratio_difference = ((policy_chosen_log_probs - ref_chosen_log_probs.detach())
+                            - (policy_rejected_log_probs - ref_rejected_log_probs.detach()))
+    loss = ((log_ratio_difference - 1 / (2 * beta)) ** 2).mean()
+    return loss, _pair_stats(chosen, rejected)
+
+
+def hinge_dpo_loss(policy_chosen_log_probs: Tensor, policy_rejected_log_probs: Tensor, ref_chosen_log_probs: Tensor,
+                   ref_rejected_log_probs: Tensor, beta: float) -> tuple[Tensor, PreferenceStats]:
+    """The hinge loss on DPO's implicit margin (SLiC's calibration loss, docs/math.md §6b): E[max(0, 1 - beta Delta)],
+    with Delta the difference of the two log-ratios.
+
+    A pair stops contributing once its implicit margin beta Delta reaches 1.
+
+    Shapes: four (B,) sequence log-probabilities -> scalar loss and PreferenceStats.
+    """
+    _check_beta(beta)
+    chosen = dpo_implicit_rewards(policy_chosen_log_probs, ref_chosen_log_probs, beta)
+    rejected = dpo_implicit_rewards(policy_rejected_log_probs, ref_rejected_log_probs, beta)
+    loss = torch.relu(1 - (chosen - rejected)).mean()
+    return loss, _pair_stats(chosen, rejected)
 
 
 def plackett_luce_dpo_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, beta: float,
@@ -143,7 +200,6 @@ def plackett_luce_dpo_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, beta
     Returns:
         (scalar loss, (B, K) implicit rewards). For K = 2 the loss is exactly `dpo_loss`.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_beta(beta)
     rewards = dpo_implicit_rewards(policy_log_probs, ref_log_probs, beta)
     return plackett_luce_loss(rewards, mask), rewards.detach()
