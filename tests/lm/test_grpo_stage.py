@@ -73,18 +73,21 @@ def test_reward_functions_load_by_module_or_file_and_combine_with_weights(tmp_pa
 # ------------------------------------------------------------------------------------------------------- the loss
 
 
+# Three prompts of different lengths with G = 4 completions each (different lengths; end token 3; [7, 8, 9, 10]
+# reached max_new_tokens 4 and [44] has no end token either); the rewards give each group a spread.
+PROMPTS = [[5, 17, 23, 9], [40, 41], [11, 12, 13, 14, 15, 16]]
+COMPLETIONS = [[[33, 34, 3], [60, 3], [7, 8, 9, 10], [3]], [[80, 81, 3], [9, 9, 3], [1, 3], [44]],
+               [[30, 3], [31, 32, 3], [3], [50, 51, 52, 3]]]
+REWARDS = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.2, 0.0, 0.0, 1.0, 0.3])
+
+
 def micro_batches_of(model, micro_batches, old=False):
-    """Three prompts of different lengths with G = 4 completions each (different lengths, one empty), split into
-    micro-batches of whole groups; rewards give each group a spread."""
-    prompts = [[5, 17, 23, 9], [40, 41], [11, 12, 13, 14, 15, 16]]
-    completions = [[[33, 34, 3], [60, 3], [7, 8, 9, 10], [3]], [[80, 81, 3], [9, 9, 3], [1, 3], [44]],
-                   [[30, 3], [31, 32, 3], [3], [50, 51, 52, 3]]]
-    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.2, 0.0, 0.0, 1.0, 0.3])
-    advantages = group_normalized_advantages(rewards, 4)
-    size = len(prompts) // micro_batches
+    """PROMPTS with their COMPLETIONS, split into micro-batches of whole groups, with the advantages of REWARDS."""
+    advantages = group_normalized_advantages(REWARDS, 4)
+    size = len(PROMPTS) // micro_batches
     result = []
-    for start in range(0, len(prompts), size):
-        batch = collate_shared_prompt(prompts[start:start + size], completions[start:start + size], 0)
+    for start in range(0, len(PROMPTS), size):
+        batch = collate_shared_prompt(PROMPTS[start:start + size], COMPLETIONS[start:start + size], 0)
         old_log_probs = OnlineModels(model, None, None, 0, (3,)).policy_log_probs(batch, 1.0) if old else None
         result.append(MicroBatch(batch, advantages[start * 4:(start + size) * 4], old_log_probs, None))
     return result
@@ -92,8 +95,9 @@ def micro_batches_of(model, micro_batches, old=False):
 
 def gradient(model, micro_batches, config):
     model.zero_grad(set_to_none=True)
-    num_tokens = sum(float(m.batch.answer_mask.sum()) for m in micro_batches)
-    num_sequences = sum(m.batch.answer_ids.shape[0] for m in micro_batches)
+    num_tokens = sum(float(m.loss_mask().sum()) for m in micro_batches)
+    num_sequences = sum(m.batch.answer_ids.shape[0] if m.in_loss is None else float(m.in_loss.sum())
+                        for m in micro_batches)
     total = 0.0
     for micro_batch in micro_batches:
         loss, _ = micro_batch_loss(model, micro_batch, config, num_tokens, num_sequences)
@@ -116,6 +120,52 @@ def test_the_loss_is_exact_over_micro_batches_and_processes(aggregation):
     for name, grad in whole.items():
         torch.testing.assert_close(split[name], grad, atol=2e-6, rtol=1e-4, msg=name)
     assert any(bool(g.abs().sum() > 0) for g in whole.values())
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token", "constant"])
+def test_answers_cut_at_max_new_tokens_are_left_out_of_the_loss_but_not_of_the_baseline(aggregation):
+    """mask_truncated_completions: the loss and gradient of the batch are the sum over its complete answers alone,
+    each with the advantage its whole group gave it, normalised by the complete answers' counts."""
+    model = build_model("nano", seed=2)
+    config = quiet(aggregation=aggregation, beta=0.0, mask_truncated_completions=True)
+    whole = micro_batches_of(model, 1)[0]
+    ends_answer = [answer[-1] == 3 for group in COMPLETIONS for answer in group]
+    assert ends_answer.count(False) == 2
+    masked = MicroBatch(whole.batch, whole.advantages, None, None, torch.tensor(ends_answer, dtype=torch.float32))
+    masked_loss, masked_grad = gradient(model, [masked], config)
+    complete = [(prompt, answer, advantage) for (prompt, group), advantages in
+                zip(zip(PROMPTS, COMPLETIONS), whole.advantages.view(3, 4)) for answer, advantage in
+                zip(group, advantages) if answer[-1] == 3]
+    num_tokens, num_sequences = float(sum(len(answer) for _, answer, _ in complete)), float(len(complete))
+    model.zero_grad(set_to_none=True)
+    alone_loss = 0.0
+    for prompt, answer, advantage in complete:
+        alone = MicroBatch(collate_shared_prompt([prompt], [[answer]], 0), advantage.reshape(1), None, None)
+        loss, _ = micro_batch_loss(model, alone, config, num_tokens, num_sequences)
+        loss.backward()
+        alone_loss += float(loss.detach())
+    assert math.isclose(masked_loss, alone_loss, rel_tol=1e-5, abs_tol=1e-7)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(masked_grad[name], parameter.grad, atol=2e-6, rtol=1e-4, msg=name)
+    plain_loss, _ = gradient(model, [whole], quiet(aggregation=aggregation, beta=0.0))
+    assert not math.isclose(plain_loss, masked_loss, rel_tol=1e-3)  # the two cut answers did count before
+
+
+def test_a_batch_of_cut_answers_only_leaves_the_weights_unchanged(tmp_path):
+    """No end token can be sampled within max_new_tokens (min_new_tokens = max_new_tokens): every answer is cut,
+    so with mask_truncated_completions the loss has no term and AdamW does not move a weight; without it, it does."""
+    start = build_model("nano", seed=1).state_dict()
+    rewards = tmp_path / "rewards.py"  # a reward that differs within a group, so that the advantages are not all 0
+    rewards.write_text("def characters(prompts, completions):\n    return [float(sum(map(ord, c)) % 7) for c in "
+                       "completions]\n")
+    fields = dict(max_new_tokens=2, min_new_tokens=2, max_steps=2, learning_rate=1e-2, beta=0.0, eval_every=100,
+                  reward_functions=f"{rewards}:characters")
+    masked = train(quiet(mask_truncated_completions=True, **fields), tmp_path / "masked")
+    plain = train(quiet(**fields), tmp_path / "plain")
+    rows = [row for row in metrics(tmp_path / "masked") if row["step"] > 0]
+    assert rows and all(row["completions/truncated"] == 1.0 for row in rows)
+    assert all(torch.equal(value, start[name]) for name, value in masked.model.state_dict().items())
+    assert not all(torch.equal(value, start[name]) for name, value in plain.model.state_dict().items())
 
 
 def test_old_log_probs_from_a_fresh_pass_make_the_first_ratio_exactly_one():

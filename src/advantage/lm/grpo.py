@@ -29,6 +29,11 @@ pi / pi_old, whose gradient is the unbiased grad KL(pi || pi_ref) for k3 and k1 
 completion's reward before the group normalisation (`objectives.grpo.answer_kl_penalty`), as RLHF does per token.
 beta = 0 loads no reference model.
 
+Answers cut at max_new_tokens. With `mask_truncated_completions` an answer that reached max_new_tokens without an end
+token is left out of the loss (its tokens and itself out of the counts that normalise it): its reward is not the
+reward of a finished answer. Its reward still enters its group's mean and std, so the others' advantages do not
+change (DAPO's overlong filtering; TRL's option of the same name).
+
 metrics.jsonl (`step` = optimizer steps): the names docs/metrics.md gives grpo (eval/ on rank 0).
 
 final/ is the trained causal LM in Hugging Face format, as sft writes it.
@@ -89,6 +94,9 @@ class GRPOConfig(OnlineConfig):
         "sequence", "loss normaliser: sequence (the seed's 1/|o_i| per answer), token (every token alike), "
                     "constant (G x max_new_tokens)")
     scale_rewards: bool = param(True, "divide the group-centred rewards by the group's std (false: Dr. GRPO)")
+    mask_truncated_completions: bool = param(
+        False, "leave answers cut at max_new_tokens (no end token) out of the loss; their rewards still count in "
+               "their group's mean and std (DAPO's overlong filtering)")
     learning_rate: float = param(1e-5, "AdamW peak learning rate")
     batch_size: int = param(8, "prompts per optimizer step (each with group_size completions)")
 
@@ -120,17 +128,26 @@ class MicroBatch:
     advantages: Tensor  # (b * G,)
     old_log_probs: Tensor | None  # (b * G, A); None when num_iterations = 1 (then pi_old = pi_theta, detached)
     ref_log_probs: Tensor | None  # (b * G, A); None with beta = 0
+    # (b * G,) 1 for an answer the loss learns from, 0 for one cut at max_new_tokens; None: every answer
+    # (mask_truncated_completions false)
+    in_loss: Tensor | None = None
+
+    def loss_mask(self) -> Tensor:
+        """(b * G, A): the answer tokens the loss counts."""
+        mask = self.batch.answer_mask
+        return mask if self.in_loss is None else mask * self.in_loss.unsqueeze(-1).to(mask.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
         """Every tensor of the micro-batch by name (the inputs of a graphed pass, `cuda_graphs.GraphedPasses`)."""
-        optional = {"old_log_probs": self.old_log_probs, "ref_log_probs": self.ref_log_probs}
+        optional = {"old_log_probs": self.old_log_probs, "ref_log_probs": self.ref_log_probs,
+                    "in_loss": self.in_loss}
         return {**self.batch.tensors(), "advantages": self.advantages,
                 **{name: value for name, value in optional.items() if value is not None}}
 
     def with_tensors(self, tensors: dict[str, Tensor]) -> MicroBatch:
         """This micro-batch with the tensors of `tensors()`'s names replaced by those given."""
         return MicroBatch(self.batch.with_tensors(tensors), tensors["advantages"], tensors.get("old_log_probs"),
-                          tensors.get("ref_log_probs"))
+                          tensors.get("ref_log_probs"), tensors.get("in_loss"))
 
 
 @dataclass
@@ -141,8 +158,8 @@ class Collected:
     rewards: Tensor  # (B * G,) r_i, the KL penalty included when it is a reward term
     reward_logs: dict[str, float]
     micro_batches: list[MicroBatch]
-    num_tokens: float  # answer tokens of the whole batch, every process
-    num_sequences: float  # answers of the whole batch, every process
+    num_tokens: float  # answer tokens of the whole batch that the loss counts, every process
+    num_sequences: float  # answers of the whole batch that the loss counts, every process
     generation_s: float
 
 
@@ -181,14 +198,21 @@ def collect(models: OnlineModels, prompts: list[PromptExample], config: GRPOConf
 
     # 5. A_i = (r_i - mean(r)) / std(r) within each group (docs/math.md §6).
     advantages = group_normalized_advantages(rewards, config.group_size, scale_by_std=config.scale_rewards)
+    # Answers cut at max_new_tokens may be left out of the loss: the group's baseline above still counts them.
+    in_loss = processes.put(torch.tensor([float(bool(answer) and answer[-1] in models.ends)
+                                          for answer in generated.completions])) \
+        if config.mask_truncated_completions else None
     micro_batches, first = [], 0
     for batch, old, reference in zip(batches, olds, references):
         rows = batch.answer_ids.shape[0]
-        micro_batches.append(MicroBatch(batch, advantages[first:first + rows], old, reference))
+        micro_batches.append(MicroBatch(batch, advantages[first:first + rows], old, reference,
+                                        in_loss[first:first + rows] if in_loss is not None else None))
         first += rows
-    # Whole-batch counts (every process) for an exact aggregation over micro-batches and processes.
-    num_tokens, num_sequences = processes.sum(sum(float(batch.answer_mask.sum()) for batch in batches),
-                                              len(generated.completions))
+    # Whole-batch counts (every process) for an exact aggregation over micro-batches and processes; at least 1, so
+    # that a batch whose every answer is left out has a loss of 0.
+    num_tokens, num_sequences = processes.sum(sum(float(micro.loss_mask().sum()) for micro in micro_batches),
+                                              len(generated.completions) if in_loss is None else float(in_loss.sum()))
+    num_tokens, num_sequences = max(num_tokens, 1.0), max(num_sequences, 1.0)
     return Collected(generated, rewards, reward_logs, micro_batches, num_tokens, num_sequences, generation_s)
 
 
@@ -221,7 +245,7 @@ def micro_batch_loss(model: nn.Module, micro_batch: MicroBatch, config: GRPOConf
     """
     log_probs = answer_log_probs(model, micro_batch.batch, config.temperature, fixed_shape)  # (b * G, A)
     old = micro_batch.old_log_probs if micro_batch.old_log_probs is not None else log_probs.detach()
-    reference, mask = micro_batch.ref_log_probs, micro_batch.batch.answer_mask
+    reference, mask = micro_batch.ref_log_probs, micro_batch.loss_mask()
     in_loss = reference is not None and config.kl_placement != "reward"
     loss, stats, kl_ref = grpo_loss(
         log_probs, old, micro_batch.advantages, mask, config.clip_range, config.clip_range_high or None,
