@@ -108,12 +108,14 @@ def gradient(model, micro_batches, config):
     return total, grads
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("aggregation", ["sequence", "token", "constant"])
-def test_the_loss_is_exact_over_micro_batches_and_processes(aggregation):
+def test_the_loss_is_exact_over_micro_batches_and_processes(aggregation, level):
     """One batch of 3 groups, or 3 micro-batches of 1 (which is also what 3 processes compute: each normalises by
-    the whole batch's counts and the gradients are summed): the same loss and gradient, in every aggregation."""
+    the whole batch's counts and the gradients are summed): the same loss and gradient, in every aggregation, with
+    the token's ratio or GSPO's answer's ratio."""
     model = build_model("nano", seed=2)
-    config = quiet(aggregation=aggregation, beta=0.0)
+    config = quiet(aggregation=aggregation, beta=0.0, importance_ratio_level=level)
     whole_loss, whole = gradient(model, micro_batches_of(model, 1), config)
     split_loss, split = gradient(model, micro_batches_of(model, 3), config)
     assert math.isclose(whole_loss, split_loss, rel_tol=1e-5, abs_tol=1e-7)
@@ -267,6 +269,23 @@ def test_grpo_raises_the_reward_of_a_quick_sft_model(arithmetic_sft, tmp_path):
     assert {"rewards/advantage.lm.tasks.arithmetic:reward", "completions/mean_length", "policy/clip_fraction",
             "policy/approx_kl", "time/generation_s", "time/training_s", "losses/grpo"} <= set(trained[-1])
     assert {"config.json", "model.safetensors"} <= {p.name for p in (run.run_dir / "final").iterdir()}
+
+
+@pytest.mark.learning
+def test_gspo_raises_the_reward_of_a_quick_sft_model(arithmetic_sft, tmp_path):
+    """The same start and task with GSPO's ratio per answer (docs/math.md §6b) and its narrow clip, two optimizer
+    steps on each batch so that the ratios leave 1 and the clip acts, 200 steps. Measured: the sampled reward of the
+    first 20 steps 0.375, of the last 100 0.60 (single windows of 10 steps range from 0.36 to 0.73)."""
+    run = train(quiet(model=str(arithmetic_sft.run_dir / "final"), task_train_size=80, task_eval_size=20,
+                      batch_size=16, group_size=8, max_new_tokens=4, max_steps=200, num_iterations=2,
+                      learning_rate=5e-4, lr_schedule="constant", beta=0.0, importance_ratio_level="sequence",
+                      clip_range=0.02, eval_every=200, log_every=10), tmp_path / "gspo")
+    rewards = [row["rewards/mean"] for row in metrics(run.run_dir) if "rewards/mean" in row]
+    early, late = sum(rewards[:2]) / 2, sum(rewards[10:]) / 10
+    clipped = max(row["policy/clip_fraction"] for row in metrics(run.run_dir) if "policy/clip_fraction" in row)
+    print("sampled reward", early, "->", late, "largest clip fraction", clipped, [round(r, 2) for r in rewards])
+    assert len(rewards) == 20 and late >= early + 0.15
+    assert clipped > 0  # whole answers were clipped at the second step on a batch
 
 
 def test_cli_on_a_model_directory_with_data_and_a_reward_function_by_path(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Group-normalised advantages and the GRPO loss (advantage.objectives.grpo)."""
+"""Group-normalised advantages, the GRPO loss and GSPO's sequence ratio (advantage.objectives.grpo)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from advantage.objectives.grpo import answer_kl_penalty, group_normalized_advantages, grpo_loss
+from advantage.objectives.grpo import (
+    answer_kl_penalty,
+    group_normalized_advantages,
+    grpo_loss,
+    sequence_importance_ratio,
+)
 from advantage.objectives.kl import kl_k3
 
 D = torch.float64
@@ -205,13 +210,14 @@ def test_grpo_per_token_advantages():
     assert_close(loss_1d, loss_2d)
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seed", [0, 3])
-def test_grpo_micro_batches_sum_to_full_batch(mode, seed):
+def test_grpo_micro_batches_sum_to_full_batch(mode, seed, level):
     gen, log_probs, adv, mask = batch(seed, b=6, length=5)
     old = log_probs + 0.3 * torch.randn(log_probs.shape, dtype=D, generator=gen)
     ref = log_probs + 0.3 * torch.randn(log_probs.shape, dtype=D, generator=gen)
-    kwargs = dict(clip_range=0.2, beta=0.05, aggregation=mode, constant_length=5.0)
+    kwargs = dict(clip_range=0.2, beta=0.05, aggregation=mode, constant_length=5.0, importance_ratio_level=level)
 
     full_lp = log_probs.clone().requires_grad_()
     full_loss, _, _ = grpo_loss(full_lp, old, adv, mask, ref_log_probs=ref, **kwargs)
@@ -246,3 +252,67 @@ def test_answer_kl_penalty_is_minus_beta_times_the_sum_over_each_answers_real_to
     # k3 = r - 1 - log r with r = pi_ref / pi: r = 1/2 then 2.
     assert_close(k3, t([-0.5 * ((0.5 - 1 - math.log(0.5)) + (2 - 1 - math.log(2))), 0.0]))
     assert not k3.requires_grad
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GSPO: one ratio per answer (docs/math.md §6b)
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_sequence_ratio_is_the_geometric_mean_of_the_token_ratios():
+    # answer 0: token ratios 2 and 1/2 -> s = sqrt(2 * 0.5) = 1; answer 1: one token of ratio 1.5 -> s = 1.5;
+    # answer 2: no token -> 1. Padding may hold anything (inf, nan).
+    old = torch.zeros(3, 2, dtype=D)
+    lp = t([[math.log(2.0), math.log(0.5)], [math.log(1.5), float("inf")], [float("nan"), 0.0]])
+    mask = t([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    assert_close(sequence_importance_ratio(lp, old, mask), t([1.0, 1.5, 1.0]))
+    # (pi / pi_old)^(1/|o|) with the sequence probabilities: ratios 3 and 1/12 -> (1/4)^(1/2) = 1/2
+    lp = t([[math.log(3.0), math.log(1 / 12)]])
+    assert_close(sequence_importance_ratio(lp, torch.zeros(1, 2, dtype=D), torch.ones(1, 2, dtype=D)), t([0.5]))
+
+
+def test_sequence_ratio_gradient_on_policy_is_the_length_normalised_policy_gradient():
+    """At pi_theta = pi_old, s_i = 1 and grad s_i = 1/|o_i| sum_t grad log pi(o_it): with the per-answer mean,
+    GSPO's gradient equals the token-ratio loss's, and with the per-token mean it weighs every answer by 1 where
+    the token ratio weighs it by its length."""
+    _, log_probs, adv, mask = batch(4)
+    lengths = mask.sum(1, keepdim=True)
+    grads = {}
+    for level in ("token", "sequence"):
+        for mode in ("sequence", "token"):
+            lp = log_probs.clone().requires_grad_()
+            loss, stats, _ = grpo_loss(lp, log_probs, adv, mask, aggregation=mode, importance_ratio_level=level)
+            loss.backward()
+            grads[level, mode] = lp.grad
+            assert_close(stats.ratio_mean, t(1.0))
+    b = mask.shape[0]
+    assert_close(grads["sequence", "sequence"], -adv.unsqueeze(-1) / (b * lengths) * mask)
+    assert_close(grads["sequence", "sequence"], grads["token", "sequence"])
+    # token mean of the sequence ratio: each answer's |o_i| identical terms, each with gradient (1/|o_i|) grad log pi
+    assert_close(grads["sequence", "token"], -adv.unsqueeze(-1) / mask.sum() * mask)
+    assert_close(grads["token", "token"], -adv.unsqueeze(-1) / mask.sum() * mask)
+
+
+def test_sequence_ratio_clips_the_whole_answer():
+    """One answer of 2 tokens, A = 1, token ratios 1.5 and 1.0, eps 0.2: the token ratio clips only the first token;
+    the answer's ratio sqrt(1.5) = 1.2247 > 1.2 clips the whole answer (no gradient); eps_high 0.3 lets it through."""
+    old, mask, advantage = torch.zeros(1, 2, dtype=D), torch.ones(1, 2, dtype=D), t([1.0])
+    lp = t([[math.log(1.5), 0.0]]).requires_grad_()
+    loss, stats, _ = grpo_loss(lp, old, advantage, mask, clip_range=0.2)
+    loss.backward()
+    assert_close(lp.grad, t([[0.0, -0.5]]))  # token level: the second token still learns
+    assert_close(stats.clip_fraction, t(0.5))
+    lp.grad = None
+    loss, stats, _ = grpo_loss(lp, old, advantage, mask, clip_range=0.2, importance_ratio_level="sequence")
+    assert_close(loss, t(-1.2))  # -min(s A, clip(s) A) = -1.2 on both tokens
+    loss.backward()
+    assert_close(lp.grad, t([[0.0, 0.0]]))
+    assert_close(stats.clip_fraction, t(1.0))
+    assert_close(stats.ratio_mean, t(math.sqrt(1.5)))
+    lp.grad = None
+    loss, _, _ = grpo_loss(lp, old, advantage, mask, clip_range=0.2, clip_range_high=0.3,
+                           importance_ratio_level="sequence")
+    loss.backward()
+    # d(-s)/d log pi_t = -s / |o| on both tokens (per-answer mean of two identical terms)
+    assert_close(lp.grad, torch.full((1, 2), -math.sqrt(1.5) / 2, dtype=D))
+    with pytest.raises(ValueError, match="importance_ratio_level"):
+        grpo_loss(lp, old, advantage, mask, importance_ratio_level="answer")

@@ -29,6 +29,9 @@ pi / pi_old, whose gradient is the unbiased grad KL(pi || pi_ref) for k3 and k1 
 completion's reward before the group normalisation (`objectives.grpo.answer_kl_penalty`), as RLHF does per token.
 beta = 0 loads no reference model.
 
+GSPO (`importance_ratio_level` "sequence", docs/math.md §6b): the clipped ratio is each answer's geometric mean of
+its tokens' ratios, s_i = (pi_theta(o_i|q) / pi_old(o_i|q))^(1/|o_i|), instead of each token's.
+
 Answers cut at max_new_tokens. With `mask_truncated_completions` an answer that reached max_new_tokens without an end
 token is left out of the loss (its tokens and itself out of the counts that normalise it): its reward is not the
 reward of a finished answer. Its reward still enters its group's mean and std, so the others' advantages do not
@@ -68,7 +71,7 @@ from advantage.lm.online import (
 from advantage.lm.schedule import make_optimizer, set_learning_rate
 from advantage.lm.session import LMSession, StepWindow
 from advantage.lm.sharding import is_sharded, memory_figures, shard
-from advantage.objectives.grpo import answer_kl_penalty, group_normalized_advantages, grpo_loss
+from advantage.objectives.grpo import RATIO_LEVELS, answer_kl_penalty, group_normalized_advantages, grpo_loss
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate
 from advantage.objectives.masking import AGGREGATIONS, masked_mean, masked_sum
 from advantage.run.config import param, require
@@ -94,6 +97,9 @@ class GRPOConfig(OnlineConfig):
         "sequence", "loss normaliser: sequence (the seed's 1/|o_i| per answer), token (every token alike), "
                     "constant (G x max_new_tokens)")
     scale_rewards: bool = param(True, "divide the group-centred rewards by the group's std (false: Dr. GRPO)")
+    importance_ratio_level: Literal["token", "sequence"] = param(
+        "token", "whose ratio is clipped: each token's (the seed's) or each answer's geometric mean (GSPO, "
+                 "docs/math.md §6b; its ratios stay near 1, so GSPO's authors clip at about 3e-4 and 4e-4)")
     mask_truncated_completions: bool = param(
         False, "leave answers cut at max_new_tokens (no end token) out of the loss; their rewards still count in "
                "their group's mean and std (DAPO's overlong filtering)")
@@ -115,6 +121,8 @@ def validate(config: GRPOConfig) -> None:
     require(config.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}",
             config.kl_estimator)
     require(config.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}", config.aggregation)
+    require(config.importance_ratio_level in RATIO_LEVELS, "importance_ratio_level", f"must be one of {RATIO_LEVELS}",
+            config.importance_ratio_level)
 
 
 # ------------------------------------------------------------------------------------------- collect and score
@@ -252,7 +260,7 @@ def micro_batch_loss(model: nn.Module, micro_batch: MicroBatch, config: GRPOConf
         beta=config.beta if in_loss else 0.0, ref_log_probs=reference if in_loss else None,
         kl_estimator=config.kl_estimator, kl_placement="loss" if config.kl_placement == "loss" else "loss_weighted",
         aggregation=config.aggregation, constant_length=config.max_new_tokens, num_tokens=num_tokens,
-        num_sequences=num_sequences)
+        num_sequences=num_sequences, importance_ratio_level=config.importance_ratio_level)
     with torch.no_grad():
         tokens = mask.sum().to(log_probs.dtype)
         approx_kl = masked_sum(kl_estimate(old, log_probs.detach(), "k3"), mask)

@@ -7,6 +7,10 @@
 
 The seed's 1/|o_i| averages each answer over its own length, so a token of a short answer weighs more than a
 token of a long one; `aggregation` makes that a choice (see advantage.objectives.masking.aggregate).
+
+Beyond the notes (docs/math.md §6b), GSPO replaces the per-token ratio r_it by one ratio per answer, the geometric
+mean of its tokens' ratios, s_i = (pi_theta(o_i|q) / pi_old(o_i|q))^(1/|o_i|), clipped as a whole
+(`sequence_importance_ratio`; `grpo_loss(importance_ratio="sequence")`).
 """
 
 from __future__ import annotations
@@ -49,12 +53,31 @@ def group_normalized_advantages(rewards: Tensor, group_size: int | None = None, 
     return centred.reshape(rewards.shape)
 
 
+# Whose ratio the clip bounds: each token's (the seed's) or each answer's (GSPO's).
+RatioLevel = Literal["token", "sequence"]
+RATIO_LEVELS: tuple[str, ...] = ("token", "sequence")
+
+
+def sequence_importance_ratio(log_probs: Tensor, old_log_probs: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's ratio of each answer, s_i = (pi_theta(o_i|q) / pi_old(o_i|q))^(1/|o_i|)
+    = exp(1/|o_i| sum_t [log pi_theta(o_it) - log pi_old(o_it)]) (docs/math.md §6b).
+
+    The geometric mean of the answer's per-token ratios: its length no longer scales the log-ratio, so one clip
+    range suits answers of every length. Its gradient at pi_theta = pi_old is 1/|o_i| sum_t grad log pi_theta(o_it).
+
+    Shapes: (B, T), (B, T), (B, T) mask -> (B,). An answer with no token gets ratio 1.
+    """
+    log_ratio = masked_sum(fill_padding(log_probs - old_log_probs.detach(), mask), mask, dim=-1)
+    return torch.exp(log_ratio / mask.sum(dim=-1).clamp(min=1).to(log_ratio.dtype))
+
+
 def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2,
               clip_range_high: float | None = None, beta: float = 0.0, ref_log_probs: Tensor | None = None,
               kl_estimator: KLEstimator = "k3", kl_placement: Literal["loss", "loss_weighted"] = "loss_weighted",
               aggregation: Aggregation = "sequence",
               constant_length: float | None = None, num_tokens: float | Tensor | None = None,
-              num_sequences: float | Tensor | None = None) -> tuple[Tensor, SurrogateStats, Tensor]:
+              num_sequences: float | Tensor | None = None, importance_ratio_level: RatioLevel = "token",
+              ) -> tuple[Tensor, SurrogateStats, Tensor]:
     """Minus J_GRPO for a batch of answers (docs/math.md §6), per token then aggregated.
 
     Args:
@@ -74,8 +97,11 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask
         aggregation: "sequence" (the seed's 1/G sum_i 1/|o_i| sum_t), "token" (all tokens of the batch equal),
             or "constant" (sum divided by G * constant_length).
         num_tokens, num_sequences: global counts for exact aggregation over micro-batches and processes.
+        importance_ratio_level: "token" (the seed's r_it) or "sequence" (GSPO's s_i, the same for every token of
+            answer i, docs/math.md §6b). With "sequence" the KL term's weighting stays per token.
     Returns:
-        (scalar loss, SurrogateStats of the ratio, mean per-token KL over real tokens (detached; 0 if beta = 0)).
+        (scalar loss, SurrogateStats of the ratio used, mean per-token KL over real tokens (detached; 0 if
+        beta = 0)).
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand_as(log_probs)
@@ -85,7 +111,12 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask
     advantages = fill_padding(advantages, mask)
     if ref_log_probs is not None:
         ref_log_probs = fill_padding(ref_log_probs, mask)
-    ratio = importance_ratio(log_probs, old_log_probs)
+    if importance_ratio_level == "sequence":
+        ratio = sequence_importance_ratio(log_probs, old_log_probs, mask).unsqueeze(-1).expand_as(log_probs)
+    elif importance_ratio_level == "token":
+        ratio = importance_ratio(log_probs, old_log_probs)
+    else:
+        raise ValueError(f"importance_ratio_level must be 'token' or 'sequence', got {importance_ratio_level!r}")
     terms = clipped_surrogate_terms(ratio, advantages, clip_range, clip_range_high)
     mean_kl = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)
     if kl_placement not in ("loss", "loss_weighted"):
@@ -98,7 +129,12 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask
         with torch.no_grad():
             mean_kl = masked_mean(kl_estimate(log_probs, ref_log_probs, kl_estimator), mask)
     loss = aggregate(terms, mask, aggregation, constant_length, num_tokens, num_sequences)
-    return loss, surrogate_stats(log_probs, old_log_probs, advantages, clip_range, clip_range_high, mask), mean_kl
+    # The statistics of the ratio used: log r = log pi_theta - log pi_old per token, or log s_i on each of its tokens.
+    if importance_ratio_level == "sequence":
+        stats = surrogate_stats(ratio.log(), torch.zeros_like(ratio), advantages, clip_range, clip_range_high, mask)
+    else:
+        stats = surrogate_stats(log_probs, old_log_probs, advantages, clip_range, clip_range_high, mask)
+    return loss, stats, mean_kl
 
 
 def answer_kl_penalty(log_probs: Tensor, ref_log_probs: Tensor, mask: Tensor, beta: float,
