@@ -289,10 +289,12 @@ def test_grpo_trains_the_same_through_the_passes_a_graph_replays(tmp_path, monke
         torch.testing.assert_close(after[key], tensor, atol=1e-5, rtol=1e-4, msg=key)
 
 
-@pytest.mark.parametrize("kl_placement", ["loss_weighted", "reward"])
-def test_a_graphed_grpo_pass_reads_no_value_back_to_the_host(kl_placement):
+@pytest.mark.parametrize("kl_placement,ratio_level,cut_answers", [("loss_weighted", "token", False),
+                                                                   ("reward", "token", False),
+                                                                   ("loss_weighted", "sequence", True)])
+def test_a_graphed_grpo_pass_reads_no_value_back_to_the_host(kl_placement, ratio_level, cut_answers):
     """GRPO's pass, with pi_old and pi_ref given, reads nothing back inside what a graph replays; its figures are
-    read once afterwards."""
+    read once afterwards. The same with GSPO's ratio per answer and with cut answers left out of the loss."""
     from advantage.lm.grpo import Collected, GRPOConfig, MicroBatch, accumulate_gradients
     from advantage.lm.logprobs import answer_log_probs, collate_shared_prompt
     from advantage.lm.online import OnlineModels
@@ -304,9 +306,11 @@ def test_a_graphed_grpo_pass_reads_no_value_back_to_the_host(kl_placement):
     with torch.no_grad():
         old = answer_log_probs(model, batch) + 0.05 * batch.answer_mask  # a moved policy: ratios away from 1
         reference = answer_log_probs(build_model("nano", seed=4), batch)
-    micro = MicroBatch(batch, torch.tensor([1.0, -1.0, 0.5, -0.5]), old, reference)
-    collected = Collected(None, torch.zeros(4), {}, [micro], float(batch.answer_mask.sum()), 4.0, 0.0)
-    config = GRPOConfig(model="builtin:nano", group_size=2, beta=0.1, kl_placement=kl_placement, num_iterations=2)
+    in_loss = torch.tensor([1.0, 0.0, 1.0, 1.0]) if cut_answers else None  # answer 1 [12, 3] as if cut
+    micro = MicroBatch(batch, torch.tensor([1.0, -1.0, 0.5, -0.5]), old, reference, in_loss)
+    collected = Collected(None, torch.zeros(4), {}, [micro], float(micro.loss_mask().sum()), 4.0, 0.0)
+    config = GRPOConfig(model="builtin:nano", group_size=2, beta=0.1, kl_placement=kl_placement, num_iterations=2,
+                        importance_ratio_level=ratio_level, mask_truncated_completions=cut_answers)
     probed = ProbedPasses(model.parameters())
     loss, sums = accumulate_gradients(model, collected, config, Processes(), graphs=probed)
     assert probed.probe.reads == []
@@ -314,7 +318,8 @@ def test_a_graphed_grpo_pass_reads_no_value_back_to_the_host(kl_placement):
     graphed = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     plain_loss, plain_sums = accumulate_gradients(model, collected, config, Processes())
-    assert loss == pytest.approx(plain_loss, abs=1e-6) and sums["tokens"] == plain_sums["tokens"] == 7
+    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    assert sums["tokens"] == plain_sums["tokens"] == (5 if cut_answers else 7)
     assert sums["approx_kl_sum"] > 0 and sums["approx_kl_sum"] == pytest.approx(plain_sums["approx_kl_sum"])
     for a, b in zip(graphed, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
