@@ -345,6 +345,12 @@ def train_tabular_dpo(problem: PreferenceProblem, prompts: Tensor, ranked: Tenso
     "ipo" (k = 2). The policy starts at pi_ref. log pi(y|x) = theta_xy - logsumexp_y theta_x, so each loss is convex
     in theta and L-BFGS converges to the empirical optimum.
     """
+    if loss not in ("sigmoid", "ipo"):
+        raise ValueError(f"loss must be 'sigmoid' or 'ipo', got {loss!r}")
+    if (loss == "ipo" or ranked.shape[1] > 2) and label_smoothing:
+        raise ValueError("label_smoothing applies to the pairwise sigmoid loss only")
+    if loss == "ipo" and ranked.shape[1] != 2:
+        raise ValueError("ipo compares pairs: rankings of 2 answers")
     theta = problem.ref_logits.clone().requires_grad_(True)
     ref_log_probs = torch.log_softmax(problem.ref_logits, -1)[prompts.unsqueeze(-1), ranked]
     optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=steps, tolerance_grad=1e-10, tolerance_change=1e-14,

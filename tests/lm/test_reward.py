@@ -120,12 +120,14 @@ def test_scoring_each_prompt_once_equals_scoring_the_prompt_repeated():
 # ----------------------------------------------------------------------------------------------- accumulation
 
 
-@pytest.mark.parametrize("loss", ["bt", "kwise", "plackett_luce"])
-def test_batch_8x1_equals_2x4_equals_1x8(tokenizer, loss):
+@pytest.mark.parametrize("loss,center", [("bt", 0.0), ("kwise", 0.0), ("plackett_luce", 0.0), ("bt", 0.5),
+                                         ("kwise", 0.5)])
+def test_batch_8x1_equals_2x4_equals_1x8(tokenizer, loss, center):
     """The same loss and gradient for any accumulation: each ranking weighs 1 / B of the batch mean.
 
-    Gradients agree to 5e-6 (largest entry ~0.4): a prompt's K answers add their gradients into the prompt's
-    computation in a different order when the batch is split, which moves the last float32 bits.
+    Gradients agree to 5e-6 (largest entry ~0.4; with the centring term 5e-6 of the largest entry, which reaches
+    37 on the random head's scores): a prompt's K answers add their gradients into the prompt's computation in a
+    different order when the batch is split, which moves the last float32 bits.
     """
     examples = tokenized(tokenizer)
     if loss == "bt":
@@ -133,15 +135,21 @@ def test_batch_8x1_equals_2x4_equals_1x8(tokenizer, loss):
     results = []
     for micro_batches in (1, 4, 8):  # micro-batches of 8, 2 and 1 rankings
         model = reward_model()
-        value, tally, _ = accumulate_gradients(model, examples, micro_batches, pad=0, loss=loss)
-        results.append((value, tally, {name: p.grad.clone() for name, p in model.named_parameters()}))
+        model.head.bias.requires_grad_(center > 0)  # as `train` sets it
+        value, tally, _ = accumulate_gradients(model, examples, micro_batches, pad=0, loss=loss,
+                                               center_rewards_coefficient=center)
+        results.append((value, tally, {name: p.grad.clone() for name, p in model.named_parameters()
+                                       if p.grad is not None}))
     reference_loss, reference_tally, reference = results[0]
     assert reference_tally.pairs == (8 if loss == "bt" else 3 + 1 + 1 + 6 + 1 + 1 + 3 + 1)
+    scale = max(1.0, *(float(grad.abs().max()) for grad in reference.values()))
     for value, tally, grads in results[1:]:
-        assert math.isclose(value, reference_loss, abs_tol=1e-6) and tally.correct == reference_tally.correct
+        assert math.isclose(value, reference_loss, abs_tol=1e-6 * max(1.0, reference_loss))
+        assert tally.correct == reference_tally.correct
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, reference[name], atol=5e-6, rtol=0, msg=name)
+            torch.testing.assert_close(grad, reference[name], atol=5e-6 * scale, rtol=0, msg=name)
     assert reference["head.weight"].abs().max() > 1e-3  # a real gradient
+    assert (reference.get("head.bias") is not None) == (center > 0)  # only the centring term moves the level
 
 
 def test_one_training_step_is_the_same_for_any_accumulation(tmp_path):
@@ -217,6 +225,22 @@ def test_reward_model_learns_which_arithmetic_answer_is_right(tmp_path):
 # -------------------------------------------------------------------------------------------------------- resume
 
 
+def test_the_centring_term_holds_the_scores_near_0(tmp_path):
+    """30 steps at lr 1e-3 on the arithmetic pairs: without the term the held-out scores' level drifts from -1.7 to
+    +1.9 (the losses cannot see it), with center_rewards_coefficient 0.1 it ends at 0.01 (measured), and the head's
+    bias, frozen without the term, is trained with it."""
+    levels, biases = {}, {}
+    for coefficient in (0.0, 0.1):
+        run = train(quiet(task="arithmetic", task_max_operand=9, task_train_size=40, task_eval_size=10, batch_size=8,
+                          max_steps=30, learning_rate=1e-3, eval_every=30, center_rewards_coefficient=coefficient),
+                    tmp_path / str(coefficient))
+        last = [row for row in metrics(run.run_dir) if "eval/chosen" in row][-1]
+        levels[coefficient] = (last["eval/chosen"] + last["eval/rejected"]) / 2
+        biases[coefficient] = float(load_file(str(run.run_dir / "final" / "scalar_head.safetensors"))["bias"])
+    assert abs(levels[0.0]) > 1.0 and abs(levels[0.1]) < 0.2, levels
+    assert biases[0.0] == 0.0 and biases[0.1] != 0.0
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch, lora):
     """Killed right after the second checkpoint and resumed: the same final weights and metrics as an uninterrupted
@@ -286,6 +310,7 @@ def one_line_error(capsys):
 
 @pytest.mark.parametrize("flags,needle", [
     (["--loss", "bt", "--data-kind", "ranking"], "field 'loss'"),
+    (["--center-rewards-coefficient", "-0.1"], "field 'center_rewards_coefficient'"),
     (["--ranking-answers", "best_worst"], "field 'ranking_answers'"),
     (["--loss", "hinge"], "loss"),
     (["--lora-r", "2", "--lora-merge", "false"], "lora_merge"),

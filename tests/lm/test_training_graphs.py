@@ -320,6 +320,7 @@ def test_a_graphed_grpo_pass_reads_no_value_back_to_the_host(kl_placement, ratio
     plain_loss, plain_sums = accumulate_gradients(model, collected, config, Processes())
     assert loss == pytest.approx(plain_loss, abs=1e-6)
     assert sums["tokens"] == plain_sums["tokens"] == (5 if cut_answers else 7)
+    assert sums["answer_tokens"] == 7  # the throughput counts every token the pass went through
     assert sums["approx_kl_sum"] > 0 and sums["approx_kl_sum"] == pytest.approx(plain_sums["approx_kl_sum"])
     for a, b in zip(graphed, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

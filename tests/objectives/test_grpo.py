@@ -271,9 +271,10 @@ def test_sequence_ratio_is_the_geometric_mean_of_the_token_ratios():
 
 
 def test_sequence_ratio_gradient_on_policy_is_the_length_normalised_policy_gradient():
-    """At pi_theta = pi_old, s_i = 1 and grad s_i = 1/|o_i| sum_t grad log pi(o_it): with the per-answer mean,
-    GSPO's gradient equals the token-ratio loss's, and with the per-token mean it weighs every answer by 1 where
-    the token ratio weighs it by its length."""
+    """At pi_theta = pi_old, s_i = 1 and grad s_i = 1/|o_i| sum_t grad log pi(o_it). Each answer's |o_i| tokens
+    carry s_i, so the sum of their gradients is sum_t grad log pi(o_it), as the token ratios' is: on policy the two
+    levels have the same gradient in every aggregation (they part once the ratios leave 1, where the clip acts on
+    whole answers: `test_sequence_ratio_clips_the_whole_answer`)."""
     _, log_probs, adv, mask = batch(4)
     lengths = mask.sum(1, keepdim=True)
     grads = {}

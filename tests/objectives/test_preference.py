@@ -24,6 +24,7 @@ from advantage.objectives.preference import (
     plackett_luce_dpo_loss,
     plackett_luce_log_likelihood,
     plackett_luce_loss,
+    reward_centering_loss,
 )
 
 D = torch.float64
@@ -349,3 +350,23 @@ def test_hinge_hand_values_and_gradient():
     assert_close(pc.grad, t([0.0, -0.5]))
     with pytest.raises(ValueError):
         hinge_dpo_loss(*HAND_PAIRS, beta=-1.0)
+
+
+def test_reward_centering_hand_values_and_gradient():
+    # pairs (1, -3) and (2, 0.5): ((1 - 3)^2 + 2.5^2) / 2 = (4 + 6.25) / 2; TRL's (r_w + r_l)^2 for pairs
+    rewards = t([[1.0, -3.0], [2.0, 0.5]]).requires_grad_()
+    loss = reward_centering_loss(rewards)
+    assert_close(loss, t(5.125))
+    loss.backward()
+    # d/dr = 2 (r_w + r_l) / B on both answers of a pair: it moves the level, never the difference
+    assert_close(rewards.grad, t([[-2.0, -2.0], [2.5, 2.5]]))
+    # K = 3: the mean over its three pairs; a masked third answer leaves the pair alone
+    ranking = t([[1.0, 2.0, 3.0]])
+    assert_close(reward_centering_loss(ranking), t((9.0 + 16.0 + 25.0) / 3))
+    assert_close(reward_centering_loss(ranking, t([[1.0, 1.0, 0.0]])), t(9.0))
+    padded = t([[1.0, 2.0, float("nan")]])  # padding may hold anything
+    assert_close(reward_centering_loss(padded, t([[1.0, 1.0, 0.0]])), t(9.0))
+    # the preference losses see differences only: shifting every reward changes the centring term alone
+    shifted = ranking + 5.0
+    assert_close(kwise_pairwise_loss(shifted), kwise_pairwise_loss(ranking))
+    assert reward_centering_loss(shifted) > reward_centering_loss(ranking)

@@ -33,9 +33,11 @@ GSPO (`importance_ratio_level` "sequence", docs/math.md §6b): the clipped ratio
 its tokens' ratios, s_i = (pi_theta(o_i|q) / pi_old(o_i|q))^(1/|o_i|), instead of each token's.
 
 Answers cut at max_new_tokens. With `mask_truncated_completions` an answer that reached max_new_tokens without an end
-token is left out of the loss (its tokens and itself out of the counts that normalise it): its reward is not the
-reward of a finished answer. Its reward still enters its group's mean and std, so the others' advantages do not
-change (DAPO's overlong filtering; TRL's option of the same name).
+token is left out of the loss: its reward is not the reward of a finished answer. Its tokens leave the loss and the
+token count; it stays in the answer count, adding 0 to the per-answer mean ("constant" keeps its fixed normaliser),
+as TRL counts it. Its reward still enters its group's mean and std, so the others' advantages do not change (DAPO's
+overlong filtering; TRL's option of the same name). The policy figures (clip fraction, approx KL, kl/per_token) are
+then means over the tokens the loss counts.
 
 metrics.jsonl (`step` = optimizer steps): the names docs/metrics.md gives grpo (eval/ on rank 0).
 
@@ -167,7 +169,7 @@ class Collected:
     reward_logs: dict[str, float]
     micro_batches: list[MicroBatch]
     num_tokens: float  # answer tokens of the whole batch that the loss counts, every process
-    num_sequences: float  # answers of the whole batch that the loss counts, every process
+    num_sequences: float  # answers of the whole batch, every process (cut ones too: they add 0 to the loss)
     generation_s: float
 
 
@@ -216,11 +218,13 @@ def collect(models: OnlineModels, prompts: list[PromptExample], config: GRPOConf
         micro_batches.append(MicroBatch(batch, advantages[first:first + rows], old, reference,
                                         in_loss[first:first + rows] if in_loss is not None else None))
         first += rows
-    # Whole-batch counts (every process) for an exact aggregation over micro-batches and processes; at least 1, so
-    # that a batch whose every answer is left out has a loss of 0.
+    # Whole-batch counts (every process) for an exact aggregation over micro-batches and processes. A cut answer's
+    # tokens leave the token count but the answer stays in the answer count, as TRL counts it: it adds 0 to the
+    # per-answer mean, and "constant" keeps its fixed normaliser G x max_new_tokens. At least 1 token, so that a
+    # batch whose every answer is cut has a loss of 0.
     num_tokens, num_sequences = processes.sum(sum(float(micro.loss_mask().sum()) for micro in micro_batches),
-                                              len(generated.completions) if in_loss is None else float(in_loss.sum()))
-    num_tokens, num_sequences = max(num_tokens, 1.0), max(num_sequences, 1.0)
+                                              len(generated.completions))
+    num_tokens = max(num_tokens, 1.0)
     return Collected(generated, rewards, reward_logs, micro_batches, num_tokens, num_sequences, generation_s)
 
 
@@ -244,11 +248,11 @@ def micro_batch_loss(model: nn.Module, micro_batch: MicroBatch, config: GRPOConf
     Reads no value back to the host (what a CUDA graph replays, `cuda_graphs.GraphedPasses`).
 
     Args:
-        num_tokens, num_sequences: the answer tokens and answers of the whole batch (every process); 0-d tensors
-            in a graphed pass, whose inputs change from batch to batch.
+        num_tokens, num_sequences: the answer tokens the loss counts and the answers of the whole batch (every
+            process); 0-d tensors in a graphed pass, whose inputs change from batch to batch.
         fixed_shape: score every answer slot and mask afterwards (`logprobs.answer_log_probs`).
     Returns:
-        (loss, its figures as token-weighted sums: a (4,) tensor in the order of `SUMS`), so that micro-batches and
+        (loss, its figures as token-weighted sums: a (5,) tensor in the order of `SUMS`), so that micro-batches and
         processes combine into the batch's means.
     """
     log_probs = answer_log_probs(model, micro_batch.batch, config.temperature, fixed_shape)  # (b * G, A)
@@ -266,12 +270,15 @@ def micro_batch_loss(model: nn.Module, micro_batch: MicroBatch, config: GRPOConf
         approx_kl = masked_sum(kl_estimate(old, log_probs.detach(), "k3"), mask)
         if reference is not None and not in_loss:  # the KL went into the rewards: its size under pi_theta, for logs
             kl_ref = masked_mean(kl_estimate(log_probs.detach(), reference, config.kl_estimator), mask)
-        sums = torch.stack([stats.clip_fraction * tokens, approx_kl, kl_ref * tokens, tokens])
+        answer_tokens = micro_batch.batch.answer_mask.sum().to(log_probs.dtype)
+        sums = torch.stack([stats.clip_fraction * tokens, approx_kl, kl_ref * tokens, tokens, answer_tokens])
     return loss, sums
 
 
 # The figures `micro_batch_loss` sums over the batch, in its order.
-SUMS = ("clip_tokens", "approx_kl_sum", "kl_ref_sum", "tokens")
+# "tokens": the answer tokens the loss counts (what the figures are averaged over); "answer_tokens": every answer
+# token the pass went through (the throughput).
+SUMS = ("clip_tokens", "approx_kl_sum", "kl_ref_sum", "tokens", "answer_tokens")
 
 
 def accumulate_gradients(model: nn.Module, collected: Collected, config: GRPOConfig, processes: Processes,
@@ -374,7 +381,7 @@ def train(config: GRPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
             window.optimizer_step(session, optimizer, loss, max_norm)
             step += 1
             training_s = time.perf_counter() - trained
-            window.end_step(int(sums["tokens"]), generation_s + training_s)
+            window.end_step(int(sums["answer_tokens"]), generation_s + training_s)
             logs = _step_logs(config, processes, collected, models.ends, sums)  # every process, every step
             evaluation_due = evaluating and session.evaluation_due(step)
             if step % config.log_every == 0 or step == steps or evaluation_due:

@@ -19,6 +19,8 @@ ranking (chosen, rejected) with K = 2. Writing r_k = r(x, y_k), the losses (obje
 
 For K = 2 all three are the same loss. Every loss depends on differences of rewards of the same prompt, so the
 reward is defined up to a constant per prompt: only its comparisons between answers mean anything.
+`center_rewards_coefficient` c > 0 adds c mean_b 1/C(K,2) sum_{i<j} (r_i + r_j)^2 (`reward_centering_loss`,
+docs/math.md §6b; for pairs TRL's term of the same name), which pins that constant near 0.
 
 Data: preference rows (prompt, chosen, rejected) or ranking rows (prompt, responses best first), see data.py, or
 the files of `--task arithmetic`. `bt` needs pairs; the listwise losses take either (a pair is a ranking of 2).
@@ -40,6 +42,7 @@ With LoRA the adapters are always merged into final/ (`lora_merge` must stay tru
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +74,12 @@ from advantage.lm.preferences import (
 from advantage.lm.schedule import make_optimizer
 from advantage.lm.session import LMSession
 from advantage.lm.sharding import is_sharded, shard
-from advantage.objectives.preference import bradley_terry_loss, kwise_pairwise_loss, plackett_luce_loss
+from advantage.objectives.preference import (
+    bradley_terry_loss,
+    kwise_pairwise_loss,
+    plackett_luce_loss,
+    reward_centering_loss,
+)
 from advantage.run.config import param, require
 from advantage.run.processes import to_device
 from advantage.run.session import Run
@@ -84,6 +92,9 @@ class RewardConfig(PreferenceDataConfig):
     loss: Literal["bt", "kwise", "plackett_luce"] = param(
         "bt", "bt: Bradley-Terry on pairs; kwise: every pair of each ranking (InstructGPT); "
               "plackett_luce: the likelihood of the whole ranking (docs/math.md §5)")
+    center_rewards_coefficient: float = param(
+        0.0, "weight of the term that keeps the scores near 0, mean (r_i + r_j)^2 over each ranking's pairs "
+             "(docs/math.md §6b; TRL's name; about 0.01 in its authors' use); 0: off")
 
 
 CONFIG = RewardConfig
@@ -93,6 +104,8 @@ def validate(config: RewardConfig) -> None:
     require(not config.lora_r or config.lora_merge, "lora_merge",
             "must be true for a reward model (final/ is read by ScalarHeadModel.from_pretrained, which needs "
             "merged weights)", config.lora_merge)
+    require(config.center_rewards_coefficient >= 0 and math.isfinite(config.center_rewards_coefficient),
+            "center_rewards_coefficient", "must be >= 0", config.center_rewards_coefficient)
 
 
 # -------------------------------------------------------------------------------------------------------------- loss
@@ -107,32 +120,37 @@ def ranking_rewards(model: ScalarHeadModel, batch: RankingBatch) -> Tensor:
     return model.score_answers(batch.answers).view(batch.mask.shape)  # (B * K,) -> (B, K)
 
 
-def ranking_loss(rewards: Tensor, mask: Tensor, loss: str) -> Tensor:
+def ranking_loss(rewards: Tensor, mask: Tensor, loss: str, center_rewards_coefficient: float = 0.0) -> Tensor:
     """The reward-model loss of B rankings, a mean over the rankings (objectives/preference.py).
 
     Args:
         rewards: (B, K) rewards, column 0 the best answer.
         mask: (B, K) bool, True where an answer exists.
         loss: "bt" (K must be 2), "kwise" or "plackett_luce".
+        center_rewards_coefficient: c of the added c `reward_centering_loss` (docs/math.md §6b); 0: none.
     Returns:
         Scalar.
     """
     if loss == "bt":
-        return bradley_terry_loss(rewards[:, 0], rewards[:, 1])  # docs/math.md §5
-    if loss == "kwise":
-        return kwise_pairwise_loss(rewards, mask)  # docs/math.md §5
-    return plackett_luce_loss(rewards, mask)  # docs/math.md §5
+        value = bradley_terry_loss(rewards[:, 0], rewards[:, 1])  # docs/math.md §5
+    elif loss == "kwise":
+        value = kwise_pairwise_loss(rewards, mask)  # docs/math.md §5
+    else:
+        value = plackett_luce_loss(rewards, mask)  # docs/math.md §5
+    if center_rewards_coefficient:
+        value = value + center_rewards_coefficient * reward_centering_loss(rewards, mask)  # docs/math.md §6b
+    return value
 
 
 def accumulate_gradients(model: ScalarHeadModel, examples: Sequence[RankedExample], micro_batches: int, pad: int,
-                         loss: str, world_size: int = 1,
-                         graphs: GraphedPasses | None = None) -> tuple[float, PairwiseTally, int]:
+                         loss: str, world_size: int = 1, graphs: GraphedPasses | None = None,
+                         center_rewards_coefficient: float = 0.0) -> tuple[float, PairwiseTally, int]:
     """Add the gradient of the batch's loss to `.grad`, one micro-batch at a time.
 
     Args:
         examples: this process's share of the batch (B / world_size rankings).
         micro_batches: how many consecutive micro-batches to split the share into (must divide it).
-        loss: as in `ranking_loss`.
+        loss, center_rewards_coefficient: as in `ranking_loss`.
         world_size: processes sharing the batch (their gradients are summed afterwards).
         graphs: run each micro-batch's pass as a replayed CUDA graph (`cuda_graphs.training_graphs`); the batches
             are then padded to recurring widths, with the same result.
@@ -153,7 +171,7 @@ def accumulate_gradients(model: ScalarHeadModel, examples: Sequence[RankedExampl
         def backward_pass(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             ranked = batch.with_tensors(tensors)
             rewards = ranking_rewards(model, ranked)  # (b, K)
-            share = ranking_loss(rewards, ranked.mask, loss) * weight
+            share = ranking_loss(rewards, ranked.mask, loss, center_rewards_coefficient) * weight
             share.backward()  # accumulate: .grad sums the shares into the gradient of L
             return share, rewards
 
@@ -167,7 +185,7 @@ def accumulate_gradients(model: ScalarHeadModel, examples: Sequence[RankedExampl
 
 @torch.no_grad()
 def evaluate(model: ScalarHeadModel, examples: Sequence[RankedExample], batch_size: int, pad: int,
-             loss: str) -> dict[str, float]:
+             loss: str, center_rewards_coefficient: float = 0.0) -> dict[str, float]:
     """eval/loss and eval/accuracy, eval/margin, eval/chosen, eval/rejected over every pair of the held-out rankings."""
     with evaluation_mode(model):
         loss_total, tally = 0.0, PairwiseTally()
@@ -175,7 +193,8 @@ def evaluate(model: ScalarHeadModel, examples: Sequence[RankedExample], batch_si
             chunk = examples[start:start + batch_size]
             batch = to_device(collate_rankings(chunk, pad), model_device(model))
             rewards = ranking_rewards(model, batch)
-            loss_total += float(ranking_loss(rewards, batch.mask, loss)) * len(chunk) / len(examples)
+            loss_total += float(ranking_loss(rewards, batch.mask, loss, center_rewards_coefficient)) \
+                * len(chunk) / len(examples)
             tally.add(rewards, batch.mask)
     return {"eval/loss": loss_total, **tally.means("eval/")}
 
@@ -211,8 +230,9 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> Ru
                                            share_body=True).train()
     del policy  # without LoRA nothing else holds the language-model head: it can be freed
     # Every loss depends on reward differences only, so the head's bias has a gradient of exactly 0 up to rounding,
-    # which Adam (g / (|g| + eps)) would turn into a random walk of about lr per step: it stays at 0.
-    model.head.bias.requires_grad_(False)
+    # which Adam (g / (|g| + eps)) would turn into a random walk of about lr per step: it stays at 0. The centring
+    # term does move the level, and the bias is the direct way to move it.
+    model.head.bias.requires_grad_(config.center_rewards_coefficient > 0)
     processes = session.processes
     if config.sharding == "fsdp":  # every decoder layer, then the whole model (lm/sharding.py)
         model = shard(model, processes.world_size, forward_methods=("score_answers",))
@@ -231,13 +251,14 @@ def train(config: RewardConfig, run_dir: str | Path, resume: bool = False) -> Ru
 
     def held_out() -> dict[str, float]:
         with mixed_precision(config):
-            return evaluate(model, eval_examples, micro_size, pad, config.loss)
+            return evaluate(model, eval_examples, micro_size, pad, config.loss, config.center_rewards_coefficient)
 
     def accumulate(indices: Sequence[int]) -> BatchGradient:
         # 3-5. Collate the batch's micro-batches, score every answer, accumulate the gradient of the batch mean.
         loss, tally, real_tokens = accumulate_gradients(model, [train_examples[index] for index in indices],
                                                         config.gradient_accumulation_steps, pad, config.loss,
-                                                        processes.world_size, graphs)
+                                                        processes.world_size, graphs,
+                                                        config.center_rewards_coefficient)
         return BatchGradient(loss, real_tokens, tally=tally)
 
     step, last = train_offline(session, model, optimizer, order, steps, config, "losses/reward", accumulate,

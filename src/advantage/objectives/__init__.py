@@ -7,7 +7,7 @@ Modules, in the order the seeds derive them:
     trust_region     TRPO: Fisher-vector product, conjugate gradient, natural step, line search
     kl               exact KL, the k1/k2/k3 estimators and their placements, entropy
     preference       Bradley-Terry, K-wise, Plackett-Luce reward losses; pairwise and listwise DPO,
-                     conservative DPO, IPO, hinge
+                     conservative DPO, IPO, hinge; reward centring
     grpo             group-normalised advantages and the GRPO loss (GSPO's sequence ratio too)
     rlhf             KL-shaped per-token rewards and the PPO-ptx term
     masking          masked reductions and the loss aggregation modes
@@ -62,6 +62,7 @@ from advantage.objectives.preference import (
     plackett_luce_dpo_loss,
     plackett_luce_log_likelihood,
     plackett_luce_loss,
+    reward_centering_loss,
 )
 from advantage.objectives.returns import (
     discounted_returns,
@@ -99,6 +100,6 @@ __all__ = [
     "kwise_pairwise_loss", "last_token_index", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
     "n_step_advantage", "n_step_returns", "natural_gradient_step", "normalize_advantages", "plackett_luce_dpo_loss",
     "plackett_luce_log_likelihood", "plackett_luce_loss", "policy_gradient_loss", "psi", "ptx_loss",
-    "sequence_importance_ratio", "shaped_token_rewards", "shift_to_next", "surrogate_stats", "td_residual",
-    "terminal_at_last_token", "total_return", "value_loss",
+    "reward_centering_loss", "sequence_importance_ratio", "shaped_token_rewards", "shift_to_next", "surrogate_stats",
+    "td_residual", "terminal_at_last_token", "total_return", "value_loss",
 ]

@@ -10,7 +10,7 @@ token of a long one; `aggregation` makes that a choice (see advantage.objectives
 
 Beyond the notes (docs/math.md §6b), GSPO replaces the per-token ratio r_it by one ratio per answer, the geometric
 mean of its tokens' ratios, s_i = (pi_theta(o_i|q) / pi_old(o_i|q))^(1/|o_i|), clipped as a whole
-(`sequence_importance_ratio`; `grpo_loss(importance_ratio="sequence")`).
+(`sequence_importance_ratio`; `grpo_loss(importance_ratio_level="sequence")`).
 """
 
 from __future__ import annotations
@@ -67,8 +67,13 @@ def sequence_importance_ratio(log_probs: Tensor, old_log_probs: Tensor, mask: Te
 
     Shapes: (B, T), (B, T), (B, T) mask -> (B,). An answer with no token gets ratio 1.
     """
+    return torch.exp(_sequence_log_ratio(log_probs, old_log_probs, mask))
+
+
+def _sequence_log_ratio(log_probs: Tensor, old_log_probs: Tensor, mask: Tensor) -> Tensor:
+    """log s_i = 1/|o_i| sum_t [log pi_theta(o_it) - log pi_old(o_it)], (B,) (`sequence_importance_ratio`'s log)."""
     log_ratio = masked_sum(fill_padding(log_probs - old_log_probs.detach(), mask), mask, dim=-1)
-    return torch.exp(log_ratio / mask.sum(dim=-1).clamp(min=1).to(log_ratio.dtype))
+    return log_ratio / mask.sum(dim=-1).clamp(min=1).to(log_ratio.dtype)
 
 
 def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2,
@@ -131,7 +136,8 @@ def grpo_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask
     loss = aggregate(terms, mask, aggregation, constant_length, num_tokens, num_sequences)
     # The statistics of the ratio used: log r = log pi_theta - log pi_old per token, or log s_i on each of its tokens.
     if importance_ratio_level == "sequence":
-        stats = surrogate_stats(ratio.log(), torch.zeros_like(ratio), advantages, clip_range, clip_range_high, mask)
+        log_ratio = _sequence_log_ratio(log_probs.detach(), old_log_probs, mask).unsqueeze(-1).expand_as(log_probs)
+        stats = surrogate_stats(log_ratio, torch.zeros_like(log_ratio), advantages, clip_range, clip_range_high, mask)
     else:
         stats = surrogate_stats(log_probs, old_log_probs, advantages, clip_range, clip_range_high, mask)
     return loss, stats, mean_kl

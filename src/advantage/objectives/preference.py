@@ -10,7 +10,8 @@ DPO (docs/math.md §6) substitutes the reward that the KL-regularised optimum im
     r(x, y) = beta log(pi*(y|x) / pi_ref(y|x)) + beta log Z(x),
 into these likelihoods; Z(x) cancels in every difference and in every softmax, leaving losses of the policy.
 Beyond the notes (docs/math.md §6b), three pairwise losses of the same log-ratio difference are often used in
-their place: conservative DPO (label smoothing), IPO (a squared error) and the hinge.
+their place: conservative DPO (label smoothing), IPO (a squared error) and the hinge; and reward models often add a
+term that centres their scores.
 
 Rankings are given best first: column 0 is the most preferred answer. Losses are means over the batch.
 """
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from advantage.objectives.masking import masked_sum
+from advantage.objectives.masking import fill_padding, masked_sum
 
 
 def bradley_terry_probability(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
@@ -60,6 +61,34 @@ def kwise_pairwise_loss(ranked_rewards: Tensor, mask: Tensor | None = None) -> T
         present = mask.to(torch.bool)
         pair_mask = pair_mask & present.unsqueeze(-1) & present.unsqueeze(-2)
     per_ranking = -masked_sum(F.logsigmoid(margins), pair_mask, dim=(-1, -2)) \
+        / pair_mask.sum((-1, -2)).to(ranked_rewards.dtype).clamp(min=1.0)
+    return per_ranking.mean()
+
+
+def reward_centering_loss(ranked_rewards: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The auxiliary loss that keeps a reward model's scores near 0, mean_b 1/C(K,2) sum_{i<j} (r_i + r_j)^2
+    (docs/math.md §6b); for a pair, (r_w + r_l)^2 (Eisenstein et al., 2023; TRL's center_rewards_coefficient).
+
+    Every preference loss depends only on differences of rewards to the same prompt, so it leaves the reward's level
+    free (a constant per prompt); this term pins it near 0, which keeps the scores of a later RL stage on one scale.
+    Its gradient is 2 (r_i + r_j) on each reward of a pair: it moves the level, never the ranking's differences.
+
+    Args:
+        ranked_rewards: (B, K) reward-model scores.
+        mask: optional (B, K), 1 where an answer exists; each ranking is averaged over its own pairs.
+    Returns:
+        Scalar (multiply by the coefficient).
+    """
+    k = ranked_rewards.shape[-1]
+    if k < 2:
+        raise ValueError("a ranking needs at least 2 answers")
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=ranked_rewards.device), diagonal=1)
+    sums = ranked_rewards.unsqueeze(-1) + ranked_rewards.unsqueeze(-2)  # (B, K, K): r_i + r_j
+    pair_mask = upper.expand_as(sums)
+    if mask is not None:
+        present = mask.to(torch.bool)
+        pair_mask = pair_mask & present.unsqueeze(-1) & present.unsqueeze(-2)
+    per_ranking = masked_sum(fill_padding(sums, pair_mask) ** 2, pair_mask, dim=(-1, -2)) \
         / pair_mask.sum((-1, -2)).to(ranked_rewards.dtype).clamp(min=1.0)
     return per_ranking.mean()
 
