@@ -363,8 +363,8 @@ def test_the_reward_model_trains_the_same_through_the_passes_a_graph_replays(tmp
     assert float(differences.max()) < 0.5 * 1e-3 and float((differences > 1e-5).float().mean()) < 1e-3
 
 
-@pytest.mark.parametrize("loss", ["bt", "kwise", "plackett_luce"])
-def test_a_graphed_reward_pass_reads_no_value_back_to_the_host(loss):
+@pytest.mark.parametrize("loss,center", [("bt", 0.0), ("kwise", 0.0), ("plackett_luce", 0.0), ("kwise", 0.1)])
+def test_a_graphed_reward_pass_reads_no_value_back_to_the_host(loss, center):
     from advantage.lm.models import ScalarHeadModel
     from advantage.lm.reward import accumulate_gradients
 
@@ -373,11 +373,11 @@ def test_a_graphed_reward_pass_reads_no_value_back_to_the_host(loss):
     if loss != "bt":  # one ranking of three answers
         rankings[0] = RankedExample(rankings[0].prompt_ids, [*rankings[0].completion_ids, [40, 41]])
     probed = ProbedPasses(model.parameters())
-    first, _, _ = accumulate_gradients(model, rankings, 1, 0, loss, graphs=probed)
+    first, _, _ = accumulate_gradients(model, rankings, 1, 0, loss, graphs=probed, center_rewards_coefficient=center)
     assert probed.probe.reads == []
     graphed = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
-    plain, _, _ = accumulate_gradients(model, rankings, 1, 0, loss)
+    plain, _, _ = accumulate_gradients(model, rankings, 1, 0, loss, center_rewards_coefficient=center)
     assert first == pytest.approx(plain, abs=1e-6)
     for a, b in zip(graphed, (p.grad for p in model.parameters() if p.grad is not None)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

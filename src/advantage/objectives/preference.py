@@ -40,6 +40,19 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tens
     return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
 
 
+def _pairs_of_rankings(ranked_rewards: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, K, K) bool: True at (i, j) for every pair i < j of a ranking whose two answers exist."""
+    k = ranked_rewards.shape[-1]
+    if k < 2:
+        raise ValueError("a ranking needs at least 2 answers")
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=ranked_rewards.device), diagonal=1)
+    pairs = upper.expand(*ranked_rewards.shape, k)
+    if mask is not None:
+        present = mask.to(torch.bool)
+        pairs = pairs & present.unsqueeze(-1) & present.unsqueeze(-2)
+    return pairs
+
+
 def kwise_pairwise_loss(ranked_rewards: Tensor, mask: Tensor | None = None) -> Tensor:
     """InstructGPT's K-wise loss, -1/C(K,2) E[sum_{i<j} log sigma(r_i - r_j)] over every pair of a ranking
     (docs/math.md §5).
@@ -51,15 +64,8 @@ def kwise_pairwise_loss(ranked_rewards: Tensor, mask: Tensor | None = None) -> T
     Returns:
         Scalar; for K = 2 exactly `bradley_terry_loss`.
     """
-    k = ranked_rewards.shape[-1]
-    if k < 2:
-        raise ValueError("a ranking needs at least 2 answers")
-    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=ranked_rewards.device), diagonal=1)
     margins = ranked_rewards.unsqueeze(-1) - ranked_rewards.unsqueeze(-2)  # (B, K, K): r_i - r_j
-    pair_mask = upper.expand_as(margins)
-    if mask is not None:
-        present = mask.to(torch.bool)
-        pair_mask = pair_mask & present.unsqueeze(-1) & present.unsqueeze(-2)
+    pair_mask = _pairs_of_rankings(ranked_rewards, mask)
     per_ranking = -masked_sum(F.logsigmoid(margins), pair_mask, dim=(-1, -2)) \
         / pair_mask.sum((-1, -2)).to(ranked_rewards.dtype).clamp(min=1.0)
     return per_ranking.mean()
@@ -79,15 +85,8 @@ def reward_centering_loss(ranked_rewards: Tensor, mask: Tensor | None = None) ->
     Returns:
         Scalar (multiply by the coefficient).
     """
-    k = ranked_rewards.shape[-1]
-    if k < 2:
-        raise ValueError("a ranking needs at least 2 answers")
-    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=ranked_rewards.device), diagonal=1)
     sums = ranked_rewards.unsqueeze(-1) + ranked_rewards.unsqueeze(-2)  # (B, K, K): r_i + r_j
-    pair_mask = upper.expand_as(sums)
-    if mask is not None:
-        present = mask.to(torch.bool)
-        pair_mask = pair_mask & present.unsqueeze(-1) & present.unsqueeze(-2)
+    pair_mask = _pairs_of_rankings(ranked_rewards, mask)
     per_ranking = masked_sum(fill_padding(sums, pair_mask) ** 2, pair_mask, dim=(-1, -2)) \
         / pair_mask.sum((-1, -2)).to(ranked_rewards.dtype).clamp(min=1.0)
     return per_ranking.mean()
