@@ -169,20 +169,25 @@ def test_one_training_step_is_the_same_for_any_accumulation(tmp_path):
 @pytest.mark.parametrize("lora", [False, True])
 def test_reference_is_computed_once_and_no_second_model_is_kept(tmp_path, monkeypatch, lora):
     """reference_log_probs runs twice (training and held-out sets) before the first step and never again, not even
-    on resume (the checkpoint has them); only one causal LM exists while training; at step 0 every held-out implicit
-    margin is exactly 0. With LoRA the reference is the base model with the adapters disabled, even after training."""
+    on resume (the checkpoint has them); only one causal LM more than before the run exists while training (models
+    that other tests' session fixtures hold, on the same worker, are counted before); at step 0 every held-out
+    implicit margin is exactly 0. With LoRA the reference is the base model with the adapters disabled, even after
+    training."""
     calls = []
     original_reference, original_accumulate = dpo.reference_log_probs, dpo.accumulate_gradients
     models_alive = []
+
+    def causal_lms_alive() -> int:
+        gc.collect()  # what other tests left behind and nothing holds
+        return sum(issubclass(type(o), PreTrainedModel) and type(o).__name__.endswith("ForCausalLM")
+                   for o in gc.get_objects())  # PEFT's wrapper is no PreTrainedModel
 
     def counting_reference(*args, **kwargs):
         calls.append(len(models_alive))  # how many steps had run
         return original_reference(*args, **kwargs)
 
     def accumulate_and_count_models(*args, **kwargs):
-        gc.collect()  # what other tests left behind
-        models_alive.append(sum(issubclass(type(o), PreTrainedModel) and type(o).__name__.endswith("ForCausalLM")
-                                for o in gc.get_objects()))  # PEFT's wrapper is no PreTrainedModel
+        models_alive.append(causal_lms_alive() - before)
         return original_accumulate(*args, **kwargs)
 
     monkeypatch.setattr(dpo, "reference_log_probs", counting_reference)
@@ -190,6 +195,7 @@ def test_reference_is_computed_once_and_no_second_model_is_kept(tmp_path, monkey
     extra = dict(lora_r=4, lora_merge=False) if lora else {}
     config = quiet(task="arithmetic", task_max_operand=9, task_train_size=12, task_eval_size=6, batch_size=4,
                    max_steps=3, checkpoint_every=2, learning_rate=1e-2, **extra)
+    before = causal_lms_alive()
     run = train(config, tmp_path / "run")
     assert calls == [0, 0] and models_alive == [1, 1, 1]
     rows = metrics(run.run_dir)
