@@ -42,9 +42,11 @@ Prints one JSON line per run and a markdown table at the end.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,6 +77,7 @@ def child(stage: str, bench_dir: str, threads: int, pairs: int, bf16: bool, mode
     from advantage.lm.data import write_jsonl
 
     work = Path(tempfile.mkdtemp(prefix=f"advantage-{stage}-"))
+    atexit.register(shutil.rmtree, work, True)  # a run of SmolLM2 leaves ~0.6 GB of checkpoints
     model_dir = model_dir or tiny_lm.build_model_dir(str(work / "model"), seed=0)
     write_jsonl(tiny_lm.preference_pairs(pairs, 32, 32, seed=0), work / "pairs.jsonl")
     extra_lora = {"lora_r": lora_r, "lora_alpha": 2.0 * lora_r} if lora_r else {}
