@@ -20,6 +20,7 @@ from advantage.lm.data import load_rows, write_jsonl
 from advantage.lm.dpo import (
     DPOConfig,
     accumulate_gradients,
+    answer_lengths,
     preference_loss,
     ranking_log_probs,
     reference_log_probs,
@@ -114,16 +115,27 @@ def test_log_probs_and_losses_match_a_slow_loop(tokenizer):
         value, rewards = preference_loss(policy_log_probs, reference, batch.mask, "plackett_luce", BETA)
         assert math.isclose(float(value), sum(listwise_terms) / 8, rel_tol=1e-4)
         assert rewards.shape == (8, 4)
+        # RPO (docs/math.md §6b): + alpha times the best answer's negative log-likelihood per token, averaged over
+        # the rankings, for a pairwise and a listwise loss alike
+        nll = sum(-slow_log_prob(policy, example.prompt_ids, example.completion_ids[0])
+                  / len(example.completion_ids[0]) for example in examples) / 8
+        for name, data, plain in (("sigmoid", pair_batch, sum(expected) / 8),
+                                  ("plackett_luce", batch, sum(listwise_terms) / 8)):
+            scored = pair_policy if name == "sigmoid" else policy_log_probs
+            value, _ = preference_loss(scored, pair_reference if name == "sigmoid" else reference, data.mask, name,
+                                       BETA, rpo_alpha=0.5, answer_lengths=answer_lengths(data))
+            assert math.isclose(float(value), plain + 0.5 * nll, rel_tol=1e-4), name
 
 
 # ---------------------------------------------------------------------------------------------------- accumulation
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "plackett_luce", "ipo", "hinge"])
-def test_batch_8x1_equals_2x4_equals_1x8(tokenizer, loss):
+@pytest.mark.parametrize("loss,rpo_alpha", [("sigmoid", 0.0), ("plackett_luce", 0.0), ("ipo", 0.0), ("hinge", 0.0),
+                                            ("sigmoid", 1.0), ("plackett_luce", 1.0)])
+def test_batch_8x1_equals_2x4_equals_1x8(tokenizer, loss, rpo_alpha):
     """The same loss and gradient whatever the accumulation (within 1e-6 of the gradient's largest entry, or 1e-6
     when that is below 1; IPO's squared error has gradients ~100x DPO's): the loss is a mean over the batch's pairs
-    (rankings), each micro-batch's mean weighted by its share of them."""
+    (rankings), each micro-batch's mean weighted by its share of them; RPO's term is a mean over them too."""
     examples = tokenized(tokenizer)
     if loss != "plackett_luce":
         examples = best_and_worst(examples)
@@ -131,7 +143,8 @@ def test_batch_8x1_equals_2x4_equals_1x8(tokenizer, loss):
     results = []
     for micro_batches in (1, 4, 8):  # micro-batches of 8, 2 and 1
         model = build_model("nano", seed=3)
-        value, tally, _ = accumulate_gradients(model, examples, reference, micro_batches, 0, loss, BETA)
+        value, tally, _ = accumulate_gradients(model, examples, reference, micro_batches, 0, loss, BETA,
+                                               rpo_alpha=rpo_alpha)
         results.append((value, tally, {name: p.grad.clone() for name, p in model.named_parameters()}))
     reference_loss, reference_tally, reference_grads = results[0]
     scale = max(1.0, *(float(grad.abs().max()) for grad in reference_grads.values()))
@@ -236,15 +249,21 @@ def train_on_quick_preferences(quick_sft_preferences, out, **fields):
                        log_every=15, **fields), out)
 
 
+@pytest.fixture(scope="module")
+def quick_dpo_run(tmp_path_factory, quick_sft_preferences):
+    """DPO's 150 steps from the quick SFT model (`train_on_quick_preferences`), shared by two learning tests."""
+    return train_on_quick_preferences(quick_sft_preferences, tmp_path_factory.mktemp("quick_dpo") / "dpo")
+
+
 @pytest.mark.learning
-def test_dpo_raises_the_held_out_preference_of_a_quick_sft_model(tmp_path, quick_sft_preferences):
+def test_dpo_raises_the_held_out_preference_of_a_quick_sft_model(quick_dpo_run):
     """One-digit addition: 60 SFT steps, then 150 DPO steps on the task's preference pairs (80 training prompts x 5
     wrong answers). On the 20 held-out prompts (100 pairs) the policy's own preference log pi(right) > log pi(wrong)
     goes from 0.65 to 0.80 and its mean log-prob margin from 1.2 to 11 nats; the implicit reward margin goes from 0
     (by definition, at the reference) to 1.0 with 79% of pairs positive (all measured). With learning rate 1e-3 the
     held-out accuracy swung between 0.66 and 0.84 from one evaluation to the next, so float rounding alone decided
     whether the last one passed; 5e-4 climbs steadily (0.66, 0.72, 0.79, 0.81, 0.80 every 30 steps)."""
-    run = train_on_quick_preferences(quick_sft_preferences, tmp_path / "dpo")
+    run = quick_dpo_run
     rows = metrics(run.run_dir)
     evaluations = [row for row in rows if "eval/accuracy" in row]
     before, after = evaluations[0], evaluations[-1]
@@ -292,6 +311,23 @@ def test_ipo_hinge_and_conservative_dpo_raise_the_held_out_preference(tmp_path, 
     assert after["eval/logp_accuracy"] >= before["eval/logp_accuracy"] + 0.05, evaluations
     assert after["eval/logp_margin"] > before["eval/logp_margin"] + 2.0
     assert after["eval/margin"] > 0.1 and after["eval/accuracy"] >= 0.6
+
+
+@pytest.mark.learning
+def test_rpo_keeps_the_preferred_answers_likely_where_dpo_lowers_them(tmp_path, quick_sft_preferences,
+                                                                      quick_dpo_run):
+    """DPO and RPO (rpo_alpha 1, docs/math.md §6b) from the same quick SFT model on the same pairs, 150 steps.
+    DPO widens the gap by lowering the preferred answers too: their held-out implicit reward
+    beta (log pi - log pi_ref) ends at -0.86 (log pi down 8.6 nats). RPO's term raises them instead (+0.11), and the
+    policy's own held-out preference still goes up, 0.65 -> 0.91 (DPO: 0.80) (all measured)."""
+    runs = {"dpo": quick_dpo_run, "rpo": train_on_quick_preferences(quick_sft_preferences, tmp_path / "rpo",
+                                                                    rpo_alpha=1.0)}
+    evaluations = {name: [row for row in metrics(run.run_dir) if "eval/accuracy" in row] for name, run in runs.items()}
+    dpo, rpo = evaluations["dpo"][-1], evaluations["rpo"][-1]
+    assert evaluations["rpo"][0]["eval/chosen"] == 0.0 and rpo["step"] == 150
+    assert dpo["eval/chosen"] < -0.3 and rpo["eval/chosen"] > 0.0, (dpo, rpo)
+    assert rpo["eval/logp_accuracy"] >= evaluations["rpo"][0]["eval/logp_accuracy"] + 0.1
+    assert rpo["eval/accuracy"] >= 0.7
 
 
 # -------------------------------------------------------------------------------------------------------- resume
@@ -371,6 +407,7 @@ def one_line_error(capsys):
     (["--loss", "kto"], "loss"),
     (["--label-smoothing", "0.5"], "field 'label_smoothing'"),
     (["--loss", "ipo", "--label-smoothing", "0.1"], "field 'label_smoothing'"),
+    (["--rpo-alpha", "-1"], "field 'rpo_alpha' must be >= 0"),
     (["--model", "/nonexistent/model_dir"], "/nonexistent/model_dir"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys, flags, needle):

@@ -156,7 +156,7 @@ def test_answers_cut_at_max_new_tokens_are_left_out_of_the_loss_but_not_of_the_b
 def test_collect_marks_the_cut_answers_and_keeps_them_in_the_baseline():
     """`collect` with fixed completions over 3 micro-batches: each micro-batch's `in_loss` is 1 exactly where its
     answer ends with an end token, the token count is the complete answers' and the answer count every answer's,
-    and the advantages are those of the whole groups' rewards."""
+    and the advantages are those of the whole groups' rewards (with RLOO's baseline too)."""
     from advantage.lm.generation import Generated
     from advantage.lm.grpo import collect
     from advantage.lm.online import PromptExample
@@ -186,6 +186,13 @@ def test_collect_marks_the_cut_answers_and_keeps_them_in_the_baseline():
                     torch.Generator(), Processes())
     assert all(micro.in_loss is None for micro in plain.micro_batches)
     assert plain.num_tokens == sum(len(answer) for group in COMPLETIONS for answer in group) == 29
+    # RLOO: each reward centred on the mean of the other three answers of its group, scaled by the group's std
+    rloo = collect(models, prompts, quiet(batch_size=3, group_size=4, beta=0.0, baseline="leave_one_out"),
+                   torch.Generator(), Processes())
+    grouped = REWARDS.reshape(3, 4)
+    others, spread = (grouped.sum(dim=1, keepdim=True) - grouped) / 3, grouped.std(dim=1, correction=0, keepdim=True)
+    torch.testing.assert_close(torch.cat([micro.advantages for micro in rloo.micro_batches]),
+                               ((grouped - others) / (spread + 1e-4)).reshape(-1))
 
 
 def test_a_batch_of_cut_answers_only_leaves_the_weights_unchanged(tmp_path):
@@ -256,6 +263,7 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
              (["--reward-functions", "nomodule_q:f"], "cannot import 'nomodule_q'"),
              (["--reward-functions", "tests_rewards_nan.py:f"], "no file"),
              (["--top-p", "0"], "field 'top_p' must be in (0, 1]"),
+             (["--baseline", "median"], "field 'baseline' must be one of group_mean, leave_one_out; got 'median'"),
              (["--max-new-tokens", "128"], "field 'max_new_tokens' (128) leaves no room for a prompt in "
                                            "max_length=128"),
              (["--reward-functions", "syntax_error.py:f"], "syntax_error.py:2: syntax error in the reward module"),

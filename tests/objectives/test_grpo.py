@@ -1,7 +1,9 @@
-"""Group-normalised advantages, the GRPO loss and GSPO's sequence ratio (advantage.objectives.grpo)."""
+"""Group-normalised advantages (RLOO's leave-one-out baseline too), the GRPO loss and GSPO's sequence ratio
+(advantage.objectives.grpo)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -14,6 +16,7 @@ from advantage.objectives.grpo import (
     answer_kl_penalty,
     group_normalized_advantages,
     grpo_loss,
+    leave_one_out_baseline,
     sequence_importance_ratio,
 )
 from advantage.objectives.kl import kl_k3
@@ -30,6 +33,44 @@ def t(values) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # group-normalised advantages
 # --------------------------------------------------------------------------------------------------------------------
+
+def test_leave_one_out_baseline_hand_values():
+    # rewards (1, 0, 0, 1): b = (1/3, 2/3, 2/3, 1/3), so r - b = (2/3, -2/3, -2/3, 2/3) = 4/3 (r - mean r)
+    rewards = t([[1.0, 0.0, 0.0, 1.0], [3.0, 3.0, 3.0, 3.0]])
+    assert_close(leave_one_out_baseline(rewards), t([[1 / 3, 2 / 3, 2 / 3, 1 / 3], [3.0, 3.0, 3.0, 3.0]]))
+    centred = group_normalized_advantages(rewards, scale_by_std=False, baseline="leave_one_out")
+    assert_close(centred, t([[2 / 3, -2 / 3, -2 / 3, 2 / 3], [0.0, 0.0, 0.0, 0.0]]))
+    assert_close(centred, 4 / 3 * group_normalized_advantages(rewards, scale_by_std=False))
+    # with the std: the same division by the whole group's std; flat rewards with a group size give the same
+    scaled = group_normalized_advantages(rewards.reshape(-1), group_size=4, baseline="leave_one_out")
+    assert_close(scaled, t([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0.0, 0.0, 0.0, 0.0]) / (0.5 + 1e-4))  # std of (1,0,0,1)
+    with pytest.raises(ValueError, match="at least 2"):
+        leave_one_out_baseline(t([[1.0], [2.0]]))
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        group_normalized_advantages(rewards, baseline="median")
+
+
+@pytest.mark.parametrize("group_size", [2, 3])
+def test_the_leave_one_out_baseline_gives_the_exact_policy_gradient_and_the_group_mean_shrinks_it(group_size):
+    """On a 3-armed bandit with a softmax policy, the expectation of the group estimator
+    1/G sum_i A_i grad log pi(a_i) over every one of the 3^G groups, each weighted by its probability, is exactly
+    grad J = grad sum_a pi(a) R(a) with RLOO's baseline, and exactly (G-1)/G grad J with the group mean."""
+    logits = t([0.3, -0.5, 0.9]).requires_grad_()
+    arm_rewards = t([1.0, -2.0, 0.5])
+    policy = torch.softmax(logits, dim=0)
+    (exact_gradient,) = torch.autograd.grad((policy * arm_rewards).sum(), logits, retain_graph=True)
+    log_policy = torch.log(policy)
+    for baseline, scale in (("leave_one_out", 1.0), ("group_mean", (group_size - 1) / group_size)):
+        expected = torch.zeros(3, dtype=D)
+        for arms in itertools.product(range(3), repeat=group_size):
+            index = torch.tensor(arms)
+            advantages = group_normalized_advantages(arm_rewards[index][None], scale_by_std=False,
+                                                     baseline=baseline)[0]
+            surrogate = (advantages.detach() * log_policy[index]).mean()
+            (gradient,) = torch.autograd.grad(surrogate, logits, retain_graph=True)
+            expected += policy.detach()[index].prod() * gradient
+        assert_close(expected, scale * exact_gradient, rtol=1e-12, atol=1e-12)
+
 
 def test_group_advantages_hand_values():
     # group (1, 2, 3): mean 2, population std sqrt(2/3) = 0.8164966 -> (-1.2247449, 0, 1.2247449)

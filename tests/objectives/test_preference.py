@@ -16,6 +16,7 @@ from torch.testing import assert_close
 from advantage.objectives.preference import (
     bradley_terry_loss,
     bradley_terry_probability,
+    chosen_nll_loss,
     dpo_implicit_rewards,
     dpo_loss,
     hinge_dpo_loss,
@@ -350,6 +351,16 @@ def test_hinge_hand_values_and_gradient():
     assert_close(pc.grad, t([0.0, -0.5]))
     with pytest.raises(ValueError):
         hinge_dpo_loss(*HAND_PAIRS, beta=-1.0)
+
+
+def test_rpo_nll_hand_values_and_gradient():
+    # log pi(y_w) = -6 over 3 tokens and -2 over 4 tokens: -((-6 / 3) + (-2 / 4)) / 2 = 1.25
+    log_probs = t([-6.0, -2.0]).requires_grad_()
+    loss = chosen_nll_loss(log_probs, torch.tensor([3, 4]))
+    assert_close(loss, t(1.25))
+    loss.backward()
+    assert_close(log_probs.grad, t([-1 / 6, -1 / 8]))  # -1 / (B |y_w|): a short answer's tokens weigh more
+    assert_close(chosen_nll_loss(t([-3.0]), torch.tensor([0])), t(3.0))  # an empty count is taken as 1
 
 
 def test_reward_centering_hand_values_and_gradient():

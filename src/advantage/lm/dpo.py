@@ -14,11 +14,15 @@ With h(y) = log pi(y|x) - log pi_ref(y|x), the log-ratio of the trained policy t
     ipo            IPO on pairs (docs/math.md §6b): L = mean_b (Delta - 1 / (2 beta))^2
     hinge          the hinge on the implicit margin (docs/math.md §6b): L = mean_b max(0, 1 - beta Delta)
 
+and with rpo_alpha > 0, RPO (docs/math.md §6b) adds the preferred answer's negative log-likelihood per token to any
+of them: L + alpha L_NLL, L_NLL = - mean_b log pi(y_w|x) / |y_w| (`objectives.preference.chosen_nll_loss`).
+
 For K = 2 sigmoid and plackett_luce are the same loss; ipo and hinge are not derived in the notes, but keep their
 reference, data and implicit rewards. log pi(y|x) is the sequence log-probability sum_t log pi(a_t|s_t) of the
 completion tokens (its end token included) given the prompt (docs/math.md §7b), computed by
 `logprobs.answer_sequence_log_probs` (each prompt run once for all its answers, so a pair costs one prompt, not two).
-The losses come from objectives/preference.py (`dpo_loss`, `plackett_luce_dpo_loss`, `ipo_loss`, `hinge_dpo_loss`).
+The losses come from objectives/preference.py (`dpo_loss`, `plackett_luce_dpo_loss`, `ipo_loss`, `hinge_dpo_loss`,
+`chosen_nll_loss`).
 
 The reference. pi_ref is the starting model, and its log-probabilities of the fixed data never change: they are
 computed once, before training, over the whole training set and the held-out set, with the starting model in eval
@@ -75,7 +79,13 @@ from advantage.lm.preferences import (
 from advantage.lm.schedule import make_optimizer
 from advantage.lm.session import LMSession
 from advantage.lm.sharding import is_sharded, shard
-from advantage.objectives.preference import dpo_loss, hinge_dpo_loss, ipo_loss, plackett_luce_dpo_loss
+from advantage.objectives.preference import (
+    chosen_nll_loss,
+    dpo_loss,
+    hinge_dpo_loss,
+    ipo_loss,
+    plackett_luce_dpo_loss,
+)
 from advantage.run.config import param, require
 from advantage.run.processes import Processes, to_device
 from advantage.run.session import Run
@@ -91,6 +101,8 @@ class DPOConfig(PreferenceDataConfig):
     beta: float = param(0.1, "strength of the KL to the reference: the implicit reward is beta log pi / pi_ref")
     label_smoothing: float = param(0.0, "sigmoid loss: the chance eps that a pair's label is wrong (conservative "
                                         "DPO, docs/math.md §6b); 0 is DPO")
+    rpo_alpha: float = param(0.0, "RPO: alpha times the preferred answer's negative log-likelihood per token is added "
+                                  "to the loss (docs/math.md §6b); 0 is DPO")
 
 
 CONFIG = DPOConfig
@@ -103,6 +115,7 @@ def validate(config: DPOConfig) -> None:
     require(0 <= config.label_smoothing < 0.5, "label_smoothing", "must lie in [0, 0.5)", config.label_smoothing)
     require(config.label_smoothing == 0 or config.loss == "sigmoid", "label_smoothing",
             f"applies to the sigmoid loss only, not {config.loss}", config.label_smoothing)
+    require(config.rpo_alpha >= 0 and math.isfinite(config.rpo_alpha), "rpo_alpha", "must be >= 0", config.rpo_alpha)
 
 
 # ------------------------------------------------------------------------------------------------------- log-probs
@@ -159,7 +172,8 @@ def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], bat
 
 
 def preference_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, mask: Tensor, loss: str,
-                    beta: float, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+                    beta: float, label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
+                    answer_lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """DPO's loss of B rankings, a mean over the rankings (objectives/preference.py), and the implicit rewards.
 
     Args:
@@ -168,26 +182,39 @@ def preference_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, mask: Tenso
         mask: (B, K) bool, True where an answer exists.
         loss: "sigmoid", "ipo" or "hinge" (K must be 2), or "plackett_luce".
         label_smoothing: eps of the sigmoid loss (conservative DPO; 0 is DPO).
+        rpo_alpha: weight of RPO's term, the best answer's negative log-likelihood per token (0: none).
+        answer_lengths: (B, K) tokens of each answer; needed when rpo_alpha > 0.
     Returns:
         (scalar loss, (B, K) detached implicit rewards beta (log pi - log pi_ref)).
     """
     ref_log_probs = ref_log_probs[:, :policy_log_probs.shape[1]]
     if loss == "plackett_luce":
-        return plackett_luce_dpo_loss(policy_log_probs, ref_log_probs, beta, mask)  # docs/math.md §6
-    pair = (policy_log_probs[:, 0], policy_log_probs[:, 1], ref_log_probs[:, 0], ref_log_probs[:, 1])
-    if loss == "ipo":
-        value, stats = ipo_loss(*pair, beta)  # docs/math.md §6b
-    elif loss == "hinge":
-        value, stats = hinge_dpo_loss(*pair, beta)  # docs/math.md §6b
+        value, rewards = plackett_luce_dpo_loss(policy_log_probs, ref_log_probs, beta, mask)  # docs/math.md §6
     else:
-        value, stats = dpo_loss(*pair, beta, label_smoothing)  # docs/math.md §6 (§6b with label smoothing)
-    return value, torch.stack([stats.chosen_rewards, stats.rejected_rewards], dim=1)
+        pair = (policy_log_probs[:, 0], policy_log_probs[:, 1], ref_log_probs[:, 0], ref_log_probs[:, 1])
+        if loss == "ipo":
+            value, stats = ipo_loss(*pair, beta)  # docs/math.md §6b
+        elif loss == "hinge":
+            value, stats = hinge_dpo_loss(*pair, beta)  # docs/math.md §6b
+        else:
+            value, stats = dpo_loss(*pair, beta, label_smoothing)  # docs/math.md §6 (§6b with label smoothing)
+        rewards = torch.stack([stats.chosen_rewards, stats.rejected_rewards], dim=1)
+    if rpo_alpha > 0:  # RPO, docs/math.md §6b: + alpha L_NLL of the best answer
+        if answer_lengths is None:
+            raise ValueError("rpo_alpha > 0 needs the answers' lengths")
+        value = value + rpo_alpha * chosen_nll_loss(policy_log_probs[:, 0], answer_lengths[:, 0])
+    return value, rewards
+
+
+def answer_lengths(batch: RankingBatch) -> Tensor:
+    """(B, K) tokens of every answer (end token included; 0 where a ranking has no answer k)."""
+    return batch.answers.answer_mask.sum(dim=-1).view(batch.mask.shape)
 
 
 def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], reference: Tensor, micro_batches: int,
                          pad: int, loss: str, beta: float, world_size: int = 1,
-                         graphs: GraphedPasses | None = None,
-                         label_smoothing: float = 0.0) -> tuple[float, PairwiseTally, int]:
+                         graphs: GraphedPasses | None = None, label_smoothing: float = 0.0,
+                         rpo_alpha: float = 0.0) -> tuple[float, PairwiseTally, int]:
     """Add the gradient of the batch's DPO loss to `.grad`, one micro-batch at a time.
 
     Args:
@@ -197,7 +224,7 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
         world_size: processes sharing the batch (their gradients are summed afterwards).
         graphs: run each micro-batch's pass as a replayed CUDA graph (`cuda_graphs.training_graphs`); the batches
             are then padded to recurring widths and scored over fixed shapes, with the same result.
-        loss, beta, label_smoothing: as `preference_loss`.
+        loss, beta, label_smoothing, rpo_alpha: as `preference_loss`.
     Returns:
         (loss, tally of the implicit rewards, real tokens): this share's part of the batch mean L, its pairwise
         diagnostics, the tokens.
@@ -216,7 +243,8 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
         def backward_pass(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             ranked = batch.with_tensors(tensors)
             policy = ranking_log_probs(model, ranked, fixed_shape=graphs is not None)  # (b, K): log pi_theta(y_k|x)
-            value, rewards = preference_loss(policy, tensors["reference"], ranked.mask, loss, beta, label_smoothing)
+            value, rewards = preference_loss(policy, tensors["reference"], ranked.mask, loss, beta, label_smoothing,
+                                             rpo_alpha, answer_lengths(ranked) if rpo_alpha > 0 else None)
             share = value * weight
             share.backward()  # accumulate: .grad sums the shares into the gradient of L
             return share, rewards
@@ -230,7 +258,7 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: Sequence[RankedExample], reference: Tensor, batch_size: int, pad: int,
-             loss: str, beta: float, label_smoothing: float = 0.0) -> dict[str, float]:
+             loss: str, beta: float, label_smoothing: float = 0.0, rpo_alpha: float = 0.0) -> dict[str, float]:
     """The held-out metrics (eval/loss, implicit-reward figures, logp_accuracy, logp_margin), in eval mode.
 
     `reference` must come from `reference_log_probs` with the same `batch_size`, so that the batches match.
@@ -242,7 +270,8 @@ def evaluate(model: nn.Module, examples: Sequence[RankedExample], reference: Ten
             batch = to_device(collate_rankings(chunk, pad), model_device(model))
             policy = ranking_log_probs(model, batch)  # (b, K)
             value, rewards = preference_loss(policy, reference[start:start + batch_size], batch.mask, loss, beta,
-                                             label_smoothing)
+                                             label_smoothing, rpo_alpha,
+                                             answer_lengths(batch) if rpo_alpha > 0 else None)
             loss_total += float(value) * len(chunk) / len(examples)
             implicit.add(rewards, batch.mask)
             own.add(policy, batch.mask)
@@ -320,14 +349,14 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     def held_out() -> dict[str, float]:
         with mixed_precision(config):
             return evaluate(model, eval_examples, eval_reference, micro_size, pad, config.loss, config.beta,
-                            config.label_smoothing)
+                            config.label_smoothing, config.rpo_alpha)
 
     def accumulate(indices: Sequence[int]) -> BatchGradient:
         # 4-5. Collate the batch's micro-batches, compute each one's share of the DPO loss, accumulate gradients.
         loss, tally, real_tokens = accumulate_gradients(
             model, [train_examples[index] for index in indices], reference[indices],
             config.gradient_accumulation_steps, pad, config.loss, config.beta, processes.world_size, graphs,
-            config.label_smoothing)
+            config.label_smoothing, config.rpo_alpha)
         return BatchGradient(loss, real_tokens, tally=tally)
 
     def checkpoint_extra(step: int) -> dict:

@@ -5,7 +5,8 @@ answer i the advantage of its answer within the group:
 
     A_i = (r_i - mean(r)) / std(r)
 
-No value model: the other answers to the same prompt are the baseline. The policy then maximises PPO's clipped
+No value model: the other answers to the same prompt are the baseline (`baseline="leave_one_out"` leaves r_i out
+of its own: RLOO, docs/math.md §6b). The policy then maximises PPO's clipped
 objective per token with a KL penalty to the frozen reference pi_ref (the starting model), estimated per token by k3:
 
     J(theta) = E 1/G sum_i 1/|o_i| sum_t { min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i) - beta D_KL },
@@ -73,7 +74,13 @@ from advantage.lm.online import (
 from advantage.lm.schedule import make_optimizer, set_learning_rate
 from advantage.lm.session import LMSession, StepWindow
 from advantage.lm.sharding import is_sharded, memory_figures, shard
-from advantage.objectives.grpo import RATIO_LEVELS, answer_kl_penalty, group_normalized_advantages, grpo_loss
+from advantage.objectives.grpo import (
+    BASELINES,
+    RATIO_LEVELS,
+    answer_kl_penalty,
+    group_normalized_advantages,
+    grpo_loss,
+)
 from advantage.objectives.kl import KL_ESTIMATORS, kl_estimate
 from advantage.objectives.masking import AGGREGATIONS, masked_mean, masked_sum
 from advantage.run.config import param, require
@@ -99,6 +106,10 @@ class GRPOConfig(OnlineConfig):
         "sequence", "loss normaliser: sequence (the seed's 1/|o_i| per answer), token (every token alike), "
                     "constant (G x max_new_tokens)")
     scale_rewards: bool = param(True, "divide the group-centred rewards by the group's std (false: Dr. GRPO)")
+    baseline: Literal["group_mean", "leave_one_out"] = param(
+        "group_mean", "what each reward is centred on: its group's mean (the seed's), or the mean of the other "
+                      "G - 1 answers (RLOO, docs/math.md §6b): G/(G-1) times the advantages, an unbiased policy "
+                      "gradient with scale_rewards false and aggregation constant")
     importance_ratio_level: Literal["token", "sequence"] = param(
         "token", "whose ratio is clipped: each token's (the seed's) or each answer's geometric mean (GSPO, "
                  "docs/math.md §6b; its ratios stay near 1, so GSPO's authors clip at about 3e-4 and 4e-4)")
@@ -122,6 +133,7 @@ def validate(config: GRPOConfig) -> None:
     require(config.beta >= 0 and math.isfinite(config.beta), "beta", "must be >= 0", config.beta)
     require(config.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {KL_ESTIMATORS}",
             config.kl_estimator)
+    require(config.baseline in BASELINES, "baseline", f"must be one of {BASELINES}", config.baseline)
     require(config.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}", config.aggregation)
     require(config.importance_ratio_level in RATIO_LEVELS, "importance_ratio_level", f"must be one of {RATIO_LEVELS}",
             config.importance_ratio_level)
@@ -206,8 +218,9 @@ def collect(models: OnlineModels, prompts: list[PromptExample], config: GRPOConf
     if config.kl_placement == "reward" and config.beta > 0:
         rewards = rewards + _kl_reward_terms(models, batches, olds, references, config, graphs and graphs["old"])
 
-    # 5. A_i = (r_i - mean(r)) / std(r) within each group (docs/math.md §6).
-    advantages = group_normalized_advantages(rewards, config.group_size, scale_by_std=config.scale_rewards)
+    # 5. A_i = (r_i - mean(r)) / std(r) within each group (docs/math.md §6); RLOO's b_i in place of mean(r) (§6b).
+    advantages = group_normalized_advantages(rewards, config.group_size, scale_by_std=config.scale_rewards,
+                                             baseline=config.baseline)
     # Answers cut at max_new_tokens may be left out of the loss: the group's baseline above still counts them.
     in_loss = processes.put(torch.tensor([float(bool(answer) and answer[-1] in models.ends)
                                           for answer in generated.completions])) \

@@ -24,9 +24,33 @@ from advantage.objectives.kl import KLEstimator, kl_estimate, kl_loss_term, kl_r
 from advantage.objectives.masking import Aggregation, aggregate, fill_padding, masked_mean, masked_sum
 from advantage.objectives.ppo import SurrogateStats, clipped_surrogate_terms, importance_ratio, surrogate_stats
 
+# Which baseline b_i each answer's reward is compared with: its group's mean (the seed's) or the mean of the
+# other G - 1 answers' rewards (RLOO's leave-one-out, docs/math.md §6b).
+Baseline = Literal["group_mean", "leave_one_out"]
+BASELINES: tuple[str, ...] = ("group_mean", "leave_one_out")
+
+
+def leave_one_out_baseline(grouped_rewards: Tensor) -> Tensor:
+    """b_i = 1/(G-1) sum_{j != i} r_j, the mean reward of the other answers to the same prompt (docs/math.md §6b).
+
+    The group mean counts r_i itself, so it depends on the answer o_i it is a baseline for, and
+    E[(r_i - mean r) grad log pi(o_i)] = (1 - 1/G) grad J: the seed's baseline shrinks the policy gradient by
+    (G-1)/G. b_i is independent of o_i (the answers are drawn independently), so E[b_i grad log pi(o_i)] = 0 and
+    r_i - b_i gives grad J itself (RLOO, Ahmadian et al., 2024). This holds where the advantage multiplies the whole
+    answer's grad log pi(o_i); dividing by the group's std or by |o_i| (both depend on o_i) breaks it for either
+    baseline. Since r_i - b_i = G/(G-1) (r_i - mean r) for every sample, the two baselines differ by that factor only.
+
+    Shapes: (num_groups, G) -> (num_groups, G), G >= 2.
+    """
+    group_size = grouped_rewards.shape[-1]
+    if group_size < 2:
+        raise ValueError("a leave-one-out baseline needs groups of at least 2 answers")
+    return (grouped_rewards.sum(dim=-1, keepdim=True) - grouped_rewards) / (group_size - 1)
+
 
 def group_normalized_advantages(rewards: Tensor, group_size: int | None = None, eps: float = 1e-4,
-                                unbiased: bool = False, scale_by_std: bool = True) -> Tensor:
+                                unbiased: bool = False, scale_by_std: bool = True,
+                                baseline: Baseline = "group_mean") -> Tensor:
     """A_i = (r_i - mean(r)) / (std(r) + eps) within each group of answers to one prompt (docs/math.md §6).
 
     Args:
@@ -35,6 +59,8 @@ def group_normalized_advantages(rewards: Tensor, group_size: int | None = None, 
         eps: keeps groups whose answers all scored the same at advantage 0 instead of 0/0.
         unbiased: divide the variance by G - 1 instead of G (the seed writes std(r) without saying which).
         scale_by_std: False keeps only the mean baseline, (r - mean(r)) ("Dr. GRPO").
+        baseline: "leave_one_out" puts `leave_one_out_baseline` in place of mean(r) (RLOO, docs/math.md §6b):
+            the advantages times G/(G-1); the std, when it scales, is still the whole group's.
     Returns:
         Advantages shaped like `rewards`.
     """
@@ -47,7 +73,10 @@ def group_normalized_advantages(rewards: Tensor, group_size: int | None = None, 
         grouped = rewards
     if unbiased and grouped.shape[-1] < 2:
         raise ValueError("an unbiased std needs groups of at least 2 answers")
-    centred = grouped - grouped.mean(dim=-1, keepdim=True)
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    centred = grouped - (grouped.mean(dim=-1, keepdim=True) if baseline == "group_mean"
+                         else leave_one_out_baseline(grouped))
     if scale_by_std:
         centred = centred / (grouped.std(dim=-1, keepdim=True, correction=1 if unbiased else 0) + eps)
     return centred.reshape(rewards.shape)

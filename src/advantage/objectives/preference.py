@@ -10,8 +10,8 @@ DPO (docs/math.md §6) substitutes the reward that the KL-regularised optimum im
     r(x, y) = beta log(pi*(y|x) / pi_ref(y|x)) + beta log Z(x),
 into these likelihoods; Z(x) cancels in every difference and in every softmax, leaving losses of the policy.
 Beyond the notes (docs/math.md §6b), three pairwise losses of the same log-ratio difference are often used in
-their place: conservative DPO (label smoothing), IPO (a squared error) and the hinge; and reward models often add a
-term that centres their scores.
+their place: conservative DPO (label smoothing), IPO (a squared error) and the hinge; RPO adds the chosen answer's
+negative log-likelihood to any of them; and reward models often add a term that centres their scores.
 
 Rankings are given best first: column 0 is the most preferred answer. Losses are means over the batch.
 """
@@ -215,6 +215,19 @@ def hinge_dpo_loss(policy_chosen_log_probs: Tensor, policy_rejected_log_probs: T
     rejected = dpo_implicit_rewards(policy_rejected_log_probs, ref_rejected_log_probs, beta)
     loss = torch.relu(1 - (chosen - rejected)).mean()
     return loss, _pair_stats(chosen, rejected)
+
+
+def chosen_nll_loss(policy_chosen_log_probs: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """RPO's term (docs/math.md §6b): the negative log-likelihood of the preferred answer per token,
+    L_NLL = -E_b[log pi_theta(y_w|x) / |y_w|], added to a DPO loss as L_DPO + alpha L_NLL.
+
+    DPO only widens the gap between the two answers, and it often does so by lowering both log-likelihoods; this
+    term keeps raising the preferred one. Dividing by each answer's length (not by the batch's tokens) makes it a
+    mean over pairs like the DPO losses, so that micro-batches weigh their pairs exactly as the whole batch does.
+
+    Shapes: (B,) sequence log-probabilities, (B,) token counts (>= 1) -> scalar.
+    """
+    return -(policy_chosen_log_probs / chosen_lengths.clamp(min=1).to(policy_chosen_log_probs.dtype)).mean()
 
 
 def plackett_luce_dpo_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, beta: float,
