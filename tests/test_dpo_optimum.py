@@ -98,6 +98,22 @@ def test_ipo_lands_on_its_closed_form_optimum(seed):
     assert ((p - true_p).abs() < 0.03).all()  # and p is the Bradley-Terry probability of the true reward
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_simpo_lands_on_its_closed_form_optimum(gamma):
+    """SimPO's expected loss over a pair ranked each way, -p log sigma(u - gamma) - (1 - p) log sigma(-u - gamma) with
+    u = beta (log pi(y_0) - log pi(y_1)) for one-token answers, is least where p sigma(gamma - u) =
+    (1 - p) sigma(u + gamma) (docs/math.md §6b); at gamma = 0 where sigma(u) = p. The tabular policy lands there,
+    whatever pi_ref is (SimPO has none)."""
+    problem, prompts, ranked, p = _two_response_pairs(0, 20000)
+    policy = exact.train_tabular_dpo(problem, prompts, ranked, loss="simpo", simpo_gamma=gamma)
+    u = problem.beta * (policy[:, 0].log() - policy[:, 1].log())
+    # d/du [p log sigma(u - gamma) + (1 - p) log sigma(-u - gamma)] = p sigma(gamma - u) - (1 - p) sigma(u + gamma)
+    stationary = p * torch.sigmoid(gamma - u) - (1 - p) * torch.sigmoid(u + gamma)
+    torch.testing.assert_close(stationary, torch.zeros_like(p), atol=1e-7, rtol=0)
+    if gamma == 0:  # no margin: Bradley-Terry on log pi, so sigma(u) = p
+        torch.testing.assert_close(torch.sigmoid(u), p, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("label_smoothing", [0.1, 0.25])
 def test_conservative_dpo_lands_on_its_closed_form_optimum(label_smoothing):
     """With labels flipped with probability eps, sigma(beta Delta) = (1 - eps) p + eps (1 - p) at the optimum

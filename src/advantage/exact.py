@@ -20,7 +20,7 @@ from torch import Tensor
 
 from advantage.objectives.kl import KLEstimator, KLPlacement, categorical_kl, kl_loss_term, kl_reward_penalty
 from advantage.objectives.policy_gradient import policy_gradient_loss, psi
-from advantage.objectives.preference import dpo_loss, ipo_loss, plackett_luce_dpo_loss
+from advantage.objectives.preference import dpo_loss, ipo_loss, plackett_luce_dpo_loss, simpo_loss
 from advantage.objectives.returns import gae
 
 DTYPE = torch.float64
@@ -338,19 +338,20 @@ def sample_rankings(problem: PreferenceProblem, num: int, k: int, generator: tor
 
 
 def train_tabular_dpo(problem: PreferenceProblem, prompts: Tensor, ranked: Tensor, steps: int = 300,
-                      loss: str = "sigmoid", label_smoothing: float = 0.0) -> Tensor:
+                      loss: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma: float = 0.5) -> Tensor:
     """Fit tabular policy logits (X, Y) with DPO; returns pi_theta.
 
-    loss: "sigmoid" (pairwise DPO for k = 2, with `label_smoothing` conservative DPO; Plackett-Luce for k > 2) or
-    "ipo" (k = 2). The policy starts at pi_ref. log pi(y|x) = theta_xy - logsumexp_y theta_x, so each loss is convex
+    loss: "sigmoid" (pairwise DPO for k = 2, with `label_smoothing` conservative DPO; Plackett-Luce for k > 2),
+    "ipo" or "simpo" (k = 2; SimPO with target margin `simpo_gamma`, every answer one token long, no reference).
+    The policy starts at pi_ref. log pi(y|x) = theta_xy - logsumexp_y theta_x, so each loss is convex
     in theta and L-BFGS converges to the empirical optimum.
     """
-    if loss not in ("sigmoid", "ipo"):
-        raise ValueError(f"loss must be 'sigmoid' or 'ipo', got {loss!r}")
-    if (loss == "ipo" or ranked.shape[1] > 2) and label_smoothing:
+    if loss not in ("sigmoid", "ipo", "simpo"):
+        raise ValueError(f"loss must be 'sigmoid', 'ipo' or 'simpo', got {loss!r}")
+    if (loss != "sigmoid" or ranked.shape[1] > 2) and label_smoothing:
         raise ValueError("label_smoothing applies to the pairwise sigmoid loss only")
-    if loss == "ipo" and ranked.shape[1] != 2:
-        raise ValueError("ipo compares pairs: rankings of 2 answers")
+    if loss != "sigmoid" and ranked.shape[1] != 2:
+        raise ValueError(f"{loss} compares pairs: rankings of 2 answers")
     theta = problem.ref_logits.clone().requires_grad_(True)
     ref_log_probs = torch.log_softmax(problem.ref_logits, -1)[prompts.unsqueeze(-1), ranked]
     optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=steps, tolerance_grad=1e-10, tolerance_change=1e-14,
@@ -364,6 +365,9 @@ def train_tabular_dpo(problem: PreferenceProblem, prompts: Tensor, ranked: Tenso
             value, _ = plackett_luce_dpo_loss(policy_log_probs, ref_log_probs, problem.beta)
         elif loss == "ipo":
             value, _ = ipo_loss(*pair, problem.beta)
+        elif loss == "simpo":
+            one_token = torch.ones(len(prompts))
+            value, _ = simpo_loss(pair[0], pair[1], one_token, one_token, problem.beta, simpo_gamma)
         else:
             value, _ = dpo_loss(*pair, problem.beta, label_smoothing)
         value.backward()

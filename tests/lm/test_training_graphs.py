@@ -100,6 +100,7 @@ def test_a_graphed_dpo_pass_reads_no_value_back_to_the_host(head):
     accumulate_gradients(model, pairs, reference, 1, 0, "sigmoid", 0.5, graphs=probed)
     assert probed.probe.reads == []
     accumulate_gradients(model, pairs, reference, 1, 0, "sigmoid", 0.5, graphs=probed, rpo_alpha=1.0)  # RPO's term
+    accumulate_gradients(model, pairs, reference, 1, 0, "simpo", 0.5, graphs=probed)  # SimPO's lengths
     assert probed.probe.reads == []
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     model.zero_grad(set_to_none=True)

@@ -26,6 +26,7 @@ from advantage.objectives.preference import (
     plackett_luce_log_likelihood,
     plackett_luce_loss,
     reward_centering_loss,
+    simpo_loss,
 )
 
 D = torch.float64
@@ -351,6 +352,24 @@ def test_hinge_hand_values_and_gradient():
     assert_close(pc.grad, t([0.0, -0.5]))
     with pytest.raises(ValueError):
         hinge_dpo_loss(*HAND_PAIRS, beta=-1.0)
+
+
+def test_simpo_hand_values_and_gradient():
+    # beta 2, gamma 0.5. Pair 1: log pi -6 over 3 tokens, -2 over 4: g = 2 (-2) = -4 and 2 (-0.5) = -1, so the
+    # argument is -4 + 1 - 0.5 = -3.5. Pair 2: -1 over 1, -4 over 2: g = -2 and -4, argument 1.5.
+    chosen, rejected = t([-6.0, -1.0]).requires_grad_(), t([-2.0, -4.0]).requires_grad_()
+    loss, stats = simpo_loss(chosen, rejected, torch.tensor([3, 1]), torch.tensor([4, 2]), beta=2.0, gamma=0.5)
+    softplus = [math.log1p(math.exp(3.5)), math.log1p(math.exp(-1.5))]  # -log sigma(x) = log(1 + e^-x)
+    assert_close(loss, t(sum(softplus) / 2))
+    assert_close(stats.chosen_rewards, t([-4.0, -2.0]))  # beta/|y| log pi, no reference
+    assert_close(stats.margins, t([-3.0, 2.0]))
+    loss.backward()
+    # d/d log pi(y_w) = -sigma(-x) beta / |y_w| / B
+    sig = [1 / (1 + math.exp(-3.5)), 1 / (1 + math.exp(1.5))]
+    assert_close(chosen.grad, t([-sig[0] * 2 / 3 / 2, -sig[1] * 2 / 1 / 2]))
+    assert_close(rejected.grad, t([sig[0] * 2 / 4 / 2, sig[1] * 2 / 2 / 2]))
+    with pytest.raises(ValueError):
+        simpo_loss(chosen, rejected, torch.tensor([3, 1]), torch.tensor([4, 2]), beta=0.0)
 
 
 def test_rpo_nll_hand_values_and_gradient():

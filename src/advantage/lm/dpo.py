@@ -13,16 +13,18 @@ With h(y) = log pi(y|x) - log pi_ref(y|x), the log-ratio of the trained policy t
                    L = - mean_b sum_k [beta h_k - log sum_{j>=k} exp(beta h_j)]
     ipo            IPO on pairs (docs/math.md §6b): L = mean_b (Delta - 1 / (2 beta))^2
     hinge          the hinge on the implicit margin (docs/math.md §6b): L = mean_b max(0, 1 - beta Delta)
+    simpo          SimPO on pairs, without a reference (docs/math.md §6b), with g(y) = beta/|y| log pi(y|x):
+                   L = - mean_b log sigma(g(y_w) - g(y_l) - gamma)
 
 and with rpo_alpha > 0, RPO (docs/math.md §6b) adds the preferred answer's negative log-likelihood per token to any
 of them: L + alpha L_NLL, L_NLL = - mean_b log pi(y_w|x) / |y_w| (`objectives.preference.chosen_nll_loss`).
 
 For K = 2 sigmoid and plackett_luce are the same loss; ipo and hinge are not derived in the notes, but keep their
-reference, data and implicit rewards. log pi(y|x) is the sequence log-probability sum_t log pi(a_t|s_t) of the
-completion tokens (its end token included) given the prompt (docs/math.md §7b), computed by
-`logprobs.answer_sequence_log_probs` (each prompt run once for all its answers, so a pair costs one prompt, not two).
-The losses come from objectives/preference.py (`dpo_loss`, `plackett_luce_dpo_loss`, `ipo_loss`, `hinge_dpo_loss`,
-`chosen_nll_loss`).
+reference, data and implicit rewards; simpo needs no reference (none is computed) and its implicit reward is g(y).
+log pi(y|x) is the sequence log-probability sum_t log pi(a_t|s_t) of the completion tokens (its end token included)
+given the prompt (docs/math.md §7b), computed by `logprobs.answer_sequence_log_probs` (each prompt run once for all
+its answers, so a pair costs one prompt, not two). The losses come from objectives/preference.py (`dpo_loss`,
+`plackett_luce_dpo_loss`, `ipo_loss`, `hinge_dpo_loss`, `simpo_loss`, `chosen_nll_loss`).
 
 The reference. pi_ref is the starting model, and its log-probabilities of the fixed data never change: they are
 computed once, before training, over the whole training set and the held-out set, with the starting model in eval
@@ -36,8 +38,9 @@ over its own pairs times (its pairs / the batch's pairs), so the accumulated gra
 any number of micro-batches.
 
 metrics.jsonl (`step` = optimizer steps): the names docs/metrics.md gives dpo. The implicit reward of an answer
-is beta (log pi(y|x) - log pi_ref(y|x)) (at step 0 every implicit margin is exactly 0); eval/logp_accuracy is the
-policy's own preference, which, unlike the implicit reward, can be compared with the starting model's.
+is beta (log pi(y|x) - log pi_ref(y|x)), so at step 0 every implicit margin is exactly 0 (SimPO's reward is
+beta/|y| log pi(y|x)); eval/logp_accuracy is the policy's own preference, which, unlike the implicit reward, can be
+compared with the starting model's.
 
 final/ is the trained causal LM in Hugging Face format (merged, or the PEFT adapter with lora_merge false), as sft.
 """
@@ -85,6 +88,7 @@ from advantage.objectives.preference import (
     hinge_dpo_loss,
     ipo_loss,
     plackett_luce_dpo_loss,
+    simpo_loss,
 )
 from advantage.run.config import param, require
 from advantage.run.processes import Processes, to_device
@@ -95,14 +99,17 @@ from advantage.run.session import Run
 class DPOConfig(PreferenceDataConfig):
     """DPO's hyperparameters: every LMConfig field, the preference-data fields, the loss and beta."""
 
-    loss: Literal["sigmoid", "plackett_luce", "ipo", "hinge"] = param(
+    loss: Literal["sigmoid", "plackett_luce", "ipo", "hinge", "simpo"] = param(
         "sigmoid", "sigmoid: Bradley-Terry on pairs; plackett_luce: the likelihood of whole rankings "
-                   "(docs/math.md §6); ipo: squared error to 1/(2 beta); hinge: max(0, 1 - margin) (§6b)")
+                   "(docs/math.md §6); ipo: squared error to 1/(2 beta); hinge: max(0, 1 - margin); simpo: "
+                   "length-normalised log-likelihoods, no reference (§6b)")
     beta: float = param(0.1, "strength of the KL to the reference: the implicit reward is beta log pi / pi_ref")
     label_smoothing: float = param(0.0, "sigmoid loss: the chance eps that a pair's label is wrong (conservative "
                                         "DPO, docs/math.md §6b); 0 is DPO")
     rpo_alpha: float = param(0.0, "RPO: alpha times the preferred answer's negative log-likelihood per token is added "
                                   "to the loss (docs/math.md §6b); 0 is DPO")
+    simpo_gamma: float = param(0.5, "SimPO's target margin gamma between the preferred and the other answer's "
+                                    "beta/|y| log pi (loss simpo only)")
 
 
 CONFIG = DPOConfig
@@ -116,6 +123,8 @@ def validate(config: DPOConfig) -> None:
     require(config.label_smoothing == 0 or config.loss == "sigmoid", "label_smoothing",
             f"applies to the sigmoid loss only, not {config.loss}", config.label_smoothing)
     require(config.rpo_alpha >= 0 and math.isfinite(config.rpo_alpha), "rpo_alpha", "must be >= 0", config.rpo_alpha)
+    require(config.simpo_gamma >= 0 and math.isfinite(config.simpo_gamma), "simpo_gamma", "must be >= 0",
+            config.simpo_gamma)
 
 
 # ------------------------------------------------------------------------------------------------------- log-probs
@@ -173,20 +182,23 @@ def reference_log_probs(model: nn.Module, examples: Sequence[RankedExample], bat
 
 def preference_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, mask: Tensor, loss: str,
                     beta: float, label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
-                    answer_lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    answer_lengths: Tensor | None = None, simpo_gamma: float = 0.5) -> tuple[Tensor, Tensor]:
     """DPO's loss of B rankings, a mean over the rankings (objectives/preference.py), and the implicit rewards.
 
     Args:
         policy_log_probs: (B, K) sequence log-probabilities, column 0 the best answer.
         ref_log_probs: (B, K') with K' >= K (the reference of the whole data set may be wider than this batch).
         mask: (B, K) bool, True where an answer exists.
-        loss: "sigmoid", "ipo" or "hinge" (K must be 2), or "plackett_luce".
+        loss: "sigmoid", "ipo", "hinge" or "simpo" (K must be 2), or "plackett_luce".
         label_smoothing: eps of the sigmoid loss (conservative DPO; 0 is DPO).
         rpo_alpha: weight of RPO's term, the best answer's negative log-likelihood per token (0: none).
-        answer_lengths: (B, K) tokens of each answer; needed when rpo_alpha > 0.
+        answer_lengths: (B, K) tokens of each answer; needed when rpo_alpha > 0 and by simpo (`needs_lengths`).
+        simpo_gamma: SimPO's target margin.
     Returns:
-        (scalar loss, (B, K) detached implicit rewards beta (log pi - log pi_ref)).
+        (scalar loss, (B, K) detached implicit rewards beta (log pi - log pi_ref); simpo's beta/|y| log pi).
     """
+    if needs_lengths(loss, rpo_alpha) and answer_lengths is None:
+        raise ValueError(f"loss {loss!r} with rpo_alpha {rpo_alpha} needs the answers' lengths")
     ref_log_probs = ref_log_probs[:, :policy_log_probs.shape[1]]
     if loss == "plackett_luce":
         value, rewards = plackett_luce_dpo_loss(policy_log_probs, ref_log_probs, beta, mask)  # docs/math.md §6
@@ -196,14 +208,19 @@ def preference_loss(policy_log_probs: Tensor, ref_log_probs: Tensor, mask: Tenso
             value, stats = ipo_loss(*pair, beta)  # docs/math.md §6b
         elif loss == "hinge":
             value, stats = hinge_dpo_loss(*pair, beta)  # docs/math.md §6b
+        elif loss == "simpo":  # docs/math.md §6b: the reference columns are not read
+            value, stats = simpo_loss(pair[0], pair[1], answer_lengths[:, 0], answer_lengths[:, 1], beta, simpo_gamma)
         else:
             value, stats = dpo_loss(*pair, beta, label_smoothing)  # docs/math.md §6 (§6b with label smoothing)
         rewards = torch.stack([stats.chosen_rewards, stats.rejected_rewards], dim=1)
     if rpo_alpha > 0:  # RPO, docs/math.md §6b: + alpha L_NLL of the best answer
-        if answer_lengths is None:
-            raise ValueError("rpo_alpha > 0 needs the answers' lengths")
         value = value + rpo_alpha * chosen_nll_loss(policy_log_probs[:, 0], answer_lengths[:, 0])
     return value, rewards
+
+
+def needs_lengths(loss: str, rpo_alpha: float) -> bool:
+    """Whether `preference_loss` reads the answers' lengths: SimPO's normalisation and RPO's term do."""
+    return loss == "simpo" or rpo_alpha > 0
 
 
 def answer_lengths(batch: RankingBatch) -> Tensor:
@@ -214,7 +231,7 @@ def answer_lengths(batch: RankingBatch) -> Tensor:
 def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], reference: Tensor, micro_batches: int,
                          pad: int, loss: str, beta: float, world_size: int = 1,
                          graphs: GraphedPasses | None = None, label_smoothing: float = 0.0,
-                         rpo_alpha: float = 0.0) -> tuple[float, PairwiseTally, int]:
+                         rpo_alpha: float = 0.0, simpo_gamma: float = 0.5) -> tuple[float, PairwiseTally, int]:
     """Add the gradient of the batch's DPO loss to `.grad`, one micro-batch at a time.
 
     Args:
@@ -224,7 +241,7 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
         world_size: processes sharing the batch (their gradients are summed afterwards).
         graphs: run each micro-batch's pass as a replayed CUDA graph (`cuda_graphs.training_graphs`); the batches
             are then padded to recurring widths and scored over fixed shapes, with the same result.
-        loss, beta, label_smoothing, rpo_alpha: as `preference_loss`.
+        loss, beta, label_smoothing, rpo_alpha, simpo_gamma: as `preference_loss`.
     Returns:
         (loss, tally of the implicit rewards, real tokens): this share's part of the batch mean L, its pairwise
         diagnostics, the tokens.
@@ -244,7 +261,8 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
             ranked = batch.with_tensors(tensors)
             policy = ranking_log_probs(model, ranked, fixed_shape=graphs is not None)  # (b, K): log pi_theta(y_k|x)
             value, rewards = preference_loss(policy, tensors["reference"], ranked.mask, loss, beta, label_smoothing,
-                                             rpo_alpha, answer_lengths(ranked) if rpo_alpha > 0 else None)
+                                             rpo_alpha, answer_lengths(ranked) if needs_lengths(loss, rpo_alpha)
+                                             else None, simpo_gamma)
             share = value * weight
             share.backward()  # accumulate: .grad sums the shares into the gradient of L
             return share, rewards
@@ -258,7 +276,8 @@ def accumulate_gradients(model: nn.Module, examples: Sequence[RankedExample], re
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: Sequence[RankedExample], reference: Tensor, batch_size: int, pad: int,
-             loss: str, beta: float, label_smoothing: float = 0.0, rpo_alpha: float = 0.0) -> dict[str, float]:
+             loss: str, beta: float, label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
+             simpo_gamma: float = 0.5) -> dict[str, float]:
     """The held-out metrics (eval/loss, implicit-reward figures, logp_accuracy, logp_margin), in eval mode.
 
     `reference` must come from `reference_log_probs` with the same `batch_size`, so that the batches match.
@@ -271,7 +290,8 @@ def evaluate(model: nn.Module, examples: Sequence[RankedExample], reference: Ten
             policy = ranking_log_probs(model, batch)  # (b, K)
             value, rewards = preference_loss(policy, reference[start:start + batch_size], batch.mask, loss, beta,
                                              label_smoothing, rpo_alpha,
-                                             answer_lengths(batch) if rpo_alpha > 0 else None)
+                                             answer_lengths(batch) if needs_lengths(loss, rpo_alpha) else None,
+                                             simpo_gamma)
             loss_total += float(value) * len(chunk) / len(examples)
             implicit.add(rewards, batch.mask)
             own.add(policy, batch.mask)
@@ -281,6 +301,11 @@ def evaluate(model: nn.Module, examples: Sequence[RankedExample], reference: Ten
 
 
 # ---------------------------------------------------------------------------------------------------------- training
+
+
+def _widest(examples: Sequence[RankedExample]) -> int:
+    """The most answers of any ranking (the width of its reference log-probabilities)."""
+    return max((len(example.completion_ids) for example in examples), default=0)
 
 
 def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
@@ -324,7 +349,11 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     # 3. Reference log-probabilities, once, with the starting model (with LoRA: the adapters disabled); a resumed
     #    run reads the values its checkpoint stored instead.
     reference = eval_reference = None
-    if session.checkpoint_path is None:
+    if session.checkpoint_path is None and config.loss == "simpo":  # SimPO reads no reference: none is computed
+        reference = processes.put(torch.zeros((len(train_examples), _widest(train_examples))))
+        eval_reference = processes.put(torch.zeros((len(eval_examples), _widest(eval_examples)))) if evaluating \
+            else None
+    elif session.checkpoint_path is None:
         with model.disable_adapter() if config.lora_r else contextlib.nullcontext(), mixed_precision(config):
             # Graphs without gradients, in a memory pool of their own, freed when the pass returns (a pool shared
             # with the training graphs would be left with no graph using it, and the allocator refuses to capture
@@ -349,14 +378,14 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
     def held_out() -> dict[str, float]:
         with mixed_precision(config):
             return evaluate(model, eval_examples, eval_reference, micro_size, pad, config.loss, config.beta,
-                            config.label_smoothing, config.rpo_alpha)
+                            config.label_smoothing, config.rpo_alpha, config.simpo_gamma)
 
     def accumulate(indices: Sequence[int]) -> BatchGradient:
         # 4-5. Collate the batch's micro-batches, compute each one's share of the DPO loss, accumulate gradients.
         loss, tally, real_tokens = accumulate_gradients(
             model, [train_examples[index] for index in indices], reference[indices],
             config.gradient_accumulation_steps, pad, config.loss, config.beta, processes.world_size, graphs,
-            config.label_smoothing, config.rpo_alpha)
+            config.label_smoothing, config.rpo_alpha, config.simpo_gamma)
         return BatchGradient(loss, real_tokens, tally=tally)
 
     def checkpoint_extra(step: int) -> dict:
@@ -364,7 +393,7 @@ def train(config: DPOConfig, run_dir: str | Path, resume: bool = False) -> Run:
         return {"data_order": order.state(step), "reference_log_probs": reference,
                 "eval_reference_log_probs": eval_reference}
 
-    # The starting point at step 0: every implicit margin is 0, logp_accuracy the reference's.
+    # The starting point at step 0: every implicit margin is 0 (but SimPO's), logp_accuracy the reference's.
     step, last = train_offline(session, model, optimizer, order, steps, config, "losses/dpo", accumulate,
                                held_out if evaluating else None, checkpoint_extra)
     model = session.finish(model, tokenizer, step)

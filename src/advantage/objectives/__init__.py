@@ -7,7 +7,7 @@ Modules, in the order the seeds derive them:
     trust_region     TRPO: Fisher-vector product, conjugate gradient, natural step, line search
     kl               exact KL, the k1/k2/k3 estimators and their placements, entropy
     preference       Bradley-Terry, K-wise, Plackett-Luce reward losses; pairwise and listwise DPO,
-                     conservative DPO, IPO, hinge; RPO's NLL term; reward centring
+                     conservative DPO, IPO, hinge, SimPO; RPO's NLL term; reward centring
     grpo             group-normalised advantages (RLOO's leave-one-out baseline too) and the GRPO loss
                      (GSPO's sequence ratio too)
     rlhf             KL-shaped per-token rewards and the PPO-ptx term
@@ -66,6 +66,7 @@ from advantage.objectives.preference import (
     plackett_luce_log_likelihood,
     plackett_luce_loss,
     reward_centering_loss,
+    simpo_loss,
 )
 from advantage.objectives.returns import (
     discounted_returns,
@@ -104,5 +105,5 @@ __all__ = [
     "masked_whiten", "n_step_advantage", "n_step_returns", "natural_gradient_step", "normalize_advantages",
     "plackett_luce_dpo_loss", "plackett_luce_log_likelihood", "plackett_luce_loss", "policy_gradient_loss", "psi",
     "ptx_loss", "reward_centering_loss", "sequence_importance_ratio", "shaped_token_rewards", "shift_to_next",
-    "surrogate_stats", "td_residual", "terminal_at_last_token", "total_return", "value_loss",
+    "simpo_loss", "surrogate_stats", "td_residual", "terminal_at_last_token", "total_return", "value_loss",
 ]

@@ -11,7 +11,8 @@ DPO (docs/math.md §6) substitutes the reward that the KL-regularised optimum im
 into these likelihoods; Z(x) cancels in every difference and in every softmax, leaving losses of the policy.
 Beyond the notes (docs/math.md §6b), three pairwise losses of the same log-ratio difference are often used in
 their place: conservative DPO (label smoothing), IPO (a squared error) and the hinge; RPO adds the chosen answer's
-negative log-likelihood to any of them; and reward models often add a term that centres their scores.
+negative log-likelihood to any of them; SimPO drops the reference and compares length-normalised log-likelihoods;
+and reward models often add a term that centres their scores.
 
 Rankings are given best first: column 0 is the most preferred answer. Losses are means over the batch.
 """
@@ -214,6 +215,27 @@ def hinge_dpo_loss(policy_chosen_log_probs: Tensor, policy_rejected_log_probs: T
     chosen = dpo_implicit_rewards(policy_chosen_log_probs, ref_chosen_log_probs, beta)
     rejected = dpo_implicit_rewards(policy_rejected_log_probs, ref_rejected_log_probs, beta)
     loss = torch.relu(1 - (chosen - rejected)).mean()
+    return loss, _pair_stats(chosen, rejected)
+
+
+def simpo_loss(policy_chosen_log_probs: Tensor, policy_rejected_log_probs: Tensor, chosen_lengths: Tensor,
+               rejected_lengths: Tensor, beta: float, gamma: float = 0.5) -> tuple[Tensor, PreferenceStats]:
+    """SimPO (docs/math.md §6b): Bradley-Terry on the length-normalised log-likelihood, with a target margin gamma,
+    L = -E[log sigma(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma)].
+
+    No reference model: the implicit reward is beta/|y| log pi(y|x), the answer's mean log-probability per token,
+    so an answer's length does not buy reward. With u = beta/|a| log pi(a) - beta/|b| log pi(b) for two answers a, b
+    and a preferred with probability p, the expected loss p softplus(gamma - u) + (1 - p) softplus(gamma + u) is least
+    where p sigma(gamma - u) = (1 - p) sigma(gamma + u); at gamma = 0, sigma(u) = p. The margin gamma counts for
+    whichever answer won, so it pushes u further out than that, the more so the surer the label.
+
+    Shapes: (B,) sequence log-probabilities and (B,) token counts (>= 1) -> scalar loss and PreferenceStats of the
+    implicit rewards.
+    """
+    _check_beta(beta)
+    chosen = beta * policy_chosen_log_probs / chosen_lengths.clamp(min=1).to(policy_chosen_log_probs.dtype)
+    rejected = beta * policy_rejected_log_probs / rejected_lengths.clamp(min=1).to(policy_rejected_log_probs.dtype)
+    loss = -F.logsigmoid(chosen - rejected - gamma).mean()
     return loss, _pair_stats(chosen, rejected)
 
 
